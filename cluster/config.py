@@ -1,0 +1,144 @@
+"""The serving configuration: one frozen tree, loaded from CLI flags or YAML (same schema as the Helm values)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from batonserve.cluster.schema import ConfigError, from_dict, to_dict
+from batonserve.workers.config import EngineConfig
+
+Role = Literal["prefill", "decode", "mixed"]
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server TLS: PEM files for the router's gRPC port."""
+
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer-token auth; the token comes from a file or the environment, never a flag value."""
+
+    token_file: str = ""
+    token_env: str = ""  # name of the environment variable that holds the token
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The gRPC router and the metrics endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9400
+    grace_period_s: float = 30.0
+    reflection: bool = True
+    max_message_bytes: int = 4 * 1024 * 1024
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How to reach Ray: empty address starts a local instance on 127.0.0.1."""
+
+    address: str = ""
+    namespace: str = "batonserve"
+    num_cpus: int = 0  # for a local instance; 0 lets Ray count them
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool of identical workers sharing a role and placement."""
+
+    name: str
+    role: Role
+    replicas: int = 1
+    min_replicas: int = 0
+    max_replicas: int = 0  # 0 means equal to replicas
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    accelerator_type: str = ""  # passed to Ray, e.g. "H100"
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    node_labels: dict[str, str] = field(default_factory=dict)  # Ray node label selector
+    kubernetes: dict[str, Any] = field(default_factory=dict)  # pod-level extras, used by Helm only
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `batonserve serve` needs."""
+
+    model: str = "demo"
+    served_model_name: str = ""  # defaults to the model's directory name
+    router: RouterConfig = field(default_factory=RouterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    pools: tuple[PoolConfig, ...] = (
+        PoolConfig(name="prefill", role="prefill"),
+        PoolConfig(name="decode", role="decode"),
+    )
+    # Sections owned by later parts (scheduler, kv transfer, sequence parallel, MoE, Kubernetes)
+    # are added here as their own dataclasses.
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"pools: pool names must be unique, got {names}")
+        for i, p in enumerate(self.pools):
+            if p.replicas < 0:
+                raise ConfigError(f"pools[{i}].replicas: must be >= 0, got {p.replicas}")
+        for key in ("port", "metrics_port"):
+            port = getattr(self.router, key)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"router.{key}: must be a TCP port (0-65535), got {port}")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> ServeConfig:
+    """Read YAML (if given), apply dotted-key overrides from CLI flags, and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        data = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(ServeConfig, data)
+
+
+def dump_config(cfg: ServeConfig) -> str:
+    """YAML text of a config (what the Helm chart renders, and what load_config reads back)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+__all__ = [
+    "AuthConfig",
+    "ConfigError",
+    "EngineConfig",
+    "PoolConfig",
+    "RayConfig",
+    "RouterConfig",
+    "ServeConfig",
+    "TLSConfig",
+    "dump_config",
+    "load_config",
+    "replace",
+]
