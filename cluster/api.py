@@ -16,6 +16,10 @@ from batonserve.workers.sampling_params import SamplingParams
 class AdmissionRejected(Exception):
     """The cluster cannot take the request without breaking its limits (RESOURCE_EXHAUSTED)."""
 
+    def __init__(self, message: str, reason: str = "admission") -> None:
+        super().__init__(message)
+        self.reason = reason  # low-cardinality label for the rejection metrics
+
 
 class ClusterUnavailable(Exception):
     """No healthy worker can serve, or the cluster is draining (UNAVAILABLE)."""

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module has register(subparsers), adding its subcommand with args.func set.
-COMMANDS = ("cli_generate",)
+COMMANDS = ("cli_generate", "cli_scale", "cli_plan", "cli_serve", "cli_status", "cli_profile")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,11 @@ from typing import Any, Literal
 
 import yaml
 
+from batonserve.cluster.kube_config import KubernetesConfig, PoolKubernetesConfig
+from batonserve.cluster.scheduling.config import SchedulerConfig
 from batonserve.cluster.schema import ConfigError, from_dict, to_dict
 from batonserve.workers.config import EngineConfig
+from batonserve.workers.kv_transfer.config import KVTransferConfig
 
 Role = Literal["prefill", "decode", "mixed"]
 
@@ -68,7 +71,7 @@ class PoolConfig:
     accelerator_type: str = ""  # passed to Ray, e.g. "H100"
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     node_labels: dict[str, str] = field(default_factory=dict)  # Ray node label selector
-    kubernetes: dict[str, Any] = field(default_factory=dict)  # pod-level extras, used by Helm only
+    kubernetes: PoolKubernetesConfig = field(default_factory=PoolKubernetesConfig)  # Helm only
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class ServeConfig:
         PoolConfig(name="prefill", role="prefill"),
         PoolConfig(name="decode", role="decode"),
     )
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)  # Helm only
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     # Sections owned by later parts (scheduler, kv transfer, sequence parallel, MoE, Kubernetes)
     # are added here as their own dataclasses.
 

@@ -1,0 +1,173 @@
+"""The controller: creates the worker pools as named Ray actors, keeps them at size, sets roles,
+and builds the per-pair KV channels (rebuilt whenever a worker is replaced)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+
+from batonserve.cluster.config import PoolConfig, ServeConfig
+from batonserve.workers.kv_transfer.base import KVSpec
+from batonserve.workers.kv_transfer.config import KVTransferConfig
+from batonserve.workers.scripted_engine import ScriptedEngineConfig
+from batonserve.workers.worker import Worker
+from batonserve.workers.worker_types import WorkerRole, WorkerSpec, WorkerStats
+
+log = logging.getLogger("batonserve.controller")
+
+# Long-polls, control calls and object-store pushes run side by side on a worker actor.
+MAX_CONCURRENCY = 32
+
+
+@dataclass
+class WorkerHandle:
+    """The controller's view of one worker actor."""
+
+    spec: WorkerSpec
+    home_role: WorkerRole
+    actor: Any
+    role: WorkerRole
+    healthy: bool = False
+    stats: WorkerStats | None = None
+    kv_spec: KVSpec | None = None
+    incarnation: int = 0  # bumps on every replacement
+
+    @property
+    def name(self) -> str:
+        """`<pool>-<index>`."""
+        return self.spec.name
+
+
+def actor_options(pool: PoolConfig, name: str, namespace: str) -> dict[str, Any]:
+    """Ray actor options placing a worker of `pool` (resources, accelerator type, node labels)."""
+    opts: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "num_cpus": pool.num_cpus,
+        "num_gpus": pool.num_gpus,
+        "max_restarts": 0,  # the controller replaces dead workers itself, resuming their requests
+        "max_concurrency": MAX_CONCURRENCY,
+    }
+    if pool.resources:
+        opts["resources"] = dict(pool.resources)
+    if pool.accelerator_type:
+        opts["accelerator_type"] = pool.accelerator_type
+    if pool.node_labels:
+        opts["label_selector"] = dict(pool.node_labels)
+    return opts
+
+
+class Controller:
+    """Owns the worker actors of every pool."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        model: str,
+        kv: KVTransferConfig,
+        scripted: ScriptedEngineConfig | None = None,
+        progress: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.config = config
+        self.namespace = config.ray.namespace
+        self.kv = kv
+        self.progress = progress
+        self.workers: dict[str, WorkerHandle] = {}
+        self._pools = {p.name: p for p in config.pools}
+        self._channels: set[tuple[str, str]] = set()
+        self._channel_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._remote = ray.remote(Worker)
+        for pool in config.pools:
+            for i in range(pool.replicas):
+                spec = WorkerSpec(
+                    name=f"{pool.name}-{i}",
+                    pool=pool.name,
+                    role=pool.role,
+                    model=model,
+                    engine=config.engine,
+                    kv=kv,
+                    namespace=self.namespace,
+                    scripted=scripted,
+                )
+                self.workers[spec.name] = WorkerHandle(spec, pool.role, None, pool.role)
+
+    async def start(self) -> None:
+        """Create every actor and wait until each has built its engine."""
+        await asyncio.gather(*(self._launch(h) for h in self.workers.values()))
+
+    async def _launch(self, h: WorkerHandle) -> None:
+        pool = self._pools[h.spec.pool]
+        spec = replace(h.spec, role=h.role)
+        h.actor = self._remote.options(**actor_options(pool, h.name, self.namespace)).remote(spec)
+        h.stats = await h.actor.ready.remote()
+        h.kv_spec = await h.actor.kv_spec_info.remote()
+        h.healthy = True
+        self.progress(f"worker {h.name} ready ({h.role}, pool {h.spec.pool})")
+
+    async def replace(self, name: str) -> WorkerHandle:
+        """Kill `name` if still alive and start a fresh actor under the same name."""
+        h = self.workers[name]
+        h.healthy = False
+        self.forget_channels(name)
+        if h.actor is not None:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(h.actor, no_restart=True)
+        # The name is only free once Ray has marked the old actor dead.
+        for _ in range(200):
+            try:
+                ray.get_actor(name, namespace=self.namespace)
+            except ValueError:
+                break
+            await asyncio.sleep(0.05)
+        h.incarnation += 1
+        await self._launch(h)
+        return h
+
+    async def set_role(self, name: str, role: WorkerRole) -> None:
+        """Switch a worker's role (no weight reload)."""
+        h = self.workers[name]
+        await h.actor.set_role.remote(role)
+        h.role = role
+
+    def forget_channels(self, name: str) -> None:
+        """Channels with `name` are gone; the next pairing rebuilds them."""
+        self._channels = {c for c in self._channels if name not in c}
+
+    def forget_channels_between(self, a: str, b: str) -> None:
+        """The channels between a and b failed; rebuild them on next use."""
+        self._channels -= {(a, b), (b, a)}
+
+    async def ensure_channel(self, src: str, dst: str) -> None:
+        """Build the src -> dst KV channel if the transport needs one and it is missing."""
+        if self.kv.transport != "torch_dist" or (src, dst) in self._channels:
+            return
+        lock = self._channel_locks.setdefault((src, dst), asyncio.Lock())
+        async with lock:
+            if (src, dst) in self._channels:
+                return
+            s, d = self.workers[src].actor, self.workers[dst].actor
+            addr = await s.kv_listen.remote(dst)
+            await asyncio.wait_for(
+                asyncio.gather(
+                    s.kv_connect.remote(dst, addr, True), d.kv_connect.remote(src, addr, False)
+                ),
+                timeout=self.kv.connect_timeout_s + 5,
+            )
+            self._channels.add((src, dst))
+
+    async def shutdown(self) -> None:
+        """Stop every actor."""
+        for h in self.workers.values():
+            if h.actor is None:
+                continue
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(h.actor.shutdown.remote(), 5)
+            with contextlib.suppress(Exception):
+                ray.kill(h.actor, no_restart=True)
+            h.healthy = False

@@ -1,0 +1,348 @@
+"""Prometheus metrics: the one place that exports batonserve's series (named in metrics_series).
+
+The router and the cluster report what happened as plain typed data (see `metrics_inputs`);
+`Metrics` turns it into `batonserve_*` series on its own `CollectorRegistry`, served at
+`/metrics` (127.0.0.1:9400 by default), and mirrors them into Ray's metrics view when it runs
+inside a Ray driver. Histogram buckets follow vLLM's so dashboards translate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from batonserve.cluster.metrics_inputs import (
+    HandoffRecord,
+    PoolChange,
+    Rejection,
+    RequestFinished,
+    WorkerSnapshot,
+)
+from batonserve.cluster.metrics_ray import RayMirror, ray_mirror_if_running
+from batonserve.cluster.metrics_series import (
+    ITL_BUCKETS,
+    KV_HANDOFF_BUCKETS,
+    REQUEST_LATENCY_BUCKETS,
+    TTFT_BUCKETS,
+    SeriesSpec,
+    build_series,
+    token_buckets,
+)
+
+
+@dataclass
+class _WorkerState:
+    """What the last snapshot of one worker said (for counter deltas and stale label sets)."""
+
+    pool: str
+    role: str
+    totals: tuple[int, int, int]  # prefix queries, prefix hits, preemptions (monotonic)
+
+
+class Metrics:
+    """All of batonserve's series on one registry; producers call the typed input methods."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_model_len: int = 8192,
+        ray_mirror: bool = True,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if not model:
+            raise ValueError("model: the served model name must be non-empty")
+        self.model = model
+        # `*_created` samples double every counter's and histogram's series for no dashboard use.
+        prometheus_client.disable_created_metrics()
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.specs = build_series(max_model_len)
+        self._series: dict[str, Any] = {
+            spec.name: _make(spec, self.registry) for spec in self.specs
+        }
+        self._labels = {spec.name: spec.labels for spec in self.specs}
+        self._mirror: RayMirror | None = ray_mirror_if_running(self.specs) if ray_mirror else None
+        # Gauges derived from counts we own: set absolutely, so the Ray mirror sees the same value.
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._running = 0
+        self._workers: dict[str, _WorkerState] = {}
+        self._server: Any = None
+        for spec in self.specs:
+            if spec.labels == ("model",):
+                # Export zeros from the start, so rate() and increase() also see the first events.
+                self._series[spec.name].labels(model=model)
+        self._publish_request_gauges()
+
+    @property
+    def ray_mirrored(self) -> bool:
+        """True when the series are also recorded with ray.util.metrics."""
+        return self._mirror is not None
+
+    # --- the endpoint ---
+
+    def start_http_server(self, host: str = "127.0.0.1", port: int = 9400) -> int:
+        """Serve `/metrics` on host:port in a daemon thread; returns the bound port (0 picks one)."""
+        if self._server is not None:
+            raise RuntimeError("Metrics.start_http_server: already serving")
+        server, _thread = prometheus_client.start_http_server(
+            port, addr=host, registry=self.registry
+        )
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if started."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def exposition(self) -> bytes:
+        """The text exposition format, as `/metrics` serves it."""
+        return prometheus_client.generate_latest(self.registry)
+
+    # --- requests (router) ---
+
+    def request_admitted(self) -> None:
+        """A request passed validation and admission; it now waits for a worker."""
+        with self._lock:
+            self._waiting += 1
+            self._publish_request_gauges()
+
+    def request_started(self, queue_seconds: float) -> None:
+        """An admitted request started on a worker after `queue_seconds` in the queue."""
+        _check_seconds("request_started", queue_seconds)
+        with self._lock:
+            if self._waiting <= 0:
+                raise RuntimeError("Metrics.request_started: no admitted request is waiting")
+            self._waiting -= 1
+            self._running += 1
+            self._publish_request_gauges()
+        self._observe("batonserve_request_queue_time_seconds", self._req, queue_seconds)
+
+    def first_token(self, ttft_seconds: float) -> None:
+        """The first token of a request was sent, `ttft_seconds` after admission."""
+        _check_seconds("first_token", ttft_seconds)
+        self._observe("batonserve_time_to_first_token_seconds", self._req, ttft_seconds)
+
+    def inter_token(self, gap_seconds: float, tokens: int = 1) -> None:
+        """`tokens` more tokens were sent `gap_seconds` after the previous ones (mean gap each)."""
+        _check_seconds("inter_token", gap_seconds)
+        if tokens < 1:
+            raise ValueError(f"inter_token.tokens: must be >= 1, got {tokens}")
+        for _ in range(tokens):
+            self._observe("batonserve_inter_token_latency_seconds", self._req, gap_seconds / tokens)
+
+    def request_finished(self, rec: RequestFinished) -> None:
+        """An admitted request ended; moves the request gauges, counters and histograms."""
+        with self._lock:
+            if rec.started:
+                if self._running <= 0:
+                    raise RuntimeError("Metrics.request_finished: no started request is running")
+                self._running -= 1
+            else:
+                if self._waiting <= 0:
+                    raise RuntimeError("Metrics.request_finished: no admitted request is waiting")
+                self._waiting -= 1
+            self._publish_request_gauges()
+        req = self._req
+        reason = rec.finish_reason or "none"
+        self._inc("batonserve_requests_total", {**req, "code": rec.code, "finish_reason": reason})
+        self._observe("batonserve_request_duration_seconds", req, rec.duration_seconds)
+        self._observe("batonserve_request_prompt_tokens", req, rec.prompt_tokens)
+        self._observe("batonserve_request_generation_tokens", req, rec.generation_tokens)
+        self._inc("batonserve_prompt_tokens_total", req, rec.prompt_tokens)
+        self._inc("batonserve_generation_tokens_total", req, rec.generation_tokens)
+        self._inc("batonserve_cached_prompt_tokens_total", req, rec.cached_tokens)
+
+    def request_rejected(self, rej: Rejection, *, was_admitted: bool = False) -> None:
+        """A request was refused (never call request_finished for it as well).
+
+        `was_admitted`: the router had already reported request_admitted (the refusal came from
+        the cluster's admission control after the router's own checks); it leaves the queue.
+        """
+        if was_admitted:
+            with self._lock:
+                if self._waiting <= 0:
+                    raise RuntimeError("Metrics.request_rejected: no admitted request is waiting")
+                self._waiting -= 1
+                self._publish_request_gauges()
+        self._inc("batonserve_rejections_total", {**self._req, "reason": rej.reason})
+        self._inc(
+            "batonserve_requests_total", {**self._req, "code": rej.code, "finish_reason": "none"}
+        )
+
+    # --- workers and cluster ---
+
+    def worker_snapshot(self, snap: WorkerSnapshot) -> None:
+        """A worker's latest step stats; monotonic totals become counter increments."""
+        with self._lock:
+            old = self._workers.get(snap.worker)
+            if old is not None and old.pool != snap.pool:
+                self._drop_worker_series(snap.worker, old)
+                old = None
+            if old is not None and old.role != snap.role:
+                self._remove(
+                    "batonserve_worker_role", {**_wl(old.pool, snap.worker), "role": old.role}
+                )
+            totals = (snap.prefix_cache_queries, snap.prefix_cache_hits, snap.preemptions)
+            last = old.totals if old is not None else (0, 0, 0)
+            # A total smaller than the last one means the engine restarted: all of it is new.
+            deltas = [t - lt if t >= lt else t for t, lt in zip(totals, last, strict=True)]
+            self._workers[snap.worker] = _WorkerState(snap.pool, snap.role, totals)
+        wl = _wl(snap.pool, snap.worker)
+        if old is None:
+            # Counters start at 0 when the worker appears, so increase() sees its first restart.
+            for name in _WORKER_COUNTERS:
+                self._series[name].labels(**wl)
+        self._set("batonserve_kv_cache_usage_ratio", wl, snap.kv_cache_usage)
+        self._set("batonserve_worker_role", {**wl, "role": snap.role}, 1)
+        self._set("batonserve_worker_running_batch_size", wl, snap.running)
+        self._set("batonserve_worker_waiting_requests", wl, snap.waiting)
+        self._set("batonserve_worker_pending_prefill_tokens", wl, snap.pending_prefill_tokens)
+        for name, delta in zip(_WORKER_TOTALS, deltas, strict=True):
+            self._inc(name, wl, delta)
+
+    def worker_removed(self, worker: str) -> None:
+        """A worker left for good (scale-down): its gauges stop being exported."""
+        with self._lock:
+            old = self._workers.pop(worker, None)
+            if old is not None:
+                self._drop_worker_series(worker, old)
+
+    def worker_restarted(self, pool: str, worker: str) -> None:
+        """A worker actor was restarted; its next snapshot's totals count from zero."""
+        with self._lock:
+            state = self._workers.get(worker)
+            if state is not None:
+                state.totals = (0, 0, 0)
+        self._inc("batonserve_worker_restarts_total", _wl(pool, worker))
+
+    def kv_handoff(self, rec: HandoffRecord) -> None:
+        """One KV handoff ended (ok, failed, or aborted by lease expiry)."""
+        hl = {"from_pool": rec.from_pool, "to_pool": rec.to_pool}
+        for name in _HANDOFF_COUNTERS:
+            self._series[name].labels(**hl)  # zeros, so failure ratios read 0 instead of nothing
+        self._inc("batonserve_kv_handoffs_total", hl)
+        self._inc("batonserve_kv_handoff_bytes_total", hl, rec.bytes)
+        if rec.outcome == "ok":
+            # Failed handoffs stop at an arbitrary point; their duration would skew the latency.
+            self._observe("batonserve_kv_handoff_seconds", hl, rec.seconds)
+            return
+        self._inc("batonserve_kv_handoff_failures_total", hl)
+        if rec.outcome == "lease_expired":
+            self._inc("batonserve_kv_handoff_lease_expiries_total", hl)
+
+    def pool_change(self, change: PoolChange) -> None:
+        """A worker was borrowed into, or returned from, the mixed pool."""
+        labels = {
+            "pool": change.pool,
+            "change": change.change,
+            "from_role": change.from_role,
+            "to_role": change.to_role,
+        }
+        self._inc("batonserve_pool_changes_total", labels)
+
+    # --- internals ---
+
+    @property
+    def _req(self) -> dict[str, str]:
+        return {"model": self.model}
+
+    def _publish_request_gauges(self) -> None:
+        req = self._req
+        self._set("batonserve_requests_waiting", req, self._waiting)
+        self._set("batonserve_requests_running", req, self._running)
+        self._set("batonserve_requests_in_flight", req, self._waiting + self._running)
+
+    def _drop_worker_series(self, worker: str, old: _WorkerState) -> None:
+        wl = _wl(old.pool, worker)
+        for name in (
+            "batonserve_kv_cache_usage_ratio",
+            "batonserve_worker_running_batch_size",
+            "batonserve_worker_waiting_requests",
+            "batonserve_worker_pending_prefill_tokens",
+        ):
+            self._remove(name, wl)
+        self._remove("batonserve_worker_role", {**wl, "role": old.role})
+
+    def _inc(self, name: str, labels: Mapping[str, str], value: float = 1.0) -> None:
+        if value <= 0:
+            return  # a zero increment must still not create label sets in the mirror
+        self._series[name].labels(**labels).inc(value)
+        if self._mirror is not None:
+            self._mirror.inc(name, labels, value)
+
+    def _set(self, name: str, labels: Mapping[str, str], value: float) -> None:
+        self._series[name].labels(**labels).set(value)
+        if self._mirror is not None:
+            self._mirror.set(name, labels, value)
+
+    def _observe(self, name: str, labels: Mapping[str, str], value: float) -> None:
+        self._series[name].labels(**labels).observe(value)
+        if self._mirror is not None:
+            self._mirror.observe(name, labels, value)
+
+    def _remove(self, name: str, labels: Mapping[str, str]) -> None:
+        # KeyError: never exported under these labels, nothing to drop.
+        with contextlib.suppress(KeyError):
+            self._series[name].remove(*(labels[k] for k in self._labels[name]))
+        if self._mirror is not None:
+            self._mirror.set(name, labels, 0.0)  # Ray cannot drop a tag set; zero it instead
+
+
+# Counters fed from a snapshot's monotonic totals, in _WorkerState.totals order.
+_WORKER_TOTALS = (
+    "batonserve_prefix_cache_queries_total",
+    "batonserve_prefix_cache_hits_total",
+    "batonserve_preemptions_total",
+)
+_WORKER_COUNTERS = (*_WORKER_TOTALS, "batonserve_worker_restarts_total")
+_HANDOFF_COUNTERS = (
+    "batonserve_kv_handoffs_total",
+    "batonserve_kv_handoff_bytes_total",
+    "batonserve_kv_handoff_failures_total",
+    "batonserve_kv_handoff_lease_expiries_total",
+)
+
+
+def _wl(pool: str, worker: str) -> dict[str, str]:
+    return {"pool": pool, "worker": worker}
+
+
+def _check_seconds(method: str, value: float) -> None:
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{method}: seconds must be a finite number >= 0, got {value!r}")
+
+
+def _make(spec: SeriesSpec, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+    """The prometheus_client object for one spec, registered on `registry`."""
+    if spec.kind == "counter":
+        return Counter(spec.name, spec.doc, spec.labels, registry=registry)
+    if spec.kind == "gauge":
+        return Gauge(spec.name, spec.doc, spec.labels, registry=registry)
+    return Histogram(spec.name, spec.doc, spec.labels, registry=registry, buckets=spec.buckets)
+
+
+__all__ = [
+    "ITL_BUCKETS",
+    "KV_HANDOFF_BUCKETS",
+    "REQUEST_LATENCY_BUCKETS",
+    "TTFT_BUCKETS",
+    "HandoffRecord",
+    "Metrics",
+    "PoolChange",
+    "Rejection",
+    "RequestFinished",
+    "SeriesSpec",
+    "WorkerSnapshot",
+    "build_series",
+    "token_buckets",
+]

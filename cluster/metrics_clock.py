@@ -1,0 +1,93 @@
+"""Per-request timing for `Metrics`: the router holds one `RequestClock` per admitted request.
+
+It measures queue time, TTFT and inter-token gaps with a monotonic clock and reports each event
+to `Metrics` exactly once, so the in-flight/waiting/running gauges always balance, also when a
+request ends by error or cancellation in a `finally` block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from batonserve.cluster.api import Usage
+from batonserve.cluster.metrics import Metrics
+from batonserve.cluster.metrics_inputs import Rejection, RequestFinished
+
+
+class RequestClock:
+    """Times one admitted request and reports it to `Metrics` (no request id is ever exported)."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        prompt_tokens: int,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._metrics = metrics
+        self._now = now
+        self._prompt_tokens = prompt_tokens
+        self._admitted_at = now()
+        self._last_token_at: float | None = None
+        self._generated = 0
+        self._started = False
+        self._done = False
+        metrics.request_admitted()
+
+    @property
+    def done(self) -> bool:
+        """True once finished() has reported the request."""
+        return self._done
+
+    def started(self) -> None:
+        """The request left the queue and started on a worker (idempotent)."""
+        if self._started or self._done:
+            return
+        self._started = True
+        self._metrics.request_started(self._now() - self._admitted_at)
+
+    def tokens(self, count: int) -> None:
+        """`count` new tokens were sent to the client (one TokenDelta)."""
+        if count <= 0 or self._done:
+            return
+        # A first delta means the request runs somewhere, even if the cluster never said so.
+        self.started()
+        t = self._now()
+        if self._last_token_at is None:
+            self._metrics.first_token(t - self._admitted_at)
+            # Extra tokens in the first delta arrived together with the first: no gap to report.
+        else:
+            self._metrics.inter_token(t - self._last_token_at, count)
+        self._last_token_at = t
+        self._generated += count
+
+    def rejected(self, reason: str, code: str = "RESOURCE_EXHAUSTED") -> None:
+        """The cluster refused the request before it started (counts as a rejection, once)."""
+        if self._done:
+            return
+        if self._started:
+            raise RuntimeError("RequestClock.rejected: the request already started; use finished")
+        self._done = True
+        self._metrics.request_rejected(Rejection(reason, code), was_admitted=True)
+
+    def finished(
+        self, code: str, finish_reason: str | None = None, usage: Usage | None = None
+    ) -> None:
+        """The stream ended with gRPC status `code`; only the first call reports (idempotent)."""
+        if self._done:
+            return
+        self._done = True
+        self._metrics.request_finished(
+            RequestFinished(
+                code=code,
+                finish_reason=finish_reason,
+                prompt_tokens=usage.prompt_tokens if usage else self._prompt_tokens,
+                generation_tokens=usage.completion_tokens if usage else self._generated,
+                cached_tokens=usage.cached_tokens if usage else 0,
+                duration_seconds=self._now() - self._admitted_at,
+                started=self._started,
+            )
+        )
+
+
+__all__ = ["RequestClock"]

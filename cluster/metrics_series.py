@@ -1,0 +1,242 @@
+"""The names of batonserve's series: one table of specs, and vLLM's histogram buckets.
+
+`batonserve.cluster.metrics.Metrics` builds its Prometheus objects (and the Ray mirror its Ray
+objects) from this table; nothing else in the project names a series.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SeriesKind = Literal["counter", "gauge", "histogram"]
+
+# vLLM's boundaries (vllm/v1/metrics/loggers.py), so a vLLM dashboard's quantiles compare 1:1.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                           50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# Splitwise reports ~5-8 ms visible transfer cost; resolve sub-millisecond to multi-second.
+KV_HANDOFF_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                      1.0, 2.5, 5.0, 10.0)  # fmt: skip
+
+
+def token_buckets(max_model_len: int) -> tuple[float, ...]:
+    """vLLM's 1-2-5 series up to the context length: 1, 2, 5, 10, 20, 50, ... <= max_model_len."""
+    if max_model_len < 1:
+        raise ValueError(f"max_model_len: must be >= 1, got {max_model_len}")
+    out: list[float] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_model_len:
+                return tuple(out)
+            out.append(float(mantissa * scale))
+        scale *= 10
+
+
+@dataclass(frozen=True)
+class SeriesSpec:
+    """One exported series: its name, type, help text, label names and histogram buckets."""
+
+    name: str
+    kind: SeriesKind
+    doc: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+
+_REQ = ("model",)
+_WORKER = ("pool", "worker")
+_HANDOFF = ("from_pool", "to_pool")
+
+
+def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
+    """Every series batonserve exports (token-length buckets depend on the context length)."""
+    tok = token_buckets(max_model_len)
+    s = SeriesSpec
+    return (
+        # Requests, as the router sees them.
+        s(
+            "batonserve_requests_total",
+            "counter",
+            "Requests that ended, by final gRPC status code and finish reason.",
+            (*_REQ, "code", "finish_reason"),
+        ),
+        s(
+            "batonserve_requests_in_flight",
+            "gauge",
+            "Admitted requests not yet finished (waiting + running).",
+            _REQ,
+        ),
+        s(
+            "batonserve_requests_waiting",
+            "gauge",
+            "Admitted requests not yet started on a worker.",
+            _REQ,
+        ),
+        s(
+            "batonserve_requests_running",
+            "gauge",
+            "Requests started on a worker and not yet finished.",
+            _REQ,
+        ),
+        s(
+            "batonserve_rejections_total",
+            "counter",
+            "Requests refused before admission, by reason.",
+            (*_REQ, "reason"),
+        ),
+        s(
+            "batonserve_time_to_first_token_seconds",
+            "histogram",
+            "Admission to first token sent.",
+            _REQ,
+            TTFT_BUCKETS,
+        ),
+        s(
+            "batonserve_inter_token_latency_seconds",
+            "histogram",
+            "Gap between consecutive output tokens.",
+            _REQ,
+            ITL_BUCKETS,
+        ),
+        s(
+            "batonserve_request_duration_seconds",
+            "histogram",
+            "Admission to end of stream.",
+            _REQ,
+            REQUEST_LATENCY_BUCKETS,
+        ),
+        s(
+            "batonserve_request_queue_time_seconds",
+            "histogram",
+            "Admission to start on a worker.",
+            _REQ,
+            REQUEST_LATENCY_BUCKETS,
+        ),
+        s(
+            "batonserve_request_prompt_tokens",
+            "histogram",
+            "Prompt length of finished requests, in tokens.",
+            _REQ,
+            tok,
+        ),
+        s(
+            "batonserve_request_generation_tokens",
+            "histogram",
+            "Generated length of finished requests, in tokens.",
+            _REQ,
+            tok,
+        ),
+        s("batonserve_prompt_tokens_total", "counter", "Prompt tokens of finished requests.", _REQ),
+        s(
+            "batonserve_generation_tokens_total",
+            "counter",
+            "Tokens generated for finished requests.",
+            _REQ,
+        ),
+        s(
+            "batonserve_cached_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of finished requests served from the prefix cache.",
+            _REQ,
+        ),
+        # Workers, from their step stats.
+        s(
+            "batonserve_kv_cache_usage_ratio",
+            "gauge",
+            "Used fraction of the worker's KV blocks (0-1).",
+            _WORKER,
+        ),
+        s(
+            "batonserve_worker_role",
+            "gauge",
+            "1 for the worker's current role (info-style).",
+            (*_WORKER, "role"),
+        ),
+        s(
+            "batonserve_worker_running_batch_size",
+            "gauge",
+            "Requests in the worker's running batch.",
+            _WORKER,
+        ),
+        s("batonserve_worker_waiting_requests", "gauge", "Requests queued on the worker.", _WORKER),
+        s(
+            "batonserve_prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens looked up in the worker's prefix cache.",
+            _WORKER,
+        ),
+        s(
+            "batonserve_prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens found in the worker's prefix cache.",
+            _WORKER,
+        ),
+        s(
+            "batonserve_worker_pending_prefill_tokens",
+            "gauge",
+            "Prompt tokens queued or partly prefilled on the worker.",
+            _WORKER,
+        ),
+        s(
+            "batonserve_preemptions_total",
+            "counter",
+            "Requests the worker preempted (KV blocks reclaimed, recomputed later).",
+            _WORKER,
+        ),
+        s("batonserve_worker_restarts_total", "counter", "Worker actor restarts.", _WORKER),
+        # KV handoff between phases, and the mixed pool.
+        s(
+            "batonserve_kv_handoff_seconds",
+            "histogram",
+            "Duration of successful KV handoffs.",
+            _HANDOFF,
+            KV_HANDOFF_BUCKETS,
+        ),
+        s(
+            "batonserve_kv_handoff_bytes_total",
+            "counter",
+            "KV-cache bytes moved between workers.",
+            _HANDOFF,
+        ),
+        s(
+            "batonserve_kv_handoffs_total",
+            "counter",
+            "KV handoffs attempted (any outcome).",
+            _HANDOFF,
+        ),
+        s(
+            "batonserve_kv_handoff_failures_total",
+            "counter",
+            "KV handoffs that failed, lease expiries included.",
+            _HANDOFF,
+        ),
+        s(
+            "batonserve_kv_handoff_lease_expiries_total",
+            "counter",
+            "KV handoffs aborted because their lease expired unacknowledged.",
+            _HANDOFF,
+        ),
+        s(
+            "batonserve_pool_changes_total",
+            "counter",
+            "Workers lent to (borrow) or back from (return) the mixed pool.",
+            ("pool", "change", "from_role", "to_role"),
+        ),
+    )
+
+
+__all__ = [
+    "ITL_BUCKETS",
+    "KV_HANDOFF_BUCKETS",
+    "REQUEST_LATENCY_BUCKETS",
+    "TTFT_BUCKETS",
+    "SeriesKind",
+    "SeriesSpec",
+    "build_series",
+    "token_buckets",
+]

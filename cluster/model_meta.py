@@ -1,0 +1,34 @@
+"""What the router process needs about the model: ModelInfo and the output processor."""
+
+from __future__ import annotations
+
+from batonserve.cluster.api import ModelInfo
+from batonserve.cluster.config import ServeConfig
+from batonserve.workers.models.config import ModelConfig
+from batonserve.workers.models.paths import resolve_model_dir
+from batonserve.workers.output_processor import OutputProcessor
+from batonserve.workers.scripted_engine import ScriptedEngineConfig
+from batonserve.workers.tokenizer import Tokenizer
+
+
+def load_model_meta(
+    config: ServeConfig, scripted: ScriptedEngineConfig | None
+) -> tuple[ModelInfo, OutputProcessor]:
+    """Read the model directory's config and tokenizer (no weights) in the router process."""
+    if scripted is not None:
+        name = config.served_model_name or config.model
+        info = ModelInfo(name, "scripted", 1 << 20, scripted.vocab_size, False)
+        return info, OutputProcessor(None, (scripted.eos_token_id,))
+    model_dir = resolve_model_dir(config.model)
+    mc = ModelConfig.from_dir(model_dir)
+    ctx = mc.max_position_embeddings
+    if config.engine.max_model_len:
+        ctx = min(ctx, config.engine.max_model_len)
+    info = ModelInfo(
+        name=config.served_model_name or model_dir.name,
+        architecture=mc.architecture,
+        context_length=ctx,
+        vocab_size=mc.vocab_size,
+        is_moe=mc.is_moe,
+    )
+    return info, OutputProcessor(Tokenizer.from_model_dir(model_dir), mc.eos_token_ids)

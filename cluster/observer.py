@@ -1,0 +1,59 @@
+"""Where the cluster reports what happened (the router's Metrics implements this protocol)."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from batonserve.cluster.controller import Controller
+from batonserve.cluster.handoff import Handoff
+from batonserve.cluster.metrics_inputs import HandoffRecord, PoolChange, WorkerSnapshot
+
+
+class ClusterObserver(Protocol):
+    """Receives typed records; names and exports nothing itself."""
+
+    def worker_snapshot(self, snap: WorkerSnapshot) -> None:
+        """A worker's latest stats."""
+        ...
+
+    def worker_restarted(self, pool: str, worker: str) -> None:
+        """A dead worker was replaced."""
+        ...
+
+    def kv_handoff(self, rec: HandoffRecord) -> None:
+        """A handoff ended."""
+        ...
+
+    def pool_change(self, change: PoolChange) -> None:
+        """A worker was borrowed into or returned from the mixed pool."""
+        ...
+
+
+class NullObserver:
+    """Drops every record (no metrics wired)."""
+
+    def worker_snapshot(self, snap: WorkerSnapshot) -> None:
+        """Ignored."""
+
+    def worker_restarted(self, pool: str, worker: str) -> None:
+        """Ignored."""
+
+    def kv_handoff(self, rec: HandoffRecord) -> None:
+        """Ignored."""
+
+    def pool_change(self, change: PoolChange) -> None:
+        """Ignored."""
+
+
+def handoff_record(controller: Controller, h: Handoff, outcome: str) -> HandoffRecord:
+    """The metrics record of a handoff that ended with `outcome`."""
+    pools = {n: w.spec.pool for n, w in controller.workers.items()}
+    end = h.committed_at if h.committed_at else time.monotonic()
+    return HandoffRecord(
+        from_pool=pools.get(h.src, h.src),
+        to_pool=pools.get(h.dst, h.dst),
+        seconds=max(0.0, end - h.opened_at),
+        bytes=h.nbytes,
+        outcome=outcome,  # type: ignore[arg-type]
+    )

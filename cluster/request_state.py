@@ -1,0 +1,118 @@
+"""Per-request bookkeeping in the router process: attempts, tokens already sent, the output stream.
+
+A request may run as several attempts (a worker died, a handoff failed or its lease ended). Each
+attempt has its own worker-level request id, so nothing from an abandoned attempt is ever taken;
+the next attempt starts from the prompt plus every token already streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from batonserve.cluster.api import GenerateRequest, TokenDelta, Usage
+from batonserve.workers.output_processor import OutputProcessor
+from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.sampling_params import SamplingParams
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass
+class Attempt:
+    """One try at (the rest of) a request on one pair of workers."""
+
+    number: int
+    worker_request_id: str  # "<request_id>#<number>"
+    prefill: str  # equals decode when in place
+    decode: str
+    handoff_id: int | None = None
+    phase: Phase = "prefill"  # "decode" once the decode side owns the request
+
+    def uses(self, worker: str) -> bool:
+        """True when this attempt still depends on `worker`."""
+        if self.phase == "decode":
+            return worker == self.decode
+        return worker in (self.prefill, self.decode)
+
+
+@dataclass
+class RequestState:
+    """A request the cluster is serving."""
+
+    request: GenerateRequest
+    queue: asyncio.Queue[TokenDelta | BaseException] = field(default_factory=asyncio.Queue)
+    produced: list[int] = field(default_factory=list)  # streamed to the client, all attempts
+    attempt: Attempt | None = None
+    attempts: int = 0
+    cached_tokens: int = -1
+    done: bool = False
+
+    @property
+    def request_id(self) -> str:
+        """The client's request id."""
+        return self.request.request_id
+
+    def next_attempt(self, prefill: str, decode: str) -> Attempt:
+        """Start a new attempt on the given pair (forgetting the previous one)."""
+        self.attempts += 1
+        wid = f"{self.request_id}#{self.attempts}"
+        self.attempt = Attempt(self.attempts, wid, prefill, decode)
+        return self.attempt
+
+    @property
+    def resume_prompt(self) -> list[int]:
+        """Prompt plus every token already sent: what the next attempt prefills."""
+        return [*self.request.prompt_token_ids, *self.produced]
+
+    @property
+    def resume_params(self) -> SamplingParams:
+        """The sampling params for what is left to generate."""
+        left = self.request.sampling.max_tokens - len(self.produced)
+        return dataclasses.replace(self.request.sampling, max_tokens=max(1, left))
+
+    def usage(self) -> Usage:
+        """Token counts for the final delta."""
+        return Usage(
+            prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=len(self.produced),
+            cached_tokens=max(self.cached_tokens, 0),
+        )
+
+    def emit(
+        self,
+        processor: OutputProcessor,
+        tokens: tuple[int, ...],
+        finished: bool,
+        reason: str | None,
+    ) -> bool:
+        """Detokenize and queue new tokens; True when the request ended (stop string included)."""
+        self.produced.extend(tokens)
+        core = CoreOutput(
+            request_id=self.request_id,
+            new_token_ids=tokens,
+            logprobs=tuple(None for _ in tokens),
+            finished=finished,
+            finish_reason=reason,
+            prefilled=False,
+            num_prompt_tokens=len(self.request.prompt_token_ids),
+            num_output_tokens=len(self.produced),
+            num_cached_tokens=max(self.cached_tokens, 0),
+        )
+        ended = False
+        for out in processor.process([core]).outputs:
+            final = out.finish_reason if out.finished else None
+            usage = self.usage() if out.finished else None
+            self.queue.put_nowait(TokenDelta(tuple(out.token_ids), out.text, final, usage))
+            ended = ended or out.finished
+        if ended:
+            self.done = True
+        return ended
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with an error (the router maps it to a status)."""
+        if not self.done:
+            self.done = True
+            self.queue.put_nowait(error)

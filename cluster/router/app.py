@@ -1,0 +1,92 @@
+"""`batonserve serve` as a coroutine: start the cluster, serve, drain on SIGTERM, shut down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from importlib import metadata
+from typing import Protocol, TextIO
+
+from batonserve.cluster.api import ClusterAPI
+from batonserve.cluster.config import ServeConfig
+from batonserve.cluster.router.auth import load_token
+from batonserve.cluster.router.server import SERVICES, RouterServer
+from batonserve.workers.models.paths import resolve_model_dir
+from batonserve.workers.tokenizer import Tokenizer
+
+log = logging.getLogger("batonserve.router")
+
+
+class ManagedCluster(ClusterAPI, Protocol):
+    """A cluster the server started and must shut down (workers, and Ray if it started it)."""
+
+    async def shutdown(self) -> None:
+        """Stop the workers and the local Ray instance if this process started it."""
+        ...
+
+
+ClusterFactory = Callable[[ServeConfig, Callable[[str], None]], Awaitable[ManagedCluster]]
+
+
+def version() -> str:
+    """batonserve's installed version."""
+    try:
+        return metadata.version("batonserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def load_tokenizer(model: str) -> Tokenizer:
+    """The served model's tokenizer (the router tokenizes text prompts itself)."""
+    tok = Tokenizer.from_model_dir(resolve_model_dir(model))
+    if tok is None:
+        raise ValueError(f"model: {model!r} has no tokenizer.json; the router needs one")
+    return tok
+
+
+async def serve(
+    config: ServeConfig,
+    start_cluster: ClusterFactory,
+    environ: Mapping[str, str],
+    out: TextIO = sys.stdout,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain and shut everything down."""
+
+    def say(msg: str) -> None:
+        print(f"batonserve: {msg}", file=out, flush=True)
+
+    token = load_token(config.router.auth, environ)  # config errors before any slow start
+    tokenizer = load_tokenizer(config.model)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    say(f"starting the cluster for model {config.model!r}")
+    cluster = await start_cluster(config, say)  # Ctrl-C here interrupts the load as usual
+    router: RouterServer | None = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        router = RouterServer(config.router, cluster, tokenizer, version(), token)
+        port = await router.start()
+        scheme = "grpcs" if config.router.tls.cert_file else "grpc"
+        say(f"router listening on {config.router.host}:{port} ({scheme}; {', '.join(SERVICES)})")
+        say(f"metrics port {config.router.metrics_host}:{config.router.metrics_port}")
+        say("ready" if cluster.ready() else "waiting for workers")
+        await stop.wait()
+        say(
+            f"draining: {router.dispatcher.inflight} request(s) in flight, "
+            f"grace period {config.router.grace_period_s:g}s"
+        )
+        clean = await router.drain()
+        say("drained" if clean else "grace period over; aborted the rest")
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if router is not None:
+            await router.stop()
+        await cluster.shutdown()
+        say("stopped")

@@ -1,0 +1,85 @@
+"""Runs requests on the cluster: tracks what is in flight, aborts what the client abandons."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from batonserve.cluster.api import ClusterAPI, GenerateRequest, TokenDelta
+from batonserve.cluster.router.errors import RequestError
+
+log = logging.getLogger("batonserve.router")
+
+
+class Dispatcher:
+    """The one place that calls ClusterAPI.generate/abort, for both protocols."""
+
+    def __init__(self, cluster: ClusterAPI) -> None:
+        self.cluster = cluster
+        self.draining = False
+        self._inflight: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def inflight(self) -> int:
+        """Requests admitted and not yet finished."""
+        return len(self._inflight)
+
+    def admitting(self) -> bool:
+        """True while new requests are accepted (not draining and the cluster is ready)."""
+        return not self.draining and self.cluster.ready()
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        """The request's deltas; a consumer that stops early (cancel, deadline) aborts it."""
+        rid = request.request_id
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if rid in self._inflight:
+            raise RequestError(
+                grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already running"
+            )
+        self._inflight.add(rid)
+        self._idle.clear()
+        finished = False
+        deltas: AsyncIterator[TokenDelta] | None = None
+        try:
+            deltas = self.cluster.generate(request)  # AdmissionRejected/ClusterUnavailable here
+            async for delta in deltas:
+                finished = delta.finish_reason is not None
+                yield delta
+                if finished:
+                    break
+        finally:
+            if deltas is not None and not finished:
+                # Cancelled, deadline passed, or failed: free its KV blocks. Shielded so a
+                # second cancel cannot leak the request in the cluster.
+                try:
+                    await asyncio.shield(self.cluster.abort(rid))
+                except Exception:
+                    log.exception("abort of request %s failed", rid)
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self._inflight.discard(rid)
+            if not self._inflight:
+                self._idle.set()
+
+    async def drain(self, grace_period_s: float) -> bool:
+        """Stop admitting, wait for in-flight requests; after the grace period abort the rest.
+
+        Returns True when everything finished within the grace period.
+        """
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_period_s)
+            return True
+        except TimeoutError:
+            left = sorted(self._inflight)
+            log.warning("grace period over: aborting %d request(s)", len(left))
+            for rid in left:
+                await self.cluster.abort(rid)
+            return False

@@ -1,0 +1,363 @@
+"""The live cluster behind the router: Ray workers, CLS pairing, layer-wise handoffs, recovery.
+
+`start_cluster` starts (or joins) Ray and the worker pools; `Cluster` implements `ClusterAPI`.
+Everything here runs on the router's event loop: one long-poll task per worker brings back
+token deltas and handoff events, a housekeeping task ends expired leases and runs the mixed
+pool. Detokenization and stop strings happen here, in the router process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import ray
+
+from batonserve.cluster.api import (
+    AdmissionRejected,
+    ClusterUnavailable,
+    GenerateRequest,
+    ModelInfo,
+    ServerInfo,
+    TokenDelta,
+    WorkerInfo,
+)
+from batonserve.cluster.config import ServeConfig
+from batonserve.cluster.controller import Controller, WorkerHandle
+from batonserve.cluster.handoff import Handoff, HandoffLedger
+from batonserve.cluster.observer import ClusterObserver, NullObserver, handoff_record
+from batonserve.cluster.request_state import RequestState
+from batonserve.cluster.scheduling import (
+    ClusterScheduler,
+    Pairing,
+    Rejection,
+    RejectReason,
+    RequestView,
+    WorkerView,
+    assume_assigned,
+)
+from batonserve.cluster.worker_events import WorkerEvents
+from batonserve.workers.output_processor import OutputProcessor
+from batonserve.workers.scripted_engine import ScriptedEngineConfig
+from batonserve.workers.worker_types import HandoffSpec
+
+log = logging.getLogger("batonserve.cluster")
+
+MAX_ATTEMPTS = 8
+
+
+class Cluster(WorkerEvents):
+    """ClusterAPI over Ray worker pools (see module docstring)."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        controller: Controller,
+        model_info: ModelInfo,
+        processor: OutputProcessor,
+        observer: ClusterObserver,
+        started_ray: bool,
+    ) -> None:
+        self.config = config
+        self.controller = controller
+        self._model_info = model_info
+        self.processor = processor
+        self.observer = observer
+        self.started_ray = started_ray
+        self.kv = config.kv_transfer
+        self.ledger = HandoffLedger(self.kv.lease_s)
+        self.cls = ClusterScheduler(config.scheduler)
+        self.requests: dict[str, RequestState] = {}
+        self.by_worker_rid: dict[str, RequestState] = {}
+        self._views: dict[str, WorkerView] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._loop = asyncio.get_running_loop()
+
+    # ---- ClusterAPI ---------------------------------------------------------------------------
+
+    def model_info(self) -> ModelInfo:
+        """The served model."""
+        return self._model_info
+
+    def server_info(self) -> ServerInfo:
+        """Pools and workers with their current roles and loads."""
+        workers = []
+        for h in self.controller.workers.values():
+            s = h.stats
+            workers.append(
+                WorkerInfo(
+                    name=h.name,
+                    pool=h.spec.pool,
+                    role=h.role,
+                    healthy=h.healthy,
+                    running_requests=s.running if s else 0,
+                    waiting_requests=s.waiting if s else 0,
+                    pending_prefill_tokens=s.pending_prefill_tokens if s else 0,
+                    kv_cache_usage=s.kv_usage if s else 0.0,
+                )
+            )
+        return ServerInfo(tuple(p.name for p in self.config.pools), tuple(workers))
+
+    def ready(self) -> bool:
+        """True when every non-empty pool has a healthy worker."""
+        if self._closing:
+            return False
+        for pool in self.config.pools:
+            hs = [h for h in self.controller.workers.values() if h.spec.pool == pool.name]
+            if hs and not any(h.healthy for h in hs):
+                return False
+        return any(h.healthy for h in self.controller.workers.values())
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        """Pair now (raising AdmissionRejected / ClusterUnavailable at once), then stream."""
+        if self._closing:
+            raise ClusterUnavailable("the cluster is shutting down")
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in flight")
+        st = RequestState(request)
+        pairing = self._pair(st)
+        if isinstance(pairing, Rejection):
+            if pairing.reason is RejectReason.NO_HEALTHY_WORKER:
+                raise ClusterUnavailable(pairing.message)
+            raise AdmissionRejected(f"{pairing.reason.value}: {pairing.message}")
+        self.requests[request.request_id] = st
+        self.processor.add_request(request.request_id, request.prompt_token_ids, request.sampling)
+        self._start_attempt(st, pairing)
+        return self._stream(st)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV everywhere; idempotent."""
+        st = self.requests.get(request_id)
+        if st is None:
+            return
+        self._finish(st)
+        if not st.done:
+            st.done = True
+            st.queue.put_nowait(TokenDelta((), "", "abort", st.usage()))
+
+    async def shutdown(self) -> None:
+        """Stop pollers and actors, and Ray if this process started it."""
+        self._closing = True
+        for st in list(self.requests.values()):
+            st.fail(ClusterUnavailable("the cluster is shutting down"))
+            self._finish(st)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.controller.shutdown()
+        if self.started_ray:
+            ray.shutdown()
+
+    # ---- streams -------------------------------------------------------------------------------
+
+    async def _stream(self, st: RequestState) -> AsyncIterator[TokenDelta]:
+        try:
+            while True:
+                item = await st.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            rid = st.request_id
+            if self.requests.get(rid) is st:
+                await self.abort(rid)  # the client went away
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run a background task that the cluster cancels at shutdown."""
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- pairing and attempts ------------------------------------------------------------------
+
+    def _view(self, h: WorkerHandle) -> WorkerView:
+        s = h.stats
+        return WorkerView(
+            worker_id=h.name,
+            pool=h.spec.pool,
+            home_role=h.home_role,
+            role=h.role,
+            healthy=h.healthy,
+            pending_prefill_tokens=s.pending_prefill_tokens if s else 0,
+            running=s.running if s else 0,
+            waiting=s.waiting if s else 0,
+            num_free_blocks=s.num_free_blocks if s else 0,
+            num_total_blocks=s.num_blocks if s else 0,
+            block_size=s.block_size if s else 16,
+        )
+
+    def views(self) -> list[WorkerView]:
+        """Worker snapshots, adjusted for pairings made since each worker's last poll."""
+        out = []
+        for h in self.controller.workers.values():
+            v = self._views.get(h.name) or self._view(h)
+            if v.healthy != h.healthy or v.role != h.role:
+                v = self._view(h)
+            out.append(v)
+        return out
+
+    def _pair(self, st: RequestState) -> Pairing | Rejection:
+        prompt = st.resume_prompt
+        rv = RequestView(st.request_id, len(prompt), st.resume_params.max_tokens)
+        views = self.views()
+        decision = self.cls.schedule(rv, views)
+        if isinstance(decision, Pairing):
+            for v in assume_assigned(views, rv, decision):
+                self._views[v.worker_id] = v
+        return decision
+
+    def _start_attempt(self, st: RequestState, pairing: Pairing) -> None:
+        a = st.next_attempt(pairing.prefill_worker, pairing.decode_worker)
+        self.by_worker_rid[a.worker_request_id] = st
+        self.spawn(self._launch(st, a.number))
+
+    async def _launch(self, st: RequestState, number: int) -> None:
+        a = st.attempt
+        assert a is not None
+        prompt, params = st.resume_prompt, st.resume_params
+        workers = self.controller.workers
+        try:
+            if a.prefill != a.decode:
+                p, d = workers[a.prefill], workers[a.decode]
+                if p.kv_spec is not None and d.kv_spec is not None:
+                    p.kv_spec.check_compatible(d.kv_spec)
+                await self.controller.ensure_channel(a.prefill, a.decode)
+                if st.attempt is not a or st.done:
+                    return
+                h = self.ledger.open(a.worker_request_id, a.prefill, a.decode)
+                a.handoff_id = h.handoff_id
+                spec = HandoffSpec(
+                    h.handoff_id, a.worker_request_id, a.prefill, a.decode, tuple(prompt), params
+                )
+                await d.actor.begin_import.remote(spec)
+                await p.actor.submit_prefill.remote(spec)
+            else:
+                a.phase = "decode"
+                await workers[a.decode].actor.submit.remote(a.worker_request_id, prompt, params)
+        except Exception as e:
+            log.warning("attempt %s of %s failed to start: %s", number, st.request_id, e)
+            if st.attempt is a:
+                self.restart(st, f"launch failed: {e}")
+
+    def restart(self, st: RequestState, reason: str) -> None:
+        """Abandon the current attempt and resume from prompt + tokens already sent."""
+        if st.done or self._closing:
+            return
+        self._drop_attempt(st)
+        if st.attempts >= MAX_ATTEMPTS:
+            st.fail(ClusterUnavailable(f"request failed after {st.attempts} attempts: {reason}"))
+            self._finish(st)
+            return
+        log.info("resuming %s after %d tokens: %s", st.request_id, len(st.produced), reason)
+        decision = self._pair(st)
+        if isinstance(decision, Rejection):
+            # Let a replacement come up before giving up on the request.
+            self.spawn(self._retry_later(st, decision.message))
+            return
+        self._start_attempt(st, decision)
+
+    async def _retry_later(self, st: RequestState, why: str) -> None:
+        for _ in range(100):
+            await asyncio.sleep(0.2)
+            if st.done or self._closing:
+                return
+            decision = self._pair(st)
+            if isinstance(decision, Pairing):
+                self._start_attempt(st, decision)
+                return
+        st.fail(ClusterUnavailable(f"no worker can resume the request: {why}"))
+        self._finish(st)
+
+    def _drop_attempt(self, st: RequestState) -> None:
+        """Abort the current attempt on its workers and its handoff (all idempotent)."""
+        a = st.attempt
+        if a is None:
+            return
+        st.attempt = None
+        self.by_worker_rid.pop(a.worker_request_id, None)
+        if a.handoff_id is not None:
+            h = self.ledger.abort(a.handoff_id, "request moved")
+            if h is not None:
+                self.observer.kv_handoff(handoff_record(self.controller, h, "failed"))
+        for name in {a.prefill, a.decode}:
+            self.abort_on(name, a.worker_request_id)
+
+    def abort_on(self, worker: str, worker_request_id: str) -> None:
+        """Fire-and-forget abort on a worker (a dead one is simply skipped)."""
+        h = self.controller.workers.get(worker)
+        if h is not None and h.healthy and h.actor is not None:
+            self.spawn(self._quiet(h.actor.abort.remote(worker_request_id)))
+
+    def _finish(self, st: RequestState) -> None:
+        """Forget a request that ended (its workers are told to drop it)."""
+        self._drop_attempt(st)
+        self.requests.pop(st.request_id, None)
+        self.processor.remove(st.request_id)
+
+    def abort_handoff(self, h: Handoff, outcome: str) -> None:
+        """A handoff ended unacknowledged: free both sides and resume its request."""
+        self.observer.kv_handoff(handoff_record(self.controller, h, outcome))
+        self.abort_on(h.src, h.request_id)
+        self.abort_on(h.dst, h.request_id)
+        st = self.by_worker_rid.get(h.request_id)
+        if st is not None and st.attempt is not None and st.attempt.handoff_id == h.handoff_id:
+            st.attempt.handoff_id = None
+            self.restart(st, f"handoff {h.handoff_id} {outcome}: {h.reason}")
+
+
+async def start_cluster(
+    config: ServeConfig,
+    progress: Callable[[str], None],
+    *,
+    scripted: ScriptedEngineConfig | None = None,
+    observer: ClusterObserver | None = None,
+) -> Cluster:
+    """Start (or join) Ray, start every pool, and return the running cluster.
+
+    `scripted` swaps the model for the fake engine with scripted tokens (tests); `observer`
+    receives worker snapshots, handoff records and pool changes (the router's Metrics).
+    """
+    from batonserve.cluster.model_meta import load_model_meta
+
+    model_info, processor = load_model_meta(config, scripted)
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if config.ray.address:
+            progress(f"joining Ray at {config.ray.address}")
+            ray.init(
+                address=config.ray.address,
+                namespace=config.ray.namespace,
+                logging_level=logging.WARNING,
+            )
+        else:
+            progress("starting a local Ray instance on 127.0.0.1")
+            ray.init(
+                num_cpus=config.ray.num_cpus or None,
+                namespace=config.ray.namespace,
+                include_dashboard=bool(getattr(config.ray, "include_dashboard", False)),
+                logging_level=logging.WARNING,
+                _node_ip_address="127.0.0.1",
+            )
+        started = True
+    controller = Controller(config, config.model, config.kv_transfer, scripted, progress)
+    try:
+        await controller.start()
+    except BaseException:
+        await controller.shutdown()
+        if started:
+            ray.shutdown()
+        raise
+    cluster = Cluster(
+        config, controller, model_info, processor, observer or NullObserver(), started
+    )
+    cluster.start_background()
+    progress(f"cluster up: {len(controller.workers)} worker(s)")
+    return cluster

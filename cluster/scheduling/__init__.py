@@ -1,0 +1,53 @@
+"""Cluster-level scheduler: pairing policies, conditional disaggregation, mixed pool, admission.
+
+Plain Python (no Ray, torch or gRPC): the live cluster and the simulator run this same code.
+"""
+
+from batonserve.cluster.scheduling.config import (
+    AdmissionConfig,
+    MixedPoolConfig,
+    SchedulerConfig,
+)
+from batonserve.cluster.scheduling.policies import (
+    PairingPolicy,
+    available_policies,
+    make_policy,
+    register_policy,
+)
+from batonserve.cluster.scheduling.prefix import NoPrefixCache, PrefixIndex, PrefixLookup
+from batonserve.cluster.scheduling.scheduler import ClusterScheduler, assume_assigned
+from batonserve.cluster.scheduling.types import (
+    Decision,
+    Pairing,
+    PairingMode,
+    Rejection,
+    RejectReason,
+    RequestView,
+    Role,
+    RoleChange,
+    WorkerView,
+)
+
+__all__ = [
+    "AdmissionConfig",
+    "ClusterScheduler",
+    "Decision",
+    "MixedPoolConfig",
+    "NoPrefixCache",
+    "Pairing",
+    "PairingMode",
+    "PairingPolicy",
+    "PrefixIndex",
+    "PrefixLookup",
+    "RejectReason",
+    "Rejection",
+    "RequestView",
+    "Role",
+    "RoleChange",
+    "SchedulerConfig",
+    "WorkerView",
+    "assume_assigned",
+    "available_policies",
+    "make_policy",
+    "register_policy",
+]

@@ -1,0 +1,23 @@
+"""Join the shortest queue, counted in requests (the classic load balancer)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from batonserve.cluster.scheduling.policies.base import PairingPolicy, argmin, register_policy
+from batonserve.cluster.scheduling.types import RequestView, WorkerView
+
+
+@register_policy
+class JSQPolicy(PairingPolicy):
+    """Both phases go to the worker with the fewest requests (waiting + running)."""
+
+    name = "jsq"
+
+    def pick_prefill(self, request: RequestView, candidates: Sequence[WorkerView]) -> WorkerView:
+        """Fewest queued-or-running requests."""
+        return argmin(candidates, lambda w: (w.waiting + w.running,))
+
+    def pick_decode(self, request: RequestView, candidates: Sequence[WorkerView]) -> WorkerView:
+        """Fewest queued-or-running requests."""
+        return argmin(candidates, lambda w: (w.waiting + w.running,))

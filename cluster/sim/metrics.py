@@ -1,0 +1,191 @@
+"""Latency percentiles, SLO attainment against Splitwise's slowdown table, throughput, goodput."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from batonserve.cluster.sim.hardware import MachineSpec
+from batonserve.cluster.sim.perf_model import PerfModel
+from batonserve.cluster.sim.simulator import RequestRecord, SimResult
+
+QUANTILES = (50, 90, 99)
+METRICS = ("ttft", "tbt", "e2e")
+
+
+@dataclass(frozen=True)
+class SLOTable:
+    """Slowdown limits at P50, P90, P99, relative to the same request run alone (uncontended).
+
+    Defaults: the Splitwise paper's SLO table (TTFT 2x/3x/6x; TBT and E2E 1.25x/1.5x/5x).
+    """
+
+    ttft: tuple[float, float, float] = (2.0, 3.0, 6.0)
+    tbt: tuple[float, float, float] = (1.25, 1.5, 5.0)
+    e2e: tuple[float, float, float] = (1.25, 1.5, 5.0)
+
+    @classmethod
+    def parse(cls, text: str) -> SLOTable:
+        """'splitwise', or overrides like 'ttft_p99=10,tbt_p50=1.5' on top of Splitwise's table."""
+        limits = {m: list(getattr(cls(), m)) for m in METRICS}
+        text = text.strip()
+        if text and text != "splitwise":
+            for item in text.split(","):
+                key, sep, value = item.partition("=")
+                metric, _, q = key.strip().partition("_p")
+                if not sep or metric not in limits or q not in {"50", "90", "99"}:
+                    raise ValueError(
+                        f"slo: cannot read {item!r}; use e.g. ttft_p99=6,tbt_p50=1.25 "
+                        "(metrics ttft, tbt, e2e; quantiles p50, p90, p99)"
+                    )
+                try:
+                    limit = float(value)
+                except ValueError:
+                    raise ValueError(f"slo: {key.strip()} needs a number, got {value!r}") from None
+                if limit <= 0:
+                    raise ValueError(f"slo: {key.strip()} must be > 0, got {limit}")
+                limits[metric][QUANTILES.index(int(q))] = limit
+        return cls(*(tuple(limits[m]) for m in METRICS))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    """P50, P90 and P99 of one quantity."""
+
+    p50: float
+    p90: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Percentiles:
+        """Linear-interpolated percentiles (NaN when there are no values)."""
+        if not values:
+            return cls(float("nan"), float("nan"), float("nan"))
+        p = np.percentile(np.asarray(values, dtype=float), QUANTILES)
+        return cls(float(p[0]), float(p[1]), float(p[2]))
+
+    def at(self, q: int) -> float:
+        """The value at quantile 50, 90 or 99."""
+        return {50: self.p50, 90: self.p90, 99: self.p99}[q]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Uncontended latencies: each request alone on a reference machine, same chunking."""
+
+    perf: PerfModel
+    chunk_tokens: int = 2048
+
+    def ttft(self, prompt_tokens: int) -> float:
+        """Prompt computed alone, in chunks of the token budget."""
+        full, rest = divmod(prompt_tokens, self.chunk_tokens)
+        t = full * self.perf.step_time(self.chunk_tokens, 0)
+        return t + (self.perf.step_time(rest, 0) if rest else 0.0)
+
+    def tbt(self) -> float:
+        """One decode step at batch 1."""
+        return self.perf.step_time(0, 1)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A run's figures: latencies in seconds, slowdowns as ratios, rates per second."""
+
+    label: str
+    num_requests: int
+    num_completed: int
+    num_rejected: int
+    ttft: Percentiles
+    tbt: Percentiles
+    e2e: Percentiles
+    ttft_slowdown: Percentiles
+    tbt_slowdown: Percentiles
+    e2e_slowdown: Percentiles
+    slo_met: bool
+    slo_violations: tuple[str, ...]
+    throughput_rps: float
+    goodput_rps: float
+    output_tokens_per_s: float
+    cost_per_hour: float
+    power_w: float
+    num_in_place: int
+    num_disaggregated: int
+    num_borrows: int
+    num_returns: int
+    mean_visible_transfer_s: float  # decode-side wait after the prompt's last layer
+
+
+def summarize(
+    result: SimResult,
+    reference: Reference,
+    machines: Mapping[str, MachineSpec],
+    slo: SLOTable | None = None,
+) -> Summary:
+    """Percentiles, SLO attainment and rates of one run."""
+    slo = slo or SLOTable()
+    done = [r for r in result.records if r.finish_s >= 0]
+    rejected = sum(1 for r in result.records if r.rejected)
+    tbt_ref = reference.tbt()
+    ttft_sd, tbt_sd, e2e_sd, good = [], [], [], 0
+    for r in done:
+        ref_ttft = reference.ttft(r.prompt_tokens)
+        ref_e2e = ref_ttft + tbt_ref * (r.tokens_out - 1)
+        s_ttft = r.ttft / ref_ttft
+        s_e2e = r.e2e / ref_e2e
+        ttft_sd.append(s_ttft)
+        e2e_sd.append(s_e2e)
+        ok = s_ttft <= slo.ttft[1] and s_e2e <= slo.e2e[1]
+        if r.tokens_out > 1:
+            tbt_sd.append(r.tbt / tbt_ref)
+            ok = ok and r.tbt / tbt_ref <= slo.tbt[1]
+        good += ok
+    sd = {
+        "ttft": Percentiles.of(ttft_sd),
+        "tbt": Percentiles.of(tbt_sd),
+        "e2e": Percentiles.of(e2e_sd),
+    }
+    violations = [
+        f"{m}_p{q}={sd[m].at(q):.2f}>{getattr(slo, m)[i]}"
+        for m in METRICS
+        for i, q in enumerate(QUANTILES)
+        if sd[m].at(q) > getattr(slo, m)[i]
+    ]
+    if rejected:
+        violations.append(f"rejected={rejected}")
+    start = min((r.arrival_s for r in result.records), default=0.0)
+    span = max((r.finish_s for r in done), default=start) - start
+    visible = [r.transfer_end_s - r.prefill_end_s for r in done if r.transfer_end_s >= 0]
+    return Summary(
+        label=result.design.label,
+        num_requests=len(result.records),
+        num_completed=len(done),
+        num_rejected=rejected,
+        ttft=Percentiles.of([r.ttft for r in done]),
+        tbt=Percentiles.of([r.tbt for r in done if r.tokens_out > 1]),
+        e2e=Percentiles.of([r.e2e for r in done]),
+        ttft_slowdown=sd["ttft"],
+        tbt_slowdown=sd["tbt"],
+        e2e_slowdown=sd["e2e"],
+        slo_met=not violations,
+        slo_violations=tuple(violations),
+        throughput_rps=len(done) / span if span > 0 else 0.0,
+        goodput_rps=good / span if span > 0 else 0.0,
+        output_tokens_per_s=sum(r.tokens_out for r in done) / span if span > 0 else 0.0,
+        cost_per_hour=result.design.cost_per_hour(machines),
+        power_w=result.design.power_w(machines),
+        num_in_place=sum(1 for r in result.records if r.mode == "in_place"),
+        num_disaggregated=sum(1 for r in result.records if r.mode == "disaggregated"),
+        num_borrows=sum(1 for c in result.role_changes if c.kind == "borrow"),
+        num_returns=sum(1 for c in result.role_changes if c.kind == "return"),
+        mean_visible_transfer_s=float(np.mean(visible)) if visible else 0.0,
+    )
+
+
+def latencies(records: Sequence[RequestRecord], metric: str) -> list[float]:
+    """Per-request values of 'ttft', 'tbt' or 'e2e' (completed requests only)."""
+    done = [r for r in records if r.finish_s >= 0]
+    if metric == "tbt":
+        return [r.tbt for r in done if r.tokens_out > 1]
+    return [getattr(r, metric) for r in done]

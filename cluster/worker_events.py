@@ -1,0 +1,180 @@
+"""The cluster's reactions to its workers: long-poll loops, token deltas, handoff events,
+worker deaths (replace the actor, resume its requests) and housekeeping (leases, mixed pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from batonserve.cluster.metrics_inputs import PoolChange, WorkerSnapshot
+from batonserve.cluster.observer import handoff_record
+from batonserve.workers.worker_types import HandoffEvent, PollResult, RequestDelta
+
+if TYPE_CHECKING:
+    from batonserve.cluster.runtime import Cluster
+
+log = logging.getLogger("batonserve.cluster")
+
+POLL_S = 0.5
+HOUSEKEEPING_S = 0.1
+SNAPSHOT_S = 0.5  # at most this often per worker to the observer
+
+
+class WorkerEvents:
+    """Mixin of Cluster: everything that happens because a worker said (or stopped saying) so."""
+
+    def start_background(self: Cluster) -> None:
+        """Start one poller per worker and the housekeeping loop."""
+        self._last_snapshot: dict[str, float] = {}
+        for h in self.controller.workers.values():
+            self.spawn(self._poll_loop(h.name, h.incarnation))
+        self.spawn(self._housekeeping())
+
+    async def _poll_loop(self: Cluster, name: str, incarnation: int) -> None:
+        h = self.controller.workers[name]
+        while not self._closing and h.incarnation == incarnation:
+            try:
+                result: PollResult = await h.actor.poll.remote(POLL_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.worker_died(name, incarnation, f"poll failed: {type(e).__name__}")
+                return
+            self._on_poll(name, result)
+            if not result.stats.healthy:
+                self.worker_died(name, incarnation, f"engine error: {result.stats.error[-300:]}")
+                return
+
+    def _on_poll(self: Cluster, name: str, r: PollResult) -> None:
+        h = self.controller.workers[name]
+        h.stats = r.stats
+        self._views.pop(name, None)  # fresh stats replace the optimistic adjustments
+        for ev in r.events:  # events first: a commit releases before the decode tokens land
+            self._on_event(name, ev)
+        for d in r.deltas:
+            self._on_delta(name, d)
+        now = time.monotonic()
+        if now - self._last_snapshot.get(name, 0.0) >= SNAPSHOT_S:
+            self._last_snapshot[name] = now
+            s = r.stats
+            self.observer.worker_snapshot(
+                WorkerSnapshot(
+                    s.name,
+                    s.pool,
+                    h.role,
+                    min(max(s.kv_usage, 0.0), 1.0),
+                    s.running,
+                    s.waiting,
+                    s.prefix_queries,
+                    s.prefix_hits,
+                )
+            )
+
+    def _on_delta(self: Cluster, name: str, d: RequestDelta) -> None:
+        st = self.by_worker_rid.get(d.request_id)
+        a = st.attempt if st is not None else None
+        if st is None or a is None or a.worker_request_id != d.request_id or not a.uses(name):
+            return  # an abandoned attempt: never taken
+        if st.cached_tokens < 0:
+            st.cached_tokens = d.num_cached_tokens
+        if d.prefilled and a.handoff_id is not None:
+            self.ledger.prefilled(a.handoff_id)
+        if d.finished and d.finish_reason == "abort":
+            self.restart(st, f"{name} aborted the request")
+            return
+        if not d.token_ids and not d.finished:
+            return
+        if st.emit(self.processor, d.token_ids, d.finished, d.finish_reason):
+            self._finish(st)  # also frees a handoff that the first token made useless
+
+    def _on_event(self: Cluster, name: str, ev: HandoffEvent) -> None:
+        h = self.ledger.get(ev.handoff_id)
+        if ev.kind == "committed":
+            if self.ledger.committed(ev.handoff_id, ev.nbytes):
+                assert h is not None
+                st = self.by_worker_rid.get(ev.request_id)
+                if st is not None and st.attempt is not None:
+                    st.attempt.phase = "decode"
+                self.abort_on_release(h.src, ev.request_id)
+                self.ledger.released(ev.handoff_id)
+                self.observer.kv_handoff(handoff_record(self.controller, h, "ok"))
+            else:
+                self.abort_on(name, ev.request_id)  # a stale import: drop the decode copy
+            return
+        aborted = self.ledger.abort(ev.handoff_id, ev.detail or "failed")
+        if aborted is not None:
+            self.controller.forget_channels_between(aborted.src, aborted.dst)
+            self.abort_handoff(aborted, "failed")
+
+    def abort_on_release(self: Cluster, worker: str, worker_request_id: str) -> None:
+        """Tell the prefill side its blocks are no longer needed."""
+        h = self.controller.workers.get(worker)
+        if h is not None and h.healthy:
+            self.spawn(self._quiet(h.actor.release.remote(worker_request_id)))
+
+    def worker_died(self: Cluster, name: str, incarnation: int, why: str) -> None:
+        """Resume everything that depended on `name`, then replace it."""
+        h = self.controller.workers[name]
+        if h.incarnation != incarnation or not h.healthy or self._closing:
+            return
+        log.warning("worker %s is gone (%s); replacing it", name, why)
+        h.healthy = False
+        self._views.pop(name, None)
+        self.controller.forget_channels(name)
+        for other in self.controller.workers.values():
+            if other.name != name and other.healthy:
+                self.spawn(self._quiet(other.actor.kv_close_peer.remote(name)))
+        for ho in self.ledger.involving(name):
+            aborted = self.ledger.abort(ho.handoff_id, f"{name} died")
+            if aborted is not None:
+                self.abort_handoff(aborted, "failed")
+        for st in list(self.requests.values()):
+            if st.attempt is not None and st.attempt.uses(name):
+                self.restart(st, f"{name} died")
+        self.spawn(self._replace(name))
+
+    async def _replace(self: Cluster, name: str) -> None:
+        delay = 0.5
+        while not self._closing:
+            try:
+                h = await self.controller.replace(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("replacing %s failed: %s; retrying in %.1fs", name, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.observer.worker_restarted(h.spec.pool, name)
+            self.spawn(self._poll_loop(name, h.incarnation))
+            return
+
+    async def _housekeeping(self: Cluster) -> None:
+        while not self._closing:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            for h in self.ledger.expired():
+                log.warning("handoff %s of %s: lease expired", h.handoff_id, h.request_id)
+                self.abort_handoff(h, "lease_expired")
+            await self._rebalance()
+
+    async def _rebalance(self: Cluster) -> None:
+        changes = self.cls.rebalance(self.views(), time.monotonic())
+        for c in changes:
+            w = self.controller.workers.get(c.worker_id)
+            if w is None or not w.healthy:
+                continue
+            try:
+                await self.controller.set_role(c.worker_id, c.to_role)
+            except Exception as e:
+                log.warning("role change of %s failed: %s", c.worker_id, e)
+                continue
+            self._views.pop(c.worker_id, None)
+            self.observer.pool_change(PoolChange(w.spec.pool, c.kind, c.from_role, c.to_role))
+
+    @staticmethod
+    async def _quiet(ref: Any) -> None:
+        with contextlib.suppress(Exception):
+            await ref

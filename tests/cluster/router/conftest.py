@@ -1,0 +1,54 @@
+"""Fixtures for router tests (helpers live in router_harness.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from router_harness import CONTEXT_LENGTH, RouterHarness, write_tiny_model
+
+from batonserve.cluster.api import ModelInfo
+from batonserve.workers.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model directory (config.model of the router under test)."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path) -> Tokenizer:
+    """The tiny model's tokenizer."""
+    return Tokenizer(model_dir / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def model_info(tokenizer: Tokenizer) -> ModelInfo:
+    """What the fake cluster serves."""
+    return ModelInfo("tiny", "LlamaForCausalLM", CONTEXT_LENGTH, tokenizer.vocab_size, False)
+
+
+@pytest.fixture
+def make_router(
+    tokenizer: Tokenizer, model_info: ModelInfo
+) -> Iterator[Callable[..., RouterHarness]]:
+    """Factory of router harnesses; every one is closed after the test."""
+    made: list[RouterHarness] = []
+
+    def make(**kwargs: Any) -> RouterHarness:
+        h = RouterHarness(tokenizer, model_info, **kwargs)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+@pytest.fixture
+def router(make_router: Callable[..., RouterHarness]) -> RouterHarness:
+    """A router over a default fake cluster."""
+    return make_router()

@@ -1,0 +1,174 @@
+"""Test helpers for the router: a tiny tokenizer, the fake cluster, a router on a free local port."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from batonserve.cluster.api import GenerateRequest, ModelInfo
+from batonserve.cluster.config import RouterConfig
+from batonserve.cluster.router.server import RouterServer
+from batonserve.proto import generation_pb2_grpc
+from batonserve.workers.tokenizer import Tokenizer
+
+T = TypeVar("T")
+HERE = Path(__file__).resolve().parent
+CONTEXT_LENGTH = 64
+REPLY = "The baton passes from prefill to decode, token by token. ¡Olé! 🙂 Done."
+CORPUS = [
+    REPLY,
+    "def generate(prompt): return the next token, one by one, until the stop token.",
+    "Splitwise splits a request into a prefill and a decode phase on two machines.",
+    "hello world, the quick brown fox jumps over the lazy dog; Python source code.",
+]
+
+
+def _load_fakes() -> Any:
+    """tests/cluster/fakes.py, loaded by path (test folders are not packages)."""
+    name = "batonserve_tests_cluster_fakes"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE.parent / "fakes.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+fakes = _load_fakes()
+
+
+def write_tiny_model(path: Path) -> Path:
+    """A model directory with a trained byte-level BPE tokenizer.json and a config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": CONTEXT_LENGTH,
+        "vocab_size": tok.get_vocab_size(),
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def reply_script(tokenizer: Tokenizer, repeat: int = 1) -> Callable[[GenerateRequest], list[int]]:
+    """Every request gets REPLY's tokens (repeated), whatever its prompt."""
+    ids = tokenizer.encode(REPLY, add_special_tokens=False) * repeat
+    return lambda request: ids
+
+
+def eventually(cond: Callable[[], bool], timeout: float = 5.0, every: float = 0.02) -> None:
+    """Poll `cond` from the test thread until it holds (bounded in time)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(every)
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; tests submit coroutines to it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run `coro` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop and join its thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class RouterHarness:
+    """A RouterServer with a FakeCluster on 127.0.0.1 (free port), driven from test threads."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        info: ModelInfo,
+        fake_config: Any = None,
+        script: Callable[[GenerateRequest], list[int]] | None = None,
+        router_config: RouterConfig | None = None,
+        token: str | None = None,
+        cluster: Any = None,
+    ) -> None:
+        self.loop = LoopThread()
+        # Any ClusterAPI can stand here (the real one for end-to-end tests); default: the fake.
+        self.cluster = cluster or fakes.FakeCluster(
+            info, tokenizer, script or reply_script(tokenizer), fake_config
+        )
+        cfg = replace(router_config or RouterConfig(), host="127.0.0.1", port=0)
+
+        async def start() -> RouterServer:
+            server = RouterServer(cfg, self.cluster, tokenizer, "test", token)
+            await server.start()
+            return server
+
+        self.server: RouterServer = self.loop.run(start())
+        self.target = f"127.0.0.1:{self.server.port}"
+        self._channels: list[grpc.Channel] = []
+
+    def channel(self, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+        """A client channel to the router (closed with the harness)."""
+        if credentials is None:
+            ch = grpc.insecure_channel(self.target)
+        else:
+            ch = grpc.secure_channel(
+                self.target, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+            )
+        self._channels.append(ch)
+        return ch
+
+    def stub(self) -> generation_pb2_grpc.GenerationStub:
+        """A Generation client."""
+        return generation_pb2_grpc.GenerationStub(self.channel())
+
+    def wait_for(self, cond: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Poll `cond` on the server loop until true (bounded)."""
+        deadline = time.monotonic() + timeout
+
+        async def check() -> bool:
+            return cond()
+
+        while not self.loop.run(check()):
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met in time")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        """Stop server and loop."""
+        for ch in self._channels:
+            ch.close()
+        self.loop.run(self.server.stop(0.5))
+        self.loop.close()

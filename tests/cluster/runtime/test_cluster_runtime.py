@@ -1,0 +1,331 @@
+"""The live cluster on a two-node Ray cluster (127.0.0.1) with a tiny random Llama: greedy outputs
+token-identical to the in-process Engine in every mode, 32 concurrent requests, lease expiry,
+and workers killed mid-prefill and mid-generation; KV block pools empty afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from conftest import LoopThread
+from hf_tiny import make_tiny_model
+
+from batonserve.cluster.api import GenerateRequest
+from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
+from batonserve.cluster.metrics_inputs import HandoffRecord
+from batonserve.cluster.runtime import Cluster, start_cluster
+from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
+from batonserve.workers.config import EngineConfig
+from batonserve.workers.engine import Engine
+from batonserve.workers.kv_transfer import KVTransferConfig
+from batonserve.workers.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.cluster
+
+ENGINE = EngineConfig(
+    dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, max_num_batched_tokens=16
+)
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PREFILL = PoolConfig(name="prefill", role="prefill", num_cpus=0.5, resources={"prefill_node": 1})
+DECODE = PoolConfig(name="decode", role="decode", num_cpus=0.5, resources={"decode_node": 1})
+
+
+class Recorder:
+    """ClusterObserver that keeps handoff records (which path a request took)."""
+
+    def __init__(self) -> None:
+        self.handoffs: list[HandoffRecord] = []
+
+    def worker_snapshot(self, snap: Any) -> None:
+        pass
+
+    def worker_restarted(self, pool: str, worker: str) -> None:
+        pass
+
+    def kv_handoff(self, rec: HandoffRecord) -> None:
+        self.handoffs.append(rec)
+
+    def pool_change(self, change: Any) -> None:
+        pass
+
+    def outcomes(self) -> list[str]:
+        return [r.outcome for r in self.handoffs]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def reference(model: str) -> Any:
+    """Greedy completions from the in-process Engine, same engine config."""
+    engine = Engine(model, ENGINE)
+    cache: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def get(prompt: list[int], params: SamplingParams = GREEDY) -> list[int]:
+        key = (tuple(prompt), params.max_tokens)
+        if key not in cache:
+            cache[key] = engine.generate([prompt], params)[0].token_ids
+        return cache[key]
+
+    return get
+
+
+def prompt_of(i: int, n: int) -> list[int]:
+    return [3 + (i * 37 + j * 11) % 300 for j in range(n)]
+
+
+def make(address: str, loop: LoopThread, **kw: Any) -> tuple[Cluster, Recorder]:
+    scheduler = kw.pop("scheduler", SchedulerConfig(conditional_disaggregation=False))
+    cfg = ServeConfig(
+        model=kw.pop("model"),
+        ray=RayConfig(address=address),
+        engine=ENGINE,
+        pools=kw.pop("pools", (PREFILL, DECODE)),
+        scheduler=scheduler,
+        kv_transfer=kw.pop("kv_transfer", KVTransferConfig()),
+    )
+    rec = Recorder()
+    cluster = loop.run(start_cluster(cfg, lambda _: None, observer=rec))
+    return cluster, rec
+
+
+async def collect(
+    cluster: Cluster, rid: str, prompt: list[int], params: SamplingParams = GREEDY
+) -> list[int]:
+    toks: list[int] = []
+    last = None
+    async for d in cluster.generate(GenerateRequest(rid, tuple(prompt), params)):
+        toks += d.token_ids
+        last = d
+    assert last is not None and last.finish_reason == "length" and last.usage is not None
+    assert last.usage.completion_tokens == len(toks)
+    return toks
+
+
+def wait_idle(cluster: Cluster, timeout: float = 20) -> None:
+    """Every worker healthy with all KV blocks free and no handoff state left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ws = list(cluster.controller.workers.values())
+        if (
+            all(
+                w.healthy
+                and w.stats is not None
+                and w.stats.num_free_blocks == w.stats.num_blocks
+                and not (
+                    w.stats.pinned
+                    or w.stats.imports
+                    or w.stats.exports
+                    or w.stats.running
+                    or w.stats.waiting
+                )
+                for w in ws
+            )
+            and not cluster.ledger.live()
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not idle: {[w.stats for w in cluster.controller.workers.values()]}")
+
+
+@pytest.fixture(scope="module")
+def gloo(
+    ray_cluster: str, loop_thread: LoopThread, model: str
+) -> Iterator[tuple[Cluster, Recorder]]:
+    cluster, rec = make(
+        ray_cluster,
+        loop_thread,
+        model=model,
+        scheduler=SchedulerConfig(
+            conditional_disaggregation=False, mixed_pool=MixedPoolConfig(enabled=False)
+        ),
+    )
+    yield cluster, rec
+    loop_thread.run(cluster.shutdown())
+
+
+def test_disaggregated_gloo_32_concurrent(
+    gloo: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
+) -> None:
+    cluster, rec = gloo
+    prompts = [prompt_of(i, 6 + i % 23) for i in range(32)]
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(*(collect(cluster, f"g{i}", p) for i, p in enumerate(prompts)))
+
+    outs = loop_thread.run(run())
+    assert outs == [reference(p) for p in prompts]
+    assert rec.outcomes() == ["ok"] * 32  # every request went prefill -> decode
+    assert {(r.from_pool, r.to_pool) for r in rec.handoffs} == {("prefill", "decode")}
+    wait_idle(cluster)
+
+
+def test_lease_expiry_frees_and_request_resumes(
+    gloo: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
+) -> None:
+    cluster, rec = gloo
+    rec.handoffs.clear()
+    prompt = prompt_of(40, 60)
+    cluster.ledger.lease_s = 1e-3  # no decode side can acknowledge in a millisecond
+
+    async def run() -> list[int]:
+        task = asyncio.ensure_future(collect(cluster, "lease", prompt))
+        while "lease_expired" not in rec.outcomes():
+            await asyncio.sleep(0.01)
+        cluster.ledger.lease_s = 30.0  # the retry gets a normal lease
+        return await task
+
+    try:
+        assert loop_thread.run(run()) == reference(prompt)
+    finally:
+        cluster.ledger.lease_s = 30.0
+    assert rec.outcomes()[0] == "lease_expired" and rec.outcomes()[-1] == "ok"
+    wait_idle(cluster)
+
+
+def test_decode_killed_mid_generation(
+    gloo: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
+) -> None:
+    cluster, _ = gloo
+    prompt = prompt_of(41, 20)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    victim = cluster.controller.workers["decode-0"]
+    incarnation = victim.incarnation
+
+    async def run() -> tuple[list[int], int]:
+        toks: list[int] = []
+        at_kill = -1
+        async for d in cluster.generate(GenerateRequest("kill-d", tuple(prompt), params)):
+            toks += d.token_ids
+            if at_kill < 0 and len(toks) >= 4:
+                at_kill = len(toks)
+                ray.kill(victim.actor)
+        return toks, at_kill
+
+    toks, at_kill = loop_thread.run(run())
+    assert 4 <= at_kill < 40
+    assert toks == reference(prompt, params)  # nothing lost, nothing duplicated
+    assert victim.incarnation == incarnation + 1
+    wait_idle(cluster)
+
+
+def test_prefill_killed_mid_prefill(
+    gloo: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
+) -> None:
+    cluster, _ = gloo
+    prompt = prompt_of(42, 400)  # 25 chunks of 16 tokens
+    victim = cluster.controller.workers["prefill-0"]
+    incarnation = victim.incarnation
+
+    async def run() -> tuple[list[int], int]:
+        toks: list[int] = []
+        gen = cluster.generate(GenerateRequest("kill-p", tuple(prompt), GREEDY))
+        first = asyncio.ensure_future(gen.__anext__())
+        while not (victim.stats and victim.stats.pending_prefill_tokens > 0):
+            await asyncio.sleep(0.001)
+        ray.kill(victim.actor)
+        killed_after = 0 if not first.done() else 1
+        toks += (await first).token_ids
+        async for d in gen:
+            toks += d.token_ids
+        return toks, killed_after
+
+    toks, killed_after = loop_thread.run(run())
+    assert killed_after == 0  # no token had come out: the prefill was cut short
+    assert toks == reference(prompt)
+    assert victim.incarnation == incarnation + 1
+    wait_idle(cluster)
+
+
+def test_role_change_keeps_weights(
+    gloo: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
+) -> None:
+    cluster, _ = gloo
+    w = cluster.controller.workers["decode-0"]
+    steps = w.stats.steps if w.stats else 0
+    loop_thread.run(cluster.controller.set_role("decode-0", "mixed"))
+    info = {x.name: x for x in cluster.server_info().workers}
+    assert info["decode-0"].role == "mixed" and info["decode-0"].pool == "decode"
+    loop_thread.run(cluster.controller.set_role("decode-0", "decode"))
+    assert loop_thread.run(w.actor.stats.remote()).steps == steps  # same actor, no reload
+    prompt = prompt_of(43, 10)
+    assert loop_thread.run(collect(cluster, "role", prompt)) == reference(prompt)
+
+
+def test_mixed_pool_only(
+    ray_cluster: str, loop_thread: LoopThread, model: str, reference: Any
+) -> None:
+    mixed = PoolConfig(
+        name="mixed", role="mixed", replicas=2, num_cpus=0.5, resources={"decode_node": 1}
+    )
+    cluster, rec = make(ray_cluster, loop_thread, model=model, pools=(mixed,))
+    try:
+        prompts = [prompt_of(50 + i, 5 + 7 * i) for i in range(6)]
+
+        async def run() -> list[list[int]]:
+            return await asyncio.gather(
+                *(collect(cluster, f"m{i}", p) for i, p in enumerate(prompts))
+            )
+
+        assert loop_thread.run(run()) == [reference(p) for p in prompts]
+        assert rec.handoffs == []  # mixed workers run both phases in place
+        assert cluster.ready()
+        wait_idle(cluster)
+    finally:
+        loop_thread.run(cluster.shutdown())
+
+
+def test_disaggregated_object_store(
+    ray_cluster: str, loop_thread: LoopThread, model: str, reference: Any
+) -> None:
+    cluster, rec = make(
+        ray_cluster,
+        loop_thread,
+        model=model,
+        kv_transfer=KVTransferConfig(transport="object_store"),
+    )
+    try:
+        prompts = [prompt_of(60 + i, 9 + 13 * i) for i in range(6)]
+
+        async def run() -> list[list[int]]:
+            return await asyncio.gather(
+                *(collect(cluster, f"o{i}", p) for i, p in enumerate(prompts))
+            )
+
+        assert loop_thread.run(run()) == [reference(p) for p in prompts]
+        assert rec.outcomes() == ["ok"] * 6
+        wait_idle(cluster)
+    finally:
+        loop_thread.run(cluster.shutdown())
+
+
+def test_conditional_disaggregation(
+    ray_cluster: str, loop_thread: LoopThread, model: str, reference: Any
+) -> None:
+    sched = SchedulerConfig(
+        conditional_disaggregation=True,
+        in_place_max_tokens=16,
+        mixed_pool=MixedPoolConfig(enabled=False),
+    )
+    cluster, rec = make(ray_cluster, loop_thread, model=model, scheduler=sched)
+    try:
+        short = [prompt_of(70 + i, 8 + i) for i in range(3)]  # prefilled in place on decode
+        long = [prompt_of(80 + i, 40 + i) for i in range(3)]  # handed off
+
+        async def run() -> list[list[int]]:
+            return await asyncio.gather(
+                *(collect(cluster, f"c{i}", p) for i, p in enumerate(short + long))
+            )
+
+        assert loop_thread.run(run()) == [reference(p) for p in short + long]
+        assert rec.outcomes() == ["ok"] * len(long)
+        wait_idle(cluster)
+    finally:
+        loop_thread.run(cluster.shutdown())

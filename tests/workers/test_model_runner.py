@@ -1,0 +1,80 @@
+"""ModelRunner: KV cache sizing, the per-layer hook, and KV handoff through read_kv/write_kv."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (hf_tiny, paged_batch)
+
+from hf_tiny import make_tiny_model
+from paged_batch import PagedSeqs
+
+from batonserve.workers.config import EngineConfig
+from batonserve.workers.model_runner import ModelRunner
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (3 layers) shared by this module's tests."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("runner"), num_hidden_layers=3)
+
+
+def test_cache_sizing_device_and_shapes(model_dir: Path) -> None:
+    runner = ModelRunner(model_dir, EngineConfig(num_kv_blocks=7, block_size=8))
+    mc = runner.model_config
+    assert runner.num_blocks == 7 and runner.block_size == 8
+    assert runner.device == torch.device("cpu") and runner.dtype == torch.float32
+    assert runner.kv_cache.shape == (3, 2, 7, 8, mc.num_kv_heads, mc.head_dim)
+    per_block = 2 * 3 * 16 * mc.num_kv_heads * mc.head_dim * 4
+    sized = ModelRunner(model_dir, EngineConfig(kv_cache_bytes=per_block * 5 + 1, block_size=16))
+    assert sized.num_blocks == 5
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        ModelRunner(model_dir, EngineConfig(kv_cache_bytes=per_block - 1, block_size=16))
+    assert runner.tokenizer_path.is_file()
+
+
+def test_layer_hook_runs_after_each_layers_kv_is_written(model_dir: Path) -> None:
+    runner = ModelRunner(model_dir, EngineConfig(num_kv_blocks=8, block_size=4))
+    seqs = PagedSeqs(block_size=4, num_blocks=8)
+    batch = seqs.step({seqs.add(): [5, 6, 7, 8, 9]})
+    kv = runner.kv_cache.view(3, 2, 32, -1)  # [layers, 2, slots, Hkv * d]
+    seen: list[tuple[int, bool, bool]] = []
+
+    def hook(layer: int) -> None:
+        written = bool((kv[layer, :, batch.slot_mapping] != 0).all())
+        later_empty = layer == 2 or bool((kv[layer + 1, :, batch.slot_mapping] == 0).all())
+        seen.append((layer, written, later_empty))
+
+    runner.execute(batch, layer_hook=hook)
+    assert seen == [(0, True, True), (1, True, True), (2, True, True)]
+
+
+def test_kv_handoff_with_read_kv_write_kv(model_dir: Path) -> None:
+    """Prefill on runner A, move its KV to other blocks of runner B: B's decode equals A's."""
+    a = ModelRunner(model_dir, EngineConfig(num_kv_blocks=16, block_size=4))
+    b = ModelRunner(model_dir, EngineConfig(num_kv_blocks=16, block_size=4))
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    seqs_a = PagedSeqs(block_size=4, num_blocks=16, seed=1)
+    seqs_b = PagedSeqs(block_size=4, num_blocks=16, seed=2)
+    sa, sb = seqs_a.add(), seqs_b.add()
+    first = a.execute(seqs_a.step({sa: prompt}))
+    # Reserve B's blocks for the prompt without computing it, then copy every layer's KV across.
+    seqs_b.tokens[sb] = list(prompt)
+    seqs_b.tables[sb] = [seqs_b.free.pop() for _ in range(3)]
+    src = torch.tensor([seqs_a.slot(sa, p) for p in range(len(prompt))])
+    dst = torch.tensor([seqs_b.slot(sb, p) for p in range(len(prompt))])
+    assert not torch.equal(src, dst)
+    for layer in range(3):
+        k, v = a.read_kv(layer, src)
+        assert k.shape == (len(prompt), a.model_config.num_kv_heads, a.model_config.head_dim)
+        b.write_kv(layer, dst, k, v)
+    tok = int(first.argmax())
+    out_a = a.execute(seqs_a.step({sa: [tok]}))
+    out_b = b.execute(seqs_b.step({sb: [tok]}))
+    assert torch.equal(out_a, out_b)

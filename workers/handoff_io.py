@@ -1,0 +1,202 @@
+"""Both ends of a layer-wise KV handoff inside a worker: the exporter and the importer.
+
+Prefill side: after each layer of each step, the KV that step wrote for a prefill-only request
+is read out of the paged cache and queued on the transport while the next layer computes; the
+first token follows as a final marker. Decode side: chunks land in a contiguous staging buffer
+per handoff; only when every layer of every prompt position and the first token are there is
+the request imported into the engine, so a partial or aborted handoff is never decoded from.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from batonserve.workers.kv_transfer.base import FINAL_LAYER, KVChunk, KVSpec, KVTransport
+from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.scheduler import StepPlan
+from batonserve.workers.worker_types import HandoffEvent, HandoffSpec
+
+
+def block_slots(block_ids: Sequence[int], block_size: int, start: int, end: int) -> list[int]:
+    """Cache slots of positions [start, end) under a block table."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+@dataclass
+class _Export:
+    spec: HandoffSpec
+    sent_upto: int = 0  # prompt positions whose KV (all layers) is queued
+    nbytes: int = 0
+
+
+class KVExporter:
+    """Prefill side: streams the KV of prefill-only requests to their decode workers."""
+
+    def __init__(self, engine: Any, transport: KVTransport, spec: KVSpec) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.spec = spec
+        self.exports: dict[str, _Export] = {}
+
+    def start(self, spec: HandoffSpec) -> None:
+        """Track a new outgoing handoff (its request was just added as prefill-only)."""
+        self.exports[spec.request_id] = _Export(spec)
+
+    def on_layer(self, layer: int, plan: StepPlan) -> list[HandoffEvent]:
+        """Queue the KV this step wrote at `layer` for every exporting request in the plan."""
+        failed: list[HandoffEvent] = []
+        last = layer == self.spec.num_layers - 1
+        for seq in plan.seqs:
+            ex = self.exports.get(seq.request_id)
+            if ex is None:
+                continue
+            # Positions from sent_upto (not start_pos): a prefix-cache hit is sent with chunk one.
+            end = min(seq.start_pos + len(seq.token_ids), ex.spec.prompt_len)
+            if end <= ex.sent_upto:
+                continue
+            slots = block_slots(seq.block_ids, self.spec.block_size, ex.sent_upto, end)
+            k, v = self.engine.read_kv(
+                layer, torch.tensor(slots, dtype=torch.long)
+            )  # each [n, num_kv_heads, head_dim]
+            kv = torch.stack((k, v)).contiguous()  # [2, n, num_kv_heads, head_dim]
+            try:
+                self.transport.send(
+                    ex.spec.dst, KVChunk(ex.spec.handoff_id, layer, ex.sent_upto, kv)
+                )
+            except Exception as e:
+                failed.append(self._fail(ex, str(e)))
+                continue
+            ex.nbytes += kv.numel() * kv.element_size()
+            if last:
+                ex.sent_upto = end
+        return failed
+
+    def on_output(self, out: CoreOutput) -> HandoffEvent | None:
+        """After a step: send the first-token marker once the prompt is done."""
+        ex = self.exports.get(out.request_id)
+        if ex is None:
+            return None
+        if out.finished:  # ended at its first token (stop, length or abort): nothing to hand off
+            del self.exports[out.request_id]
+            return None
+        if out.prefilled and out.new_token_ids:
+            assert ex.sent_upto == ex.spec.prompt_len, "every prompt position went out"
+            marker = KVChunk(
+                ex.spec.handoff_id, FINAL_LAYER, ex.spec.prompt_len, None, out.new_token_ids[-1]
+            )
+            try:
+                self.transport.send(ex.spec.dst, marker)
+            except Exception as e:
+                return self._fail(ex, str(e))
+        return None
+
+    def drop(self, request_id: str) -> _Export | None:
+        """Stop tracking (released after the ack, or aborted)."""
+        return self.exports.pop(request_id, None)
+
+    def fail_peer(self, peer: str, detail: str) -> list[HandoffEvent]:
+        """Every export to `peer` has failed."""
+        return [self._fail(ex, detail) for ex in list(self.exports.values()) if ex.spec.dst == peer]
+
+    def _fail(self, ex: _Export, detail: str) -> HandoffEvent:
+        self.exports.pop(ex.spec.request_id, None)
+        return HandoffEvent(ex.spec.handoff_id, ex.spec.request_id, "failed", ex.nbytes, detail)
+
+
+@dataclass
+class _Import:
+    spec: HandoffSpec
+    buf: torch.Tensor  # [num_layers, 2, prompt_len, num_kv_heads, head_dim]
+    got: list[int] = field(default_factory=list)  # positions received per layer
+    first_token: int = -1
+    nbytes: int = 0
+    queued: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.first_token >= 0 and all(g == self.spec.prompt_len for g in self.got)
+
+
+class KVImporter:
+    """Decode side: stages incoming chunks and imports a request once all of it has arrived."""
+
+    def __init__(self, engine: Any, spec: KVSpec, device: torch.device) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.device = device
+        self.imports: dict[int, _Import] = {}
+        self._lock = threading.Lock()  # chunks arrive on transport threads
+
+    def begin(self, spec: HandoffSpec) -> None:
+        """Expect a handoff: allocate its staging buffer."""
+        s = self.spec
+        shape = (s.num_layers, 2, spec.prompt_len, s.num_kv_heads, s.head_dim)
+        buf = torch.empty(shape, dtype=s.torch_dtype, device=self.device)
+        with self._lock:
+            self.imports[spec.handoff_id] = _Import(spec, buf, [0] * s.num_layers)
+
+    def on_chunk(self, chunk: KVChunk) -> bool:
+        """Stage a chunk; True when its handoff just became complete (commit it on the loop)."""
+        with self._lock:
+            imp = self.imports.get(chunk.handoff_id)
+            if imp is None:
+                return False  # an aborted or unknown attempt: dropped, never decoded from
+            if chunk.layer == FINAL_LAYER:
+                imp.first_token = chunk.first_token
+            else:
+                assert chunk.kv is not None
+                n = chunk.num_tokens
+                imp.buf[chunk.layer, :, chunk.start : chunk.start + n] = chunk.kv
+                imp.got[chunk.layer] += n
+                imp.nbytes += chunk.kv.numel() * chunk.kv.element_size()
+            if imp.complete and not imp.queued:
+                imp.queued = True
+                return True
+            return False
+
+    def commit(self, handoff_id: int) -> HandoffEvent | None:
+        """Import a complete handoff into the engine (loop thread); None if it was aborted."""
+        with self._lock:
+            imp = self.imports.pop(handoff_id, None)
+        if imp is None:
+            return None
+        sp = imp.spec
+        try:
+            slots = self.engine.import_request(
+                sp.request_id, list(sp.prompt_token_ids), imp.first_token, sp.params
+            )
+            for layer in range(self.spec.num_layers):
+                self.engine.write_kv(
+                    layer, slots[: sp.prompt_len], imp.buf[layer, 0], imp.buf[layer, 1]
+                )
+            self.engine.commit_import(sp.request_id)
+        except Exception as e:
+            self.engine.abort_request(sp.request_id)
+            return HandoffEvent(handoff_id, sp.request_id, "failed", imp.nbytes, f"import: {e}")
+        return HandoffEvent(handoff_id, sp.request_id, "committed", imp.nbytes)
+
+    def drop_request(self, request_id: str) -> None:
+        """Forget every staged handoff of a request (aborted)."""
+        with self._lock:
+            for hid in [h for h, i in self.imports.items() if i.spec.request_id == request_id]:
+                del self.imports[hid]
+
+    def fail_peer(self, peer: str, detail: str) -> list[HandoffEvent]:
+        """Every import from `peer` has failed."""
+        with self._lock:
+            dead = [i for i in self.imports.values() if i.spec.src == peer]
+            for i in dead:
+                del self.imports[i.spec.handoff_id]
+        return [
+            HandoffEvent(i.spec.handoff_id, i.spec.request_id, "failed", i.nbytes, detail)
+            for i in dead
+        ]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self.imports)

@@ -1,0 +1,24 @@
+"""The `kv_transfer` config section: which transport moves KV between phases, and its clocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TransportName = Literal["torch_dist", "object_store"]
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """How a prefill worker hands a request's KV cache to its decode worker."""
+
+    transport: TransportName = "torch_dist"
+    lease_s: float = 30.0  # an unacknowledged handoff is aborted and freed after this
+    send_timeout_s: float = 20.0  # one layer's send/recv; a dead peer fails well before
+    connect_timeout_s: float = 30.0  # rendezvous of a new per-pair channel
+
+    def __post_init__(self) -> None:
+        for name in ("lease_s", "send_timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"kv_transfer.{name}: must be > 0 seconds, got {value!r}")

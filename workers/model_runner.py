@@ -1,0 +1,145 @@
+"""ModelRunner: loads a Hugging Face model directory, owns the paged KV cache, runs forwards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from batonserve.workers.config import EngineConfig
+from batonserve.workers.forward_batch import ForwardBatch
+from batonserve.workers.forward_context import (
+    AttentionMetadata,
+    ForwardContext,
+    set_forward_context,
+)
+from batonserve.workers.models.config import ModelConfig
+from batonserve.workers.models.loader import load_weights
+from batonserve.workers.models.paths import resolve_model_dir
+from batonserve.workers.models.registry import get_model_class
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device: invalid device {device!r} ({e})") from e
+
+
+class ModelRunner:
+    """One model on one device with its paged KV cache: `execute(batch)` returns logits."""
+
+    def __init__(self, model: str | Path, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir = resolve_model_dir(model)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        mc = self.model_config
+        self.device = resolve_device(config.device)
+        dtype_name = mc.torch_dtype if config.dtype == "auto" else config.dtype
+        if dtype_name not in _DTYPES:
+            raise ValueError(f"dtype: unsupported {dtype_name!r}; use one of {list(_DTYPES)}")
+        self.dtype = _DTYPES[dtype_name]
+        if config.block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {config.block_size}")
+        self.block_size = config.block_size
+        with torch.inference_mode():
+            self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device)
+            load_weights(self.model_dir, self.model.weight_specs())
+        self.model.eval()
+        self.num_blocks = self._num_blocks()
+        # One allocation for the whole cache: [layers, 2 (k, v), blocks, block_size, kv_heads, d].
+        self.kv_cache = torch.zeros(
+            mc.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(mc.num_layers)]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The model directory's tokenizer.json."""
+        return self.model_dir / "tokenizer.json"
+
+    def _num_blocks(self) -> int:
+        """config.num_kv_blocks, or as many blocks as fit in config.kv_cache_bytes."""
+        if self.config.num_kv_blocks > 0:
+            return self.config.num_kv_blocks
+        mc = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_block = 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+        blocks = self.config.kv_cache_bytes // per_block
+        if blocks < 1:
+            raise ValueError(
+                f"kv_cache_bytes: {self.config.kv_cache_bytes} is smaller than one KV block "
+                f"({per_block} bytes); raise it or set num_kv_blocks"
+            )
+        return int(blocks)
+
+    def _to_device(self, batch: ForwardBatch) -> ForwardBatch:
+        """The batch with its tensors on the runner's device (a no-op on CPU)."""
+        if batch.input_ids.device == self.device:
+            return batch
+        dev = self.device
+        return ForwardBatch(
+            input_ids=batch.input_ids.to(dev, non_blocking=True),
+            positions=batch.positions.to(dev, non_blocking=True),
+            cu_query_lens=batch.cu_query_lens.to(dev, non_blocking=True),
+            context_lens=batch.context_lens.to(dev, non_blocking=True),
+            block_tables=batch.block_tables.to(dev, non_blocking=True),
+            slot_mapping=batch.slot_mapping.to(dev, non_blocking=True),
+            logits_indices=batch.logits_indices.to(dev, non_blocking=True),
+            max_query_len=batch.max_query_len,
+            max_context_len=batch.max_context_len,
+        )
+
+    def execute(
+        self, batch: ForwardBatch, layer_hook: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Run one forward; returns float32 logits [len(batch.logits_indices), vocab].
+
+        `layer_hook(i)` runs right after layer i's new K/V are in the cache.
+        """
+        with torch.inference_mode():
+            batch = self._to_device(batch)
+            ctx = ForwardContext(
+                batch=batch,
+                attn=AttentionMetadata(batch, self.block_size),
+                kv_caches=self.kv_caches,
+                layer_hook=layer_hook,
+            )
+            with set_forward_context(ctx):
+                return self.model(batch.input_ids, batch.positions, batch.logits_indices)
+
+    def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy out layer `layer`'s K and V at `slots` (block_id * block_size + offset): [n, Hkv, d] each."""
+        mc = self.model_config
+        k_cache, v_cache = self.kv_caches[layer]
+        idx = slots.to(self.device, torch.long)
+        return (
+            k_cache.view(-1, mc.num_kv_heads, mc.head_dim)[idx].clone(),
+            v_cache.view(-1, mc.num_kv_heads, mc.head_dim)[idx].clone(),
+        )
+
+    def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K and V [n, Hkv, d] of layer `layer` at `slots` (the inverse of read_kv)."""
+        mc = self.model_config
+        k_cache, v_cache = self.kv_caches[layer]
+        idx = slots.to(self.device, torch.long)
+        with torch.inference_mode():
+            k_cache.view(-1, mc.num_kv_heads, mc.head_dim).index_copy_(
+                0, idx, k.to(self.device, self.dtype)
+            )
+            v_cache.view(-1, mc.num_kv_heads, mc.head_dim).index_copy_(
+                0, idx, v.to(self.device, self.dtype)
+            )

@@ -1,0 +1,152 @@
+"""Model building blocks: RMSNorm, attention over the paged KV cache, SwiGLU MLP, MoE block.
+
+Projections are fused (q/k/v into one matrix, gate/up into one) to keep the op count per layer
+small; `weight_specs` maps each Hugging Face tensor name onto its slice of a fused parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batonserve.kernels.moe import moe_swiglu
+from batonserve.kernels.norm import fused_add_rms_norm, rms_norm
+from batonserve.kernels.rope import apply_rope
+from batonserve.workers.forward_context import get_forward_context
+from batonserve.workers.models.config import ModelConfig
+
+WeightSpecs = list[tuple[str, torch.Tensor]]  # (HF tensor name, destination view of a parameter)
+
+
+def new_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """An uninitialised, frozen parameter (the loader fills it)."""
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = new_param(size, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D]."""
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual)."""
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """GQA self-attention: fused qkv, RoPE, write K/V to the paged cache, attend, project out."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv * self.head_dim
+        self.window = cfg.layer_window(layer)
+        qkv = self.q_size + 2 * self.kv_size
+        self.qkv_weight = new_param(qkv, cfg.hidden_size, dtype=dtype, device=device)
+        self.qkv_bias = new_param(qkv, dtype=dtype, device=device) if cfg.attention_bias else None
+        self.o_weight = new_param(cfg.hidden_size, self.q_size, dtype=dtype, device=device)
+
+    def weight_specs(self, prefix: str) -> WeightSpecs:
+        """HF names q/k/v/o_proj under `prefix` (e.g. 'model.layers.0.self_attn.')."""
+        q, kv = self.q_size, self.kv_size
+        specs: WeightSpecs = [
+            (prefix + "q_proj.weight", self.qkv_weight[:q]),
+            (prefix + "k_proj.weight", self.qkv_weight[q : q + kv]),
+            (prefix + "v_proj.weight", self.qkv_weight[q + kv :]),
+            (prefix + "o_proj.weight", self.o_weight),
+        ]
+        if self.qkv_bias is not None:
+            specs += [
+                (prefix + "q_proj.bias", self.qkv_bias[:q]),
+                (prefix + "k_proj.bias", self.qkv_bias[q : q + kv]),
+                (prefix + "v_proj.bias", self.qkv_bias[q + kv :]),
+            ]
+        return specs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; writes this layer's new K/V at the batch's slot_mapping."""
+        ctx = get_forward_context()
+        t = x.shape[0]
+        h, kvh, d = self.num_heads, self.num_kv, self.head_dim
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 Hkv) d]
+        assert ctx.rope_cos is not None and ctx.rope_sin is not None
+        # RoPE on q and k together: they are adjacent columns of qkv.
+        qk = apply_rope(
+            qkv[:, : self.q_size + self.kv_size].view(t, h + kvh, d), ctx.rope_cos, ctx.rope_sin
+        )
+        q, k = qk[:, :h], qk[:, h:]  # [T, H, d], [T, Hkv, d]
+        v = qkv[:, self.q_size + self.kv_size :].view(t, kvh, d)
+        k_cache, v_cache = ctx.kv_caches[self.layer]  # [blocks, bs, Hkv, d]
+        slots = ctx.batch.slot_mapping
+        k_cache.view(-1, kvh, d).index_copy_(0, slots, k)
+        v_cache.view(-1, kvh, d).index_copy_(0, slots, v)
+        if ctx.layer_hook is not None:
+            ctx.layer_hook(self.layer)
+        out = ctx.attn.attend(q, k_cache, v_cache, self.window)  # [T, H, d]
+        return F.linear(out.reshape(t, self.q_size), self.o_weight)
+
+
+class SwiGLU(nn.Module):
+    """Dense MLP: down(silu(gate x) * up x), gate and up fused in one matrix."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up = new_param(2 * self.inter, cfg.hidden_size, dtype=dtype, device=device)
+        self.down = new_param(cfg.hidden_size, self.inter, dtype=dtype, device=device)
+
+    def weight_specs(self, prefix: str) -> WeightSpecs:
+        """HF names gate/up/down_proj under `prefix` (e.g. 'model.layers.0.mlp.')."""
+        return [
+            (prefix + "gate_proj.weight", self.gate_up[: self.inter]),
+            (prefix + "up_proj.weight", self.gate_up[self.inter :]),
+            (prefix + "down_proj.weight", self.down),
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        gu = F.linear(x, self.gate_up)  # [T, 2I]
+        return F.linear(F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.down)
+
+
+class SparseMoE(nn.Module):
+    """Mixtral sparse MLP: softmax top-k router over E SwiGLU experts (stacked weights)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        e, i, hid = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+        self.inter, self.top_k, self.num_experts = i, cfg.num_experts_per_tok, e
+        self.gate = new_param(e, hid, dtype=dtype, device=device)  # router
+        self.w_gate_up = new_param(e, 2 * i, hid, dtype=dtype, device=device)
+        self.w_down = new_param(e, hid, i, dtype=dtype, device=device)
+
+    def weight_specs(self, prefix: str) -> WeightSpecs:
+        """HF names under `prefix` (e.g. 'model.layers.0.block_sparse_moe.')."""
+        specs: WeightSpecs = [(prefix + "gate.weight", self.gate)]
+        for e in range(self.num_experts):
+            p = f"{prefix}experts.{e}."
+            specs += [
+                (p + "w1.weight", self.w_gate_up[e, : self.inter]),
+                (p + "w3.weight", self.w_gate_up[e, self.inter :]),
+                (p + "w2.weight", self.w_down[e]),
+            ]
+        return specs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        logits = F.linear(x, self.gate)  # [T, E]
+        return moe_swiglu(x, logits, self.w_gate_up, self.w_down, self.top_k)

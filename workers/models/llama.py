@@ -1,0 +1,111 @@
+"""Llama family (Llama 2/3, Mistral, Qwen2): one pre-norm decoder with flags from ModelConfig.
+
+Flags: q/k/v bias (Qwen2), tied embeddings, sliding window (Mistral, Qwen2), rope scaling (Llama 3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batonserve.kernels.rope import rope_cos_sin, rope_inv_freq
+from batonserve.workers.forward_context import get_forward_context
+from batonserve.workers.models.config import ModelConfig
+from batonserve.workers.models.layers import (
+    Attention,
+    RMSNorm,
+    SwiGLU,
+    WeightSpecs,
+    new_param,
+)
+
+
+class DecoderLayer(nn.Module):
+    """x -> x + attn(norm(x)) -> x + mlp(norm(x)), with the residual carried separately."""
+
+    mlp_prefix = "mlp."
+
+    def __init__(
+        self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.attn = Attention(cfg, layer, dtype, device)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = self.make_mlp(cfg, dtype, device)
+
+    def make_mlp(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        """The feed-forward block (dense SwiGLU here; MoE in Mixtral)."""
+        return SwiGLU(cfg, dtype, device)
+
+    def weight_specs(self, prefix: str) -> WeightSpecs:
+        """HF names under `prefix` ('model.layers.N.')."""
+        mlp_specs: WeightSpecs = self.mlp.weight_specs(prefix + self.mlp_prefix)  # type: ignore[operator]
+        return [
+            (prefix + "input_layernorm.weight", self.input_norm.weight),
+            (prefix + "post_attention_layernorm.weight", self.post_norm.weight),
+            *self.attn.weight_specs(prefix + "self_attn."),
+            *mlp_specs,
+        ]
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [T, D], residual or None) -> (mlp output, residual stream), both [T, D]."""
+        if residual is None:
+            residual, h = x, self.input_norm(x)
+        else:
+            h, residual = self.input_norm.add_forward(x, residual)
+        h = self.attn(h)
+        h, residual = self.post_norm.add_forward(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM of the Llama family over a paged KV cache."""
+
+    layer_cls: type[DecoderLayer] = DecoderLayer
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = new_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            [self.layer_cls(cfg, i, dtype, device) for i in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            self.embed
+            if cfg.tie_word_embeddings
+            else new_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        )
+        inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        self.register_buffer("inv_freq", inv, persistent=False)  # [head_dim / 2] float32
+
+    def weight_specs(self) -> WeightSpecs:
+        """Every checkpoint tensor this model needs, by HF name, with its destination."""
+        specs: WeightSpecs = [
+            ("model.embed_tokens.weight", self.embed),
+            ("model.norm.weight", self.norm.weight),
+        ]
+        if not self.cfg.tie_word_embeddings:
+            specs.append(("lm_head.weight", self.lm_head))
+        for i, layer in enumerate(self.layers):
+            specs += layer.weight_specs(f"model.layers.{i}.")  # type: ignore[operator]
+        return specs
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids/positions [T] -> logits [len(logits_indices), vocab] float32."""
+        ctx = get_forward_context()
+        ctx.rope_cos, ctx.rope_sin = rope_cos_sin(positions, self.inv_freq)  # shared by all layers
+        h = F.embedding(input_ids, self.embed)  # [T, D]
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            h, residual = layer(h, residual)
+        assert residual is not None
+        # Norm is per row: keep only the rows whose logits are wanted before norm and lm_head.
+        h = (h + residual)[logits_indices]
+        return F.linear(self.norm(h), self.lm_head).float()

@@ -1,0 +1,302 @@
+"""The worker actor body: one engine, a role, a step loop thread, outputs by long-poll.
+
+Plain Python (the controller wraps it with `ray.remote`), so tests drive it in-process too. All
+engine calls happen on the step-loop thread; actor methods queue commands for it, so the engine
+needs no locks. The role only says which work the cluster sends here: changing it reloads nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from batonserve.workers.handoff_io import KVExporter, KVImporter
+from batonserve.workers.kv_transfer import ChannelAddress, KVChunk, make_transport
+from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.sampling_params import SamplingParams
+from batonserve.workers.scheduler import StepPlan
+from batonserve.workers.scripted_engine import ScriptedEngine
+from batonserve.workers.worker_types import (
+    HandoffEvent,
+    HandoffSpec,
+    PollResult,
+    RequestDelta,
+    WorkerRole,
+    WorkerSpec,
+    WorkerStats,
+)
+
+
+def _node_ip() -> str:
+    """This node's address for KV channels (127.0.0.1 in local clusters)."""
+    try:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:
+        return "127.0.0.1"
+
+
+def build_engine(spec: WorkerSpec) -> Any:
+    """The scripted fake or the real engine, with the KV handoff hooks the worker uses."""
+    if spec.scripted is not None:
+        return ScriptedEngine(spec.scripted, name=spec.model)
+    from batonserve.workers.engine_adapter import build_real_engine
+
+    return build_real_engine(spec)
+
+
+class Worker:
+    """One serving worker: an engine plus its role, its KV transport and its outbox."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.spec = spec
+        self.role: WorkerRole = spec.role
+        self.engine = build_engine(spec)
+        self.kv_spec = self.engine.kv_spec
+        device = torch.device(getattr(self.engine, "device", "cpu"))
+        self.transport = make_transport(
+            spec.kv.transport,
+            spec.name,
+            self.kv_spec,
+            spec.kv,
+            self._on_chunk,
+            self._on_transport_error,
+            host=_node_ip(),
+            namespace=spec.namespace,
+            device=str(device),
+        )
+        self.exporter = KVExporter(self.engine, self.transport, self.kv_spec)
+        self.importer = KVImporter(self.engine, self.kv_spec, device)
+        self.engine.layer_hook = self._on_layer
+        self._cv = threading.Condition()
+        self._cmds: list[Callable[[], None]] = []
+        self._deltas: list[RequestDelta] = []
+        self._events: list[HandoffEvent] = []
+        self._steps = 0
+        self._error = ""
+        self._stopped = False
+        self._stats = self._make_stats()
+        self._thread = threading.Thread(target=self._loop, name=f"step-{spec.name}", daemon=True)
+        self._thread.start()
+
+    # ---- control plane (actor methods) ----------------------------------------------------
+
+    def ready(self) -> WorkerStats:
+        """Stats once the engine is built (the controller awaits this after creating the actor)."""
+        return self._stats
+
+    def kv_spec_info(self) -> Any:
+        """The KVSpec that must match a peer's for handoff."""
+        return self.kv_spec
+
+    def set_role(self, role: WorkerRole) -> None:
+        """Switch role (mixed pool); weights and in-flight requests stay."""
+        self.role = role
+        self._enqueue(lambda: None)  # refresh stats
+
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Prefill and decode a request here (in place)."""
+        self._enqueue(lambda: self.engine.add_request(request_id, prompt, params))
+
+    def submit_prefill(self, handoff: HandoffSpec) -> None:
+        """Prefill only, streaming the KV to handoff.dst layer by layer; pin it until release."""
+
+        def run() -> None:
+            self.exporter.start(handoff)
+            self.engine.add_request(
+                handoff.request_id,
+                list(handoff.prompt_token_ids),
+                handoff.params,
+                prefill_only=True,
+            )
+
+        self._enqueue(run)
+
+    def begin_import(self, handoff: HandoffSpec) -> None:
+        """Expect a handoff's KV (called before the prefill side starts sending)."""
+        self.importer.begin(handoff)
+
+    def release(self, request_id: str) -> None:
+        """The decode side acknowledged: free the prefilled request's blocks."""
+
+        def run() -> None:
+            self.exporter.drop(request_id)
+            if request_id in self._pinned():
+                self.engine.release(request_id)
+
+        self._enqueue(run)
+
+    def abort(self, request_id: str) -> None:
+        """End a request here wherever it is and free its KV; idempotent."""
+
+        def run() -> None:
+            self.exporter.drop(request_id)
+            self.importer.drop_request(request_id)
+            self.engine.abort_request(request_id)
+
+        self._enqueue(run)
+
+    def poll(self, timeout_s: float = 1.0) -> PollResult:
+        """Long-poll: every delta and event since the last call (waits up to timeout_s for one)."""
+        with self._cv:
+            if not self._deltas and not self._events and not self._stopped:
+                self._cv.wait(timeout_s)
+            deltas, self._deltas = self._deltas, []
+            events, self._events = self._events, []
+            return PollResult(tuple(deltas), tuple(events), self._stats)
+
+    def stats(self) -> WorkerStats:
+        """Latest stats."""
+        return self._stats
+
+    def health(self) -> bool:
+        """True while the step loop runs without error."""
+        return self._thread.is_alive() and not self._error
+
+    def shutdown(self) -> None:
+        """Stop the loop and the transport."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        self.transport.close()
+
+    # ---- KV channels -------------------------------------------------------------------------
+
+    def kv_listen(self, peer: str) -> ChannelAddress | None:
+        """Sender side of a new channel to `peer`."""
+        return self.transport.listen(peer)
+
+    def kv_connect(self, peer: str, addr: ChannelAddress, sender: bool) -> None:
+        """Join a channel (both sides call this concurrently)."""
+        self.transport.connect(peer, addr, sender)
+
+    def kv_close_peer(self, peer: str) -> None:
+        """Drop channels with a dead or replaced peer."""
+        self.transport.close_peer(peer)
+
+    def kv_push(self, peer: str, meta: KVChunk, kv: torch.Tensor | None) -> None:
+        """Object-store transport: a chunk whose tensor Ray already fetched."""
+        self.transport.push(
+            peer, KVChunk(meta.handoff_id, meta.layer, meta.start, kv, meta.first_token)
+        )
+
+    # ---- step loop ---------------------------------------------------------------------------
+
+    def _enqueue(self, fn: Callable[[], None]) -> None:
+        with self._cv:
+            self._cmds.append(fn)
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._cmds and not self._stopped and not self._busy():
+                    self._cv.wait(0.5)
+                if self._stopped:
+                    return
+                cmds, self._cmds = self._cmds, []
+            try:
+                for fn in cmds:
+                    fn()
+                outputs: list[CoreOutput] = []
+                if self.engine.has_unfinished():
+                    outputs = self.engine.step()
+                    self._steps += 1
+                self._publish(outputs)
+            except Exception:
+                self._error = traceback.format_exc()
+                self._stats = self._make_stats()
+                with self._cv:
+                    self._cv.notify_all()
+                return
+
+    def _busy(self) -> bool:
+        return bool(self.engine.has_unfinished())
+
+    def _on_layer(self, layer: int, plan: StepPlan) -> None:
+        failed = self.exporter.on_layer(layer, plan)
+        if failed:
+            with self._cv:
+                self._events.extend(failed)
+
+    def _publish(self, outputs: list[CoreOutput]) -> None:
+        deltas: list[RequestDelta] = []
+        events: list[HandoffEvent] = []
+        for o in outputs:
+            ev = self.exporter.on_output(o)
+            if ev is not None:
+                events.append(ev)
+            deltas.append(
+                RequestDelta(
+                    o.request_id,
+                    tuple(o.new_token_ids),
+                    o.finished,
+                    o.finish_reason,
+                    o.prefilled,
+                    o.num_prompt_tokens,
+                    o.num_cached_tokens,
+                )
+            )
+        stats = self._make_stats()
+        with self._cv:
+            self._deltas.extend(deltas)
+            self._events.extend(events)
+            self._stats = stats
+            self._cv.notify_all()
+
+    def _on_chunk(self, peer: str, chunk: KVChunk) -> None:
+        if self.importer.on_chunk(chunk):
+            hid = chunk.handoff_id
+            self._enqueue(lambda: self._commit(hid))
+
+    def _commit(self, handoff_id: int) -> None:
+        ev = self.importer.commit(handoff_id)
+        if ev is not None:
+            with self._cv:
+                self._events.append(ev)
+
+    def _on_transport_error(self, peer: str, err: Exception) -> None:
+        def run() -> None:
+            events = self.exporter.fail_peer(peer, str(err)) + self.importer.fail_peer(
+                peer, str(err)
+            )
+            with self._cv:
+                self._events.extend(events)
+
+        self._enqueue(run)
+
+    def _pinned(self) -> set[str]:
+        from batonserve.workers.request import RequestStatus
+
+        reqs = getattr(getattr(self.engine, "scheduler", None), "requests", {})
+        return {r for r, q in reqs.items() if q.status is RequestStatus.PREFILLED}
+
+    def _make_stats(self) -> WorkerStats:
+        s = self.engine.stats()
+        pool = self.engine.pool
+        return WorkerStats(
+            name=self.spec.name,
+            pool=self.spec.pool,
+            role=self.role,
+            healthy=not self._error,
+            running=s.num_running,
+            waiting=s.num_waiting,
+            pinned=s.num_pinned,
+            pending_prefill_tokens=s.pending_prefill_tokens,
+            num_free_blocks=pool.num_free_blocks,
+            num_blocks=pool.num_blocks,
+            block_size=pool.block_size,
+            kv_usage=s.kv_usage,
+            prefix_queries=s.prefix_queries,
+            prefix_hits=s.prefix_hits,
+            steps=self._steps,
+            exports=len(self.exporter.exports),
+            imports=len(self.importer),
+            error=self._error[-2000:],
+        )

@@ -1,0 +1,102 @@
+"""Typed objects between a worker actor and the cluster: specs in, deltas, events and stats out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from batonserve.workers.config import EngineConfig
+from batonserve.workers.kv_transfer.config import KVTransferConfig
+from batonserve.workers.sampling_params import SamplingParams
+from batonserve.workers.scripted_engine import ScriptedEngineConfig
+
+WorkerRole = Literal["prefill", "decode", "mixed"]
+HandoffEventKind = Literal["committed", "failed"]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker actor needs to build its engine and its KV transport."""
+
+    name: str  # "<pool>-<index>", also the Ray actor name
+    pool: str
+    role: WorkerRole
+    model: str  # a resolved model directory, or the name of the scripted engine
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    kv: KVTransferConfig = field(default_factory=KVTransferConfig)
+    namespace: str = "batonserve"
+    scripted: ScriptedEngineConfig | None = None  # set: a fake engine with scripted tokens
+
+
+@dataclass(frozen=True)
+class HandoffSpec:
+    """One KV handoff of one request attempt, from `src` (prefill) to `dst` (decode)."""
+
+    handoff_id: int  # unique per attempt: chunks of an aborted attempt can never be taken
+    request_id: str  # the worker-level request id (one per attempt)
+    src: str
+    dst: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens whose KV moves."""
+        return len(self.prompt_token_ids)
+
+
+@dataclass(frozen=True)
+class RequestDelta:
+    """New tokens of one request on one worker since the last poll."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: str | None
+    prefilled: bool  # the prefill-only phase ended; the tokens so far are the first token
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class HandoffEvent:
+    """The decode side committed a handoff, or either side saw it fail."""
+
+    handoff_id: int
+    request_id: str
+    kind: HandoffEventKind
+    nbytes: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker's load, as of its latest step."""
+
+    name: str
+    pool: str
+    role: WorkerRole
+    healthy: bool
+    running: int
+    waiting: int
+    pinned: int  # prefilled requests waiting for their handoff ack, or imports held
+    pending_prefill_tokens: int
+    num_free_blocks: int
+    num_blocks: int
+    block_size: int
+    kv_usage: float
+    prefix_queries: int
+    prefix_hits: int
+    steps: int
+    exports: int  # outgoing handoffs not yet released
+    imports: int  # incoming handoffs not yet committed
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """What one long-poll returns: all deltas and events since the previous poll."""
+
+    deltas: tuple[RequestDelta, ...]
+    events: tuple[HandoffEvent, ...]
+    stats: WorkerStats
