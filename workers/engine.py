@@ -49,9 +49,12 @@ class Engine:
         self.runner = (runner_factory or _default_runner)(self.model_dir, self.config)
         self.model_config = self.runner.model_config
         ctx = int(self.model_config.max_position_embeddings)
-        if self.config.max_model_len < 0:
-            raise ValueError(f"max_model_len must be >= 0, got {self.config.max_model_len}")
-        self.max_model_len = min(self.config.max_model_len or ctx, ctx)
+        if not 0 <= self.config.max_model_len <= ctx:
+            raise ValueError(
+                f"max_model_len: {self.config.max_model_len} is outside [0, {ctx}] "
+                "(0 takes the model's context length)"
+            )
+        self.max_model_len = self.config.max_model_len or ctx
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self.tokenizer = Tokenizer.from_model_dir(self.model_dir)
         self.core = EngineCore(

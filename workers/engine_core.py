@@ -101,6 +101,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.pool, max_num_batched_tokens, max_num_seqs)
         self.sampler = Sampler(runner.device, seed)
         self._generators: dict[str, torch.Generator] = {}
+        self.last_plan: StepPlan | None = None  # the plan of the step running / just run
 
     def add_request(self, req: Request) -> None:
         """Queue a request (already validated by the caller)."""
@@ -124,6 +125,7 @@ class EngineCore:
     def step(self, layer_hook: LayerHook | None = None) -> list[CoreOutput]:
         """Schedule, run one forward pass, sample; returns each touched request's progress."""
         plan = self.scheduler.schedule()
+        self.last_plan = plan
         if plan.is_empty:
             return self._outputs(self.scheduler.update(plan, StepResult(())), {})
         batch = build_forward_batch(plan, self.block_size, self.runner.device)

@@ -5,6 +5,7 @@ Model code reads it with `get_forward_context()` instead of threading it through
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,21 +120,27 @@ class ForwardContext:
     rope_sin: torch.Tensor | None = None
 
 
-_current: ForwardContext | None = None
+class _State(threading.local):
+    """Per-thread current context: two runners may run forwards in two threads of one process."""
+
+    current: ForwardContext | None = None
+
+
+_state = _State()
 
 
 @contextmanager
 def set_forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
-    """Make `ctx` the current forward context inside the `with` block."""
-    global _current
-    previous, _current = _current, ctx
+    """Make `ctx` the current forward context (of this thread) inside the `with` block."""
+    previous, _state.current = _state.current, ctx
     try:
         yield ctx
     finally:
-        _current = previous
+        _state.current = previous
 
 
 def get_forward_context() -> ForwardContext:
     """The current forward context; model layers call this only inside a forward."""
-    assert _current is not None, "no forward context set: call the model through ModelRunner"
-    return _current
+    ctx = _state.current
+    assert ctx is not None, "no forward context set: call the model through ModelRunner"
+    return ctx

@@ -54,7 +54,9 @@ def prompts_for(batch: int, seed: int) -> list[list[int]]:
     return [[1, *torch.randint(3, 32000, (n - 1,), generator=g).tolist()] for n in lens]
 
 
-def hf_generate(model: Any, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+def hf_generate(
+    model: Any, prompts: list[list[int]], new_tokens: int
+) -> tuple[float, list[list[int]]]:
     """Wall time of one greedy HF generate over the (left-padded) batch, and its tokens."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -75,7 +77,9 @@ def hf_generate(model: Any, prompts: list[list[int]], new_tokens: int) -> tuple[
     return dt, out[:, width:].tolist()
 
 
-def ours_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+def ours_generate(
+    engine: Engine, prompts: list[list[int]], new_tokens: int
+) -> tuple[float, list[list[int]]]:
     """Wall time of one batonserve generate over the batch, and its tokens."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine.core.pool.reset_prefix_cache()  # no help from earlier runs of the same prompts
@@ -121,7 +125,8 @@ def main() -> None:
     # One thread by default: on a shared, oversubscribed 2-core VM two-thread ops stall on the
     # slower thread; both engines get the same setting.
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    ap.add_argument("--decode-steps", type=int, default=40)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,13 +137,17 @@ def main() -> None:
         n_params = sum(p.numel() for p in hf.parameters())
         model_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
         emb_bytes = hf.model.embed_tokens.weight.numel() * 4
-        print(f"model: Llama, {n_params / 1e6:.1f}M parameters, {model_bytes / 2**20:.0f} MiB float32")
+        print(
+            f"model: Llama, {n_params / 1e6:.1f}M parameters, {model_bytes / 2**20:.0f} MiB float32"
+        )
         engine = Engine.from_model(path, dtype="float32", device="cpu", max_num_seqs=64)
         # Warm-up both paths once (allocator, thread pools).
         hf_generate(hf, prompts_for(2, 99), 4)
         ours_generate(engine, prompts_for(2, 99), 4)
 
-        print(f"\nthroughput, greedy, {args.new_tokens} new tokens per prompt, prompts 16..192 tokens")
+        print(
+            f"\nthroughput, greedy, {args.new_tokens} new tokens per prompt, prompts 16..192 tokens"
+        )
         print("| batch | HF generate tok/s | batonserve tok/s | speed-up | same tokens |")
         print("| ---: | ---: | ---: | ---: | ---: |")
         for b in [int(x) for x in args.batches.split(",")]:
@@ -152,17 +161,29 @@ def main() -> None:
                 f"| {same}/{b} |"
             )
 
-        bw = read_bandwidth(max(model_bytes, 256 * 2**20))
-        step = statistics.median(decode_step_times(engine, prompts_for(1, 5)[0], args.decode_steps))
-        hf_dt, _ = hf_generate(hf, prompts_for(1, 5), args.decode_steps)
+        # Interleave bandwidth and decode measurements so machine noise hits both alike.
+        mv_bytes = max(model_bytes, 256 * 2**20)
+        bws, steps = [], []
+        prompt = prompts_for(1, 5)[0]
+        for _ in range(args.rounds):
+            bws.append(read_bandwidth(mv_bytes, reps=8))
+            steps.append(statistics.median(decode_step_times(engine, prompt, args.decode_steps)))
+        bw, step = statistics.median(bws), statistics.median(steps)
+        ratios = sorted(s / (model_bytes / b) for s, b in zip(steps, bws, strict=True))
+        hf_dt, _ = hf_generate(hf, [prompt], args.decode_steps)
         hf_step = hf_dt / args.decode_steps
         roof = model_bytes / bw
         roof_read = (model_bytes - emb_bytes) / bw  # the input embedding is gathered, not read
         print(f"\nweight-read bandwidth (torch.mv, float32): {bw / 1e9:.2f} GB/s")
         print(f"roofline, all weights:              {roof * 1e3:.2f} ms/token")
         print(f"roofline, weights read per token:   {roof_read * 1e3:.2f} ms/token")
-        print(f"batonserve batch-1 decode step:     {step * 1e3:.2f} ms  ({step / roof:.2f}x roofline)")
-        print(f"HF generate batch-1 (incl. prefill): {hf_step * 1e3:.2f} ms  ({hf_step / roof:.2f}x roofline)")
+        print(
+            f"batonserve batch-1 decode step:     {step * 1e3:.2f} ms  ({step / roof:.2f}x roofline)"
+        )
+        print(f"  per-round ratios: {', '.join(f'{r:.2f}' for r in ratios)}")
+        print(
+            f"HF generate batch-1 (incl. prefill): {hf_step * 1e3:.2f} ms  ({hf_step / roof:.2f}x roofline)"
+        )
 
 
 if __name__ == "__main__":

@@ -224,6 +224,7 @@ def test_bad_inputs_raise_naming_the_field(tiny_model: Models, tmp_path: Path) -
         "top_p": [lambda: SamplingParams(top_p=0.0), lambda: SamplingParams(top_p=1.5)],
         "max_tokens": [lambda: SamplingParams(max_tokens=0)],
         "model": [lambda: Engine.from_model(tmp_path / "nope")],
+        "max_model_len": [lambda: Engine.from_model(path, max_model_len=10**6)],
     }
     for field, calls in cases.items():
         for call in calls:

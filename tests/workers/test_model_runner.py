@@ -78,3 +78,33 @@ def test_kv_handoff_with_read_kv_write_kv(model_dir: Path) -> None:
     out_a = a.execute(seqs_a.step({sa: [tok]}))
     out_b = b.execute(seqs_b.step({sb: [tok]}))
     assert torch.equal(out_a, out_b)
+
+
+def test_two_runners_in_two_threads_match_sequential(model_dir: Path) -> None:
+    """The forward context is per thread: concurrent forwards of two runners do not mix."""
+    import threading
+
+    runners = [
+        ModelRunner(model_dir, EngineConfig(num_kv_blocks=16, block_size=4)) for _ in range(2)
+    ]
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8]]
+
+    def run(i: int, out: dict[int, torch.Tensor]) -> None:
+        seqs = PagedSeqs(block_size=4, num_blocks=16, seed=i)
+        s = seqs.add()
+        logits = [runners[i].execute(seqs.step({s: prompts[i]}))]
+        for tok in (11, 12, 13, 14, 15):
+            logits.append(runners[i].execute(seqs.step({s: [tok]})))
+        out[i] = torch.cat(logits)
+
+    sequential: dict[int, torch.Tensor] = {}
+    for i in range(2):
+        runners[i].kv_cache.zero_()
+        run(i, sequential)
+    concurrent: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=run, args=(i, concurrent)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert torch.equal(concurrent[0], sequential[0]) and torch.equal(concurrent[1], sequential[1])

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from batonserve.cluster.api import GenerateRequest, ModelInfo
-from batonserve.cluster.config import RouterConfig
+from batonserve.cluster.config import RouterConfig, ServeConfig
+from batonserve.cluster.router.app import ClusterFactory
 from batonserve.cluster.router.server import RouterServer
 from batonserve.proto import generation_pb2_grpc
 from batonserve.workers.tokenizer import Tokenizer
@@ -111,7 +112,12 @@ class LoopThread:
 
 
 class RouterHarness:
-    """A RouterServer with a FakeCluster on 127.0.0.1 (free port), driven from test threads."""
+    """A RouterServer on 127.0.0.1 (free port) over a cluster, driven from test threads.
+
+    The cluster is the FakeCluster unless `start_cluster` (a ClusterFactory such as
+    batonserve.cluster.runtime.start_cluster) and `serve_config` are given: then the real one
+    is started on the router's loop and shut down with the harness.
+    """
 
     def __init__(
         self,
@@ -121,21 +127,24 @@ class RouterHarness:
         script: Callable[[GenerateRequest], list[int]] | None = None,
         router_config: RouterConfig | None = None,
         token: str | None = None,
-        cluster: Any = None,
+        start_cluster: ClusterFactory | None = None,
+        serve_config: ServeConfig | None = None,
     ) -> None:
         self.loop = LoopThread()
-        # Any ClusterAPI can stand here (the real one for end-to-end tests); default: the fake.
-        self.cluster = cluster or fakes.FakeCluster(
-            info, tokenizer, script or reply_script(tokenizer), fake_config
-        )
         cfg = replace(router_config or RouterConfig(), host="127.0.0.1", port=0)
 
-        async def start() -> RouterServer:
-            server = RouterServer(cfg, self.cluster, tokenizer, "test", token)
+        async def start() -> tuple[Any, RouterServer]:
+            if start_cluster is None:
+                cluster = fakes.FakeCluster(
+                    info, tokenizer, script or reply_script(tokenizer), fake_config
+                )
+            else:
+                cluster = await start_cluster(serve_config or ServeConfig(), print)
+            server = RouterServer(cfg, cluster, tokenizer, "test", token)
             await server.start()
-            return server
+            return cluster, server
 
-        self.server: RouterServer = self.loop.run(start())
+        self.cluster, self.server = self.loop.run(start(), timeout=300)
         self.target = f"127.0.0.1:{self.server.port}"
         self._channels: list[grpc.Channel] = []
 
@@ -171,4 +180,6 @@ class RouterHarness:
         for ch in self._channels:
             ch.close()
         self.loop.run(self.server.stop(0.5))
+        if hasattr(self.cluster, "shutdown"):
+            self.loop.run(self.cluster.shutdown(), timeout=120)
         self.loop.close()
