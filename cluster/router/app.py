@@ -12,6 +12,7 @@ from typing import Protocol, TextIO
 
 from batonserve.cluster.api import ClusterAPI
 from batonserve.cluster.config import ServeConfig
+from batonserve.cluster.metrics import Metrics
 from batonserve.cluster.router.auth import load_token
 from batonserve.cluster.router.server import SERVICES, RouterServer
 from batonserve.workers.models.paths import resolve_model_dir
@@ -65,15 +66,24 @@ async def serve(
     loop = asyncio.get_running_loop()
     say(f"starting the cluster for model {config.model!r}")
     cluster = await start_cluster(config, say)  # Ctrl-C here interrupts the load as usual
+    # After the cluster is up, so the Ray mirror of the series finds Ray initialized.
+    info = cluster.model_info()
+    metrics = Metrics(info.name, max_model_len=info.context_length)
+    attach = getattr(cluster, "attach_metrics", None)
+    if attach is not None:
+        attach(metrics)  # worker stats, handoffs, pool changes and restarts come from the cluster
     router: RouterServer | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        router = RouterServer(config.router, cluster, tokenizer, version(), token)
+        metrics_port = metrics.start_http_server(
+            config.router.metrics_host, config.router.metrics_port
+        )
+        router = RouterServer(config.router, cluster, tokenizer, version(), token, metrics)
         port = await router.start()
         scheme = "grpcs" if config.router.tls.cert_file else "grpc"
         say(f"router listening on {config.router.host}:{port} ({scheme}; {', '.join(SERVICES)})")
-        say(f"metrics port {config.router.metrics_host}:{config.router.metrics_port}")
+        say(f"metrics on http://{config.router.metrics_host}:{metrics_port}/metrics")
         say("ready" if cluster.ready() else "waiting for workers")
         await stop.wait()
         say(
@@ -88,5 +98,6 @@ async def serve(
             loop.remove_signal_handler(sig)
         if router is not None:
             await router.stop()
+        metrics.close()
         await cluster.shutdown()
         say("stopped")

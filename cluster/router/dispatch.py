@@ -8,8 +8,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from batonserve.cluster.api import ClusterAPI, GenerateRequest, TokenDelta
-from batonserve.cluster.router.errors import RequestError
+from batonserve.cluster.api import AdmissionRejected, ClusterAPI, GenerateRequest, TokenDelta, Usage
+from batonserve.cluster.metrics import Metrics
+from batonserve.cluster.metrics_clock import RequestClock
+from batonserve.cluster.metrics_inputs import Rejection
+from batonserve.cluster.router.errors import RequestError, status_of
 
 log = logging.getLogger("batonserve.router")
 
@@ -17,8 +20,9 @@ log = logging.getLogger("batonserve.router")
 class Dispatcher:
     """The one place that calls ClusterAPI.generate/abort, for both protocols."""
 
-    def __init__(self, cluster: ClusterAPI) -> None:
+    def __init__(self, cluster: ClusterAPI, metrics: Metrics | None = None) -> None:
         self.cluster = cluster
+        self.metrics = metrics
         self.draining = False
         self._inflight: set[str] = set()
         self._idle = asyncio.Event()
@@ -33,27 +37,53 @@ class Dispatcher:
         """True while new requests are accepted (not draining and the cluster is ready)."""
         return not self.draining and self.cluster.ready()
 
+    def refused(self, exc: BaseException) -> None:
+        """Count a request that failed before reaching the cluster (bad input, unknown model)."""
+        if self.metrics is not None:
+            code = status_of(exc)
+            self.metrics.request_rejected(Rejection(code.name.lower(), code.name))
+
     async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """The request's deltas; a consumer that stops early (cancel, deadline) aborts it."""
         rid = request.request_id
         if self.draining:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            err = RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            self.refused(err)
+            raise err
         if rid in self._inflight:
-            raise RequestError(
+            err = RequestError(
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already running"
             )
+            self.refused(err)
+            raise err
         self._inflight.add(rid)
         self._idle.clear()
+        clock = RequestClock(self.metrics, len(request.prompt_token_ids)) if self.metrics else None
+        code, reason = "CANCELLED", None  # unless the stream ends otherwise
+        usage: Usage | None = None
         finished = False
         deltas: AsyncIterator[TokenDelta] | None = None
         try:
             deltas = self.cluster.generate(request)  # AdmissionRejected/ClusterUnavailable here
             async for delta in deltas:
                 finished = delta.finish_reason is not None
+                if clock is not None:
+                    clock.tokens(len(delta.token_ids))
+                if finished:
+                    code, reason, usage = "OK", delta.finish_reason, delta.usage
                 yield delta
                 if finished:
                     break
+        except AdmissionRejected as e:
+            if clock is not None:
+                clock.rejected(e.reason)
+            raise
+        except Exception as e:
+            code = status_of(e).name
+            raise
         finally:
+            if clock is not None:
+                clock.finished(code, reason, usage)
             if deltas is not None and not finished:
                 # Cancelled, deadline passed, or failed: free its KV blocks. Shielded so a
                 # second cancel cannot leak the request in the cluster.

@@ -26,6 +26,17 @@ def invalid(field: str, problem: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
 
 
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code an exception ends its RPC with (without logging anything)."""
+    if isinstance(exc, RequestError):
+        return exc.code
+    if isinstance(exc, AdmissionRejected):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, ClusterUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
 def to_request_error(exc: BaseException, method: str) -> RequestError:
     """Translate any exception from a handler; unknown ones are bugs: logged, sent as INTERNAL."""
     if isinstance(exc, RequestError):

@@ -84,6 +84,10 @@ class GenerationService:
             if isinstance(req, Malformed):
                 raise req.error()
             request = self._to_cluster_request(req)
+        except Exception as e:
+            self._dispatcher.refused(e)
+            await abort_with(context, e, "Generate")
+        try:
             async for delta in self._dispatcher.stream(request):
                 yield delta_to_proto(request.request_id, delta)
         except Exception as e:

@@ -212,6 +212,10 @@ class KServeService:
                 raise req.error()
             info = self._info()
             call = parse_infer(req, info, self._tokenizer)
+        except Exception as e:
+            self._dispatcher.refused(e)
+            await abort_with(context, e, "ModelInfer")
+        try:
             texts: list[str] = []
             finish = "abort"
             async for delta in self._dispatcher.stream(call.request):
@@ -224,7 +228,11 @@ class KServeService:
     async def _responses(self, req: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
         """The responses to one request of a ModelStreamInfer call."""
         info = self._info()
-        call = parse_infer(req, info, self._tokenizer)
+        try:
+            call = parse_infer(req, info, self._tokenizer)
+        except Exception as e:
+            self._dispatcher.refused(e)
+            raise
         texts: list[str] = []
         finish = "abort"  # if the cluster ends the stream without saying why
         async for delta in self._dispatcher.stream(call.request):
@@ -254,7 +262,9 @@ class KServeService:
         async def run_one(req: pb.ModelInferRequest | Malformed) -> None:
             try:
                 if isinstance(req, Malformed):
-                    raise req.error()
+                    err = req.error()
+                    self._dispatcher.refused(err)
+                    raise err
                 async for resp in self._responses(req):
                     await queue.put(pb.ModelStreamInferResponse(infer_response=resp))
             except Exception as e:

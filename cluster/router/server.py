@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from batonserve.cluster.api import ClusterAPI
 from batonserve.cluster.config import RouterConfig, TLSConfig
+from batonserve.cluster.metrics import Metrics
 from batonserve.cluster.router.auth import BearerTokenInterceptor
 from batonserve.cluster.router.dispatch import Dispatcher
 from batonserve.cluster.router.generation import GenerationService
@@ -57,9 +58,10 @@ class RouterServer:
         tokenizer: Tokenizer,
         version: str,
         token: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
-        self.dispatcher = Dispatcher(cluster)
+        self.dispatcher = Dispatcher(cluster, metrics)
         self.health = health_aio.HealthServicer()
         self._credentials = server_credentials(config.tls)
         interceptors = [BearerTokenInterceptor(token)] if token else []

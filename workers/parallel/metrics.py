@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -11,6 +11,8 @@ class StepMetrics:
 
     comm_s runs from posting the step's sends/receives to seeing them complete; exposed_comm_s is the
     part spent blocked waiting for them after the step's compute, so the rest was hidden behind it.
+    gloo has no completion callbacks and polling is banned, so when the transfer ends during compute
+    comm_s is an upper bound (post to the wait's return) and the step counts as fully hidden.
     """
 
     step: int
@@ -75,7 +77,6 @@ class StepRecorder:
     exposed_comm_s: float = 0.0
     bytes_sent: int = 0
     bytes_recv: int = 0
-    extra: list[float] = field(default_factory=list)
 
     def freeze(self) -> StepMetrics:
         """The finished step."""

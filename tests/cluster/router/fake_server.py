@@ -27,7 +27,8 @@ def main(
 ) -> int:
     """Serve until SIGTERM; report the fake cluster's state after shutdown."""
     config = ServeConfig(
-        model=model_dir, router=RouterConfig(host="127.0.0.1", port=0, grace_period_s=grace_s)
+        model=model_dir,
+        router=RouterConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=grace_s),
     )
     tokenizer = load_tokenizer(model_dir)
     info = ModelInfo("tiny", "LlamaForCausalLM", context, tokenizer.vocab_size, False)

@@ -19,6 +19,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from batonserve.cluster.api import GenerateRequest, ModelInfo
 from batonserve.cluster.config import RouterConfig, ServeConfig
+from batonserve.cluster.metrics import Metrics
 from batonserve.cluster.router.app import ClusterFactory
 from batonserve.cluster.router.server import RouterServer
 from batonserve.proto import generation_pb2_grpc
@@ -129,6 +130,7 @@ class RouterHarness:
         token: str | None = None,
         start_cluster: ClusterFactory | None = None,
         serve_config: ServeConfig | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.loop = LoopThread()
         cfg = replace(router_config or RouterConfig(), host="127.0.0.1", port=0)
@@ -140,7 +142,7 @@ class RouterHarness:
                 )
             else:
                 cluster = await start_cluster(serve_config or ServeConfig(), print)
-            server = RouterServer(cfg, cluster, tokenizer, "test", token)
+            server = RouterServer(cfg, cluster, tokenizer, "test", token, metrics)
             await server.start()
             return cluster, server
 

@@ -1,0 +1,74 @@
+"""The cache-policy interface of the expert store's fast tier, and its registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import ClassVar
+
+from batonserve.workers.expert_store.types import ExpertKey
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may be built from: model shape, popularity counts, the future (offline)."""
+
+    num_layers: int
+    num_experts: int
+    popularity: tuple[tuple[int, ...], ...] | None = None  # [layer][expert] counts from a trace
+    future: tuple[ExpertKey, ...] | None = None  # the whole demand sequence (Belady only)
+
+
+class CachePolicy(ABC):
+    """Chooses what the fast tier evicts and admits. Times: `now` = index of the demand access."""
+
+    name: ClassVar[str]
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    def on_access(self, key: ExpertKey, now: int) -> None:
+        """A demand access (hit or miss) to `key`, the `now`-th demand of the run."""
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:
+        """`key` entered the tier."""
+
+    def on_evict(self, key: ExpertKey) -> None:
+        """`key` left the tier."""
+
+    @abstractmethod
+    def victim(self, candidates: Collection[ExpertKey], now: int) -> ExpertKey:
+        """The candidate to evict next (candidates is never empty)."""
+
+    def admit(self, key: ExpertKey, victim: ExpertKey, now: int, prefetch: bool) -> bool:
+        """Whether `key` may replace `victim` (default: always)."""
+        return True
+
+    def forecast(self, tick: int, keys: Collection[ExpertKey]) -> None:
+        """The predictor expects `keys` to be used at layer tick `tick` (ignored by default)."""
+
+    def advance(self, tick: int) -> None:
+        """A new layer tick (forward * num_layers + layer) begins (ignored by default)."""
+
+
+POLICIES: dict[str, type[CachePolicy]] = {}
+
+
+def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
+    """Class decorator: add a policy to the registry under `cls.name`."""
+    if cls.name in POLICIES:
+        raise ValueError(f"cache policy {cls.name!r} registered twice")
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def make_policy(name: str, ctx: PolicyContext) -> CachePolicy:
+    """Build the policy registered as `name`, or raise ValueError naming the field."""
+    if name not in POLICIES:
+        raise ValueError(f"policy: unknown cache policy {name!r}; known: {sorted(POLICIES)}")
+    return POLICIES[name](ctx)
+

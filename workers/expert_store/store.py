@@ -1,0 +1,221 @@
+"""ExpertStore: experts served from tiers (disk -> RAM -> GPU) with a pluggable fast-tier policy.
+
+The compute tier (RAM on CPU, GPU memory on CUDA) holds at most `fast_budget_bytes` of experts and
+its policy decides evictions. A demand for a resident expert is a hit; otherwise the expert is read
+(from the RAM tier on CUDA, else disk) while the forward waits, and that wait is the stall. Prefetch
+(forecasts from the predictor) fills the compute tier in the background and never blocks a demand.
+Whatever the tiers hold, the weights returned are the checkpoint's, so outputs never change.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from batonserve.workers.expert_store.cache import CacheTier
+from batonserve.workers.expert_store.disk import DiskTier
+from batonserve.workers.expert_store.policies import PolicyContext, make_policy
+from batonserve.workers.expert_store.policies.lru import LRUPolicy
+from batonserve.workers.expert_store.prefetch import Prefetcher
+from batonserve.workers.expert_store.types import (
+    ExpertKey,
+    ExpertStoreStats,
+    ExpertWeights,
+    StoreConfig,
+)
+
+
+class ExpertStore:
+    """Tiered expert weights for one model: `experts(layer, ids)` returns their weights."""
+
+    def __init__(self, model_dir: Path, config: StoreConfig, ctx: PolicyContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.device = torch.device(config.device)
+        self.disk = DiskTier(model_dir, config.dtype, config.drop_page_cache)
+        self.stats = ExpertStoreStats(ctx.num_layers, ctx.num_experts)
+        self.expert_bytes = self.disk.read(ExpertKey(0, 0)).nbytes  # equal-size experts
+        self.disk.bytes_read = self.disk.reads = 0
+        self.policy = make_policy(config.policy, ctx)
+        fast_name = "gpu" if self.device.type == "cuda" else "ram"
+        self.fast = CacheTier(config.fast_budget_bytes, self.policy, self.stats.tiers[fast_name])
+        self.ram: CacheTier | None = None
+        self._uploader = None
+        if self.device.type == "cuda":
+            from batonserve.workers.expert_store.cuda_tier import CudaUploader
+
+            self._uploader = CudaUploader(self.device)
+            if config.ram_budget_bytes:
+                self.ram = CacheTier(
+                    config.ram_budget_bytes, LRUPolicy(ctx), self.stats.tiers["ram"]
+                )
+        self._lock = threading.RLock()
+        self._inflight: dict[ExpertKey, threading.Event] = {}
+        self._now = 0  # demand access counter (the policies' clock)
+        self._tick = -1  # layer tick: forward * num_layers + layer
+        self._forward = -1
+        self._protect: frozenset[ExpertKey] = frozenset()
+        self.prefetcher: Prefetcher | None = None
+        if config.prefetch:
+            self.prefetcher = Prefetcher(
+                self._prefetch_load,
+                lambda: self._tick,
+                config.prefetch_bandwidth_bytes_per_s,
+                self.expert_bytes,
+            )
+
+    # -- forward protocol --------------------------------------------------------------------
+    def begin_forward(self, num_tokens: int) -> int:
+        """A forward of `num_tokens` tokens starts; returns its index."""
+        with self._lock:
+            self._forward += 1
+            self.stats.forwards += 1
+            self.stats.tokens += num_tokens
+            return self._forward
+
+    def tick_of(self, layer: int, forward: int | None = None) -> int:
+        """The layer tick of `layer` in `forward` (default: the current one)."""
+        fwd = self._forward if forward is None else forward
+        return fwd * self.ctx.num_layers + layer
+
+    def forecast(self, forecasts: Mapping[int, Collection[ExpertKey]]) -> None:
+        """Forecasts {layer tick: experts}: tell the policy, and prefetch when enabled."""
+        with self._lock:
+            for tick, keys in sorted(forecasts.items()):
+                self.policy.forecast(tick, keys)
+        if self.prefetcher is None:
+            return
+        for tick, keys in sorted(forecasts.items()):
+            todo = [k for k in sorted(keys) if k not in self.fast and k not in self._inflight]
+            if todo:
+                self.prefetcher.submit(tick, todo)
+
+    def experts(
+        self, layer: int, ids: Sequence[int], tokens_per_expert: Sequence[int]
+    ) -> list[ExpertWeights]:
+        """Demand: the weights of experts `ids` (ascending) of `layer`, loading misses now."""
+        t0 = time.perf_counter()
+        keys = [ExpertKey(layer, e) for e in ids]
+        with self._lock:
+            self._tick = self.tick_of(layer)
+            self.policy.advance(self._tick)
+            self._protect = frozenset(keys)
+            self.stats.distinct_experts += len(keys)
+            for key, n in zip(keys, tokens_per_expert, strict=True):
+                self.stats.expert_load[layer][key.expert] += int(n)
+        out = [self._demand(key) for key in keys]
+        self.stats.stall_seconds += time.perf_counter() - t0
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+    def _demand(self, key: ExpertKey) -> ExpertWeights:
+        """One demand access: hit, wait for an in-flight prefetch, or load now."""
+        st = self.stats
+        with self._lock:
+            now = self._now
+            self._now += 1
+            st.demand_accesses += 1
+            entry = self.fast.get(key)
+            self.policy.on_access(key, now)
+            if entry is not None:
+                st.expert_hits[key.layer][key.expert] += 1
+                self.fast.stats.hits += 1
+                if entry.prefetched and not entry.used:
+                    st.prefetch_used += 1
+                    st.demand_hits_from_prefetch += 1
+                entry.used = True
+                return entry.weights
+            st.expert_misses[key.layer][key.expert] += 1
+            self.fast.stats.misses += 1
+            pending = self._inflight.get(key)
+        if pending is not None:  # a prefetch is reading it: waiting is never slower than re-reading
+            st.late_prefetch += 1
+            pending.wait()
+            with self._lock:
+                entry = self.fast.get(key)
+                if entry is not None:
+                    if not entry.used:
+                        st.prefetch_used += 1
+                    entry.used = True
+                    return entry.weights
+        if self.prefetcher is not None:
+            self.prefetcher.demand_begin()
+        try:
+            weights = self._load(key, blocking=False)
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.demand_end()
+        with self._lock:
+            if self.fast.insert(key, weights, now, self._protect, prefetch=False):
+                self.fast.entries[key].used = True
+            self._note_resident()
+        return weights
+
+    def _load(self, key: ExpertKey, blocking: bool) -> ExpertWeights:
+        """Read `key` from the nearest lower tier into compute-tier tensors."""
+        host: ExpertWeights | None = None
+        if self.ram is not None:
+            with self._lock:
+                entry = self.ram.get(key)
+                if entry is not None:
+                    self.ram.stats.hits += 1
+                    self.ram.policy.on_access(key, self._now)
+                    host = entry.weights
+                else:
+                    self.ram.stats.misses += 1
+        if host is None:
+            host = self.disk.read(key)
+            disk = self.stats.tiers["disk"]
+            with self._lock:
+                disk.hits += 1
+                disk.bytes_in += host.nbytes
+            if self._uploader is not None:
+                host = self._uploader.pin(host)
+                if self.ram is not None:
+                    with self._lock:
+                        self.ram.insert(key, host, self._now, (), prefetch=False)
+        if self._uploader is not None:
+            return self._uploader.upload(host, blocking)
+        return host
+
+    def _prefetch_load(self, key: ExpertKey, tick: int) -> None:
+        """Prefetcher callback: load `key` unless resident, in flight or refused by the policy."""
+        with self._lock:
+            if key in self.fast or key in self._inflight:
+                return
+            if not self.fast.would_admit(key, self.expert_bytes, self._now, self._protect, True):
+                self.stats.prefetch_dropped += 1
+                return
+            done = threading.Event()
+            self._inflight[key] = done
+        try:
+            weights = self._load(key, blocking=True)
+            with self._lock:
+                if self.fast.insert(key, weights, self._now, self._protect, prefetch=True):
+                    self.stats.prefetch_issued += 1
+                else:
+                    self.stats.prefetch_dropped += 1
+                self._note_resident()
+        finally:
+            with self._lock:
+                del self._inflight[key]
+            done.set()
+
+    def _note_resident(self) -> None:
+        """Track resident and peak bytes of the compute tier."""
+        self.stats.resident_bytes = self.fast.used_bytes
+        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.fast.used_bytes)
+
+    def drain(self) -> None:
+        """Wait for queued prefetches (end of a measured run)."""
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
+
+    def close(self) -> None:
+        """Stop the prefetch worker."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()

@@ -1,0 +1,134 @@
+"""Typed objects of the tiered expert store: keys, weights, config and stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+
+TierName = Literal["gpu", "ram", "disk"]
+
+
+class ExpertKey(NamedTuple):
+    """One expert of one MoE layer."""
+
+    layer: int
+    expert: int
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One expert's SwiGLU weights in the model's layout (gate rows first, then up)."""
+
+    w_gate_up: torch.Tensor  # [2I, D]
+    w_down: torch.Tensor  # [D, I]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by both tensors."""
+        return int(
+            self.w_gate_up.numel() * self.w_gate_up.element_size()
+            + self.w_down.numel() * self.w_down.element_size()
+        )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How the store is tiered, sized and filled."""
+
+    fast_budget_bytes: int  # byte budget of the compute tier (RAM on CPU, GPU memory on CUDA)
+    policy: str = "lru"  # a name in the cache-policy registry
+    prefetch: bool = False  # prefetch the predictor's forecasts in the background
+    prefetch_top_m: int = 2  # experts prefetched per token and forecast layer
+    prefetch_bandwidth_bytes_per_s: float = 0.0  # 0 = unlimited (demand loads always preempt)
+    ram_budget_bytes: int = 0  # second-level RAM tier when the compute tier is a GPU (0 = none)
+    drop_page_cache: bool = False  # posix_fadvise(DONTNEED) each read range: every disk read is cold
+    device: str = "cpu"
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.fast_budget_bytes < 0:
+            raise ValueError(f"fast_budget_bytes: must be >= 0, got {self.fast_budget_bytes}")
+        if self.ram_budget_bytes < 0:
+            raise ValueError(f"ram_budget_bytes: must be >= 0, got {self.ram_budget_bytes}")
+        if self.prefetch_top_m < 1:
+            raise ValueError(f"prefetch_top_m: must be >= 1, got {self.prefetch_top_m}")
+        if self.prefetch_bandwidth_bytes_per_s < 0:
+            raise ValueError(
+                "prefetch_bandwidth_bytes_per_s: must be >= 0, got "
+                f"{self.prefetch_bandwidth_bytes_per_s}"
+            )
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype: must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_in: int = 0  # bytes copied into this tier
+    evictions: int = 0
+
+
+@dataclass
+class ExpertStoreStats:
+    """What the store saw since the last reset (the metrics module names and exports these)."""
+
+    num_layers: int
+    num_experts: int
+    tiers: dict[TierName, TierStats] = field(default_factory=dict)
+    expert_load: list[list[int]] = field(default_factory=list)  # [layer][expert] routed token copies
+    expert_hits: list[list[int]] = field(default_factory=list)  # [layer][expert] fast-tier hits
+    expert_misses: list[list[int]] = field(default_factory=list)  # [layer][expert] fast-tier misses
+    late_prefetch: int = 0  # demand found its expert still being prefetched (counted as a miss)
+    prefetch_issued: int = 0  # prefetch loads completed into the fast tier
+    prefetch_used: int = 0  # of those, demanded before eviction (precision numerator)
+    prefetch_dropped: int = 0  # forecasts not loaded (stale, not admitted, or over budget)
+    demand_accesses: int = 0  # (forward, layer, expert) demands
+    demand_hits_from_prefetch: int = 0  # demands that hit an entry a prefetch brought (recall num.)
+    stall_seconds: float = 0.0  # time forwards waited for expert loads
+    tokens: int = 0  # tokens that went through layer 0 (for per-token rates)
+    forwards: int = 0
+    distinct_experts: int = 0  # sum over (forward, layer) of distinct experts used
+    resident_bytes: int = 0  # fast-tier bytes now
+    peak_resident_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            self.tiers = {"gpu": TierStats(), "ram": TierStats(), "disk": TierStats()}
+        shape = [[0] * self.num_experts for _ in range(self.num_layers)]
+        for name in ("expert_load", "expert_hits", "expert_misses"):
+            if not getattr(self, name):
+                setattr(self, name, [row[:] for row in shape])
+
+    @property
+    def hit_rate(self) -> float:
+        """Fast-tier hits / demand accesses."""
+        hits = sum(map(sum, self.expert_hits))
+        return hits / self.demand_accesses if self.demand_accesses else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Prefetched experts demanded before eviction / prefetched experts."""
+        return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Demands served by a prefetched entry / demand accesses."""
+        if not self.demand_accesses:
+            return 0.0
+        return self.demand_hits_from_prefetch / self.demand_accesses
+
+    @property
+    def stall_per_token_s(self) -> float:
+        """Seconds of expert-load stall per token."""
+        return self.stall_seconds / self.tokens if self.tokens else 0.0
+
+    @property
+    def distinct_experts_per_batch(self) -> float:
+        """Mean distinct experts one batch activates per MoE layer."""
+        n = self.forwards * self.num_layers
+        return self.distinct_experts / n if n else 0.0

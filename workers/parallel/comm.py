@@ -1,0 +1,146 @@
+"""Point-to-point plumbing of a sequence-parallel group: two process groups, timed waits, clear errors.
+
+gloo hygiene kept here: every buffer handed to a send/recv is contiguous, a rank never sends to
+itself, zero-size transfers are skipped on both sides (both know the sizes from the plan), waits block
+with a timeout instead of polling, and a peer that died or went silent raises `SPCommError` naming
+the schedule and step within the timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from batonserve.workers.parallel.metrics import StepRecorder
+
+
+class SPCommError(RuntimeError):
+    """A peer of the sequence-parallel group failed or did not answer within the timeout."""
+
+
+class SPGroup:
+    """The process groups of one sequence-parallel group.
+
+    `group` carries queries/KV one way round the ring and the collectives; `back` is a second group
+    (its own gloo pairs) for pass-Q results travelling back to their owners, so both link directions
+    carry data at once. Collective: every member constructs it together, in the same order.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *, timeout_s: float = 60.0) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s} must be > 0")
+        pg = group if group is not None else dist.group.WORLD
+        assert pg is not None, "torch.distributed is not initialised"
+        self.group: dist.ProcessGroup = pg
+        self.rank: int = dist.get_rank(pg)
+        self.world_size: int = dist.get_world_size(pg)
+        self.ranks: list[int] = list(dist.get_process_group_ranks(pg))
+        self.timeout = timedelta(seconds=timeout_s)
+        back = dist.new_group(self.ranks, timeout=self.timeout) if self.world_size > 1 else pg
+        assert back is not None
+        self.back: dist.ProcessGroup = back
+
+    @property
+    def next_rank(self) -> int:
+        """The group rank queries/KV are sent to."""
+        return (self.rank + 1) % self.world_size
+
+    @property
+    def prev_rank(self) -> int:
+        """The group rank queries/KV arrive from."""
+        return (self.rank - 1) % self.world_size
+
+    def global_rank(self, group_rank: int) -> int:
+        """The world rank of a group rank (torch's isend/irecv take world ranks)."""
+        return self.ranks[group_rank]
+
+
+@dataclass(frozen=True)
+class P2P:
+    """One send or receive of a step."""
+
+    kind: Literal["send", "recv"]
+    tensor: torch.Tensor
+    peer: int  # group rank
+    back: bool = False  # on the second (result) group
+
+
+class Pending:
+    """Transfers posted together, waited together; timings go to a step recorder."""
+
+    def __init__(self, works: list[dist.Work], what: str, rec: StepRecorder | None) -> None:
+        self.works = works
+        self.what = what
+        self.rec = rec
+        self.posted = time.perf_counter()
+
+    def wait(self, g: SPGroup) -> None:
+        """Block until every transfer completes, or raise SPCommError after the group timeout."""
+        t0 = time.perf_counter()
+        try:
+            for w in self.works:
+                w.wait(g.timeout)
+        except RuntimeError as e:
+            raise SPCommError(
+                f"sequence-parallel {self.what} on rank {g.rank}/{g.world_size} failed "
+                f"(a peer died or did not answer within {g.timeout.total_seconds():.0f}s): {e}"
+            ) from e
+        done = time.perf_counter()
+        if self.rec is not None:
+            self.rec.exposed_comm_s += done - t0
+            self.rec.comm_s += done - self.posted
+        self.works = []
+
+
+def post(g: SPGroup, ops: list[P2P], what: str, rec: StepRecorder | None) -> Pending:
+    """Post sends/receives (non-blocking, same order on every rank) and count their bytes."""
+    works: list[dist.Work] = []
+    try:
+        for op in ops:
+            assert op.peer != g.rank, "no self-sends"
+            if op.tensor.numel() == 0:
+                continue  # the peer skips it too: sizes come from the shared plan
+            assert op.tensor.is_contiguous()
+            pg = g.back if op.back else g.group
+            fn = dist.isend if op.kind == "send" else dist.irecv
+            work = fn(op.tensor, g.global_rank(op.peer), group=pg)
+            assert work is not None
+            works.append(work)
+            if rec is not None:
+                nbytes = op.tensor.numel() * op.tensor.element_size()
+                if op.kind == "send":
+                    rec.bytes_sent += nbytes
+                else:
+                    rec.bytes_recv += nbytes
+    except RuntimeError as e:
+        raise SPCommError(f"sequence-parallel {what} on rank {g.rank}: posting failed: {e}") from e
+    return Pending(works, what, rec)
+
+
+def all_gather_padded(
+    g: SPGroup, x: torch.Tensor, sizes: list[int], what: str, rec: StepRecorder | None
+) -> list[torch.Tensor]:
+    """All-gather dim-0 blocks of unequal sizes (padded to the largest); returns each rank's block."""
+    assert x.shape[0] == sizes[g.rank]
+    top = max(sizes)
+    if g.world_size == 1:
+        return [x]
+    padded = x.new_zeros((top, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    outs = [torch.empty_like(padded) for _ in range(g.world_size)]
+    try:
+        work = dist.all_gather(outs, padded, group=g.group, async_op=True)
+    except RuntimeError as e:
+        raise SPCommError(f"sequence-parallel {what} on rank {g.rank}: posting failed: {e}") from e
+    assert work is not None
+    if rec is not None:
+        # A ring all-gather forwards N-1 blocks per rank.
+        rec.bytes_sent += (g.world_size - 1) * padded.numel() * padded.element_size()
+        rec.bytes_recv += (g.world_size - 1) * padded.numel() * padded.element_size()
+    Pending([work], what, rec).wait(g)
+    return [o[:n] for o, n in zip(outs, sizes, strict=True)]

@@ -1,0 +1,61 @@
+"""All-gather baseline: gather every rank's KV, then one local attention; no overlap."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from batonserve.kernels.ring import BlockPlan, block_attention, plan_block
+from batonserve.workers.parallel.comm import SPGroup, all_gather_padded
+from batonserve.workers.parallel.metrics import StepRecorder
+from batonserve.workers.parallel.schedules.base import (
+    AttentionDims,
+    GroupMeta,
+    LinkBytes,
+    Schedule,
+    ScheduleResult,
+    register,
+)
+
+
+@register
+class AllGatherSchedule(Schedule):
+    """Gather all KV (padded to the largest block), attend once."""
+
+    name = "allgather"
+
+    def plan_blocks(self, meta: GroupMeta, rank: int, tile: int) -> tuple[BlockPlan, ...]:
+        """One step: this rank's queries over every rank's KV, concatenated in rank order."""
+        kv_pos = torch.cat([s.kv_pos for s in meta.shards])
+        kv_seq = torch.cat([s.kv_seq for s in meta.shards])
+        mine = meta.shards[rank]
+        return (plan_block(mine.q_pos, mine.q_seq, kv_pos, kv_seq, tile=tile),)
+
+    def bytes_per_step(
+        self, n_q: list[int], n_kv: list[int], rank: int, dims: AttentionDims
+    ) -> list[LinkBytes]:
+        """A ring all-gather forwards N - 1 blocks padded to the largest."""
+        n = len(n_kv)
+        row = 2 * dims.num_kv_heads * dims.head_dim * dims.elem_bytes
+        return [LinkBytes((n - 1) * max(n_kv) * row, 0)]
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        blocks: tuple[BlockPlan, ...],
+        meta: GroupMeta,
+        g: SPGroup,
+        scale: float,
+    ) -> ScheduleResult:
+        """Gather, then attend."""
+        rec = StepRecorder(0)
+        mine = torch.stack([k, v], dim=1).contiguous()  # [n_kv, 2, Hkv, d]
+        parts = all_gather_padded(g, mine, meta.n_kv, "allgather step 0", rec)
+        kv = torch.cat(parts) if len(parts) > 1 else parts[0]  # [sum n_kv, 2, Hkv, d]
+        t0 = time.perf_counter()
+        out, lse = block_attention(q, kv[:, 0], kv[:, 1], blocks[0], scale=scale)
+        rec.compute_s += time.perf_counter() - t0
+        return ScheduleResult(out.to(q.dtype), lse, (rec.freeze(),))

@@ -1,0 +1,89 @@
+"""Ring attention (pass-KV): KV blocks rotate round the ring; partial outputs merge by LSE.
+
+Step s on rank r: attend r's queries over the KV block of rank (r - s) mod N while that block is
+already being forwarded to r + 1 and the next one received from r - 1 (posted before the compute,
+waited after it, so the transfer hides behind the block's attention). N steps, N - 1 transfers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from batonserve.kernels.attention import merge_attention_states
+from batonserve.kernels.ring import BlockPlan, block_attention
+from batonserve.workers.parallel.comm import P2P, SPGroup, post
+from batonserve.workers.parallel.metrics import StepRecorder
+from batonserve.workers.parallel.schedules.base import (
+    AttentionDims,
+    GroupMeta,
+    LinkBytes,
+    Schedule,
+    ScheduleResult,
+    plan_pair,
+    register,
+)
+
+
+@register
+class RingSchedule(Schedule):
+    """Pass-KV ring attention."""
+
+    name = "ring"
+
+    def plan_blocks(self, meta: GroupMeta, rank: int, tile: int) -> tuple[BlockPlan, ...]:
+        """Step s: this rank's queries over rank (rank - s)'s KV."""
+        n = len(meta.shards)
+        mine = meta.shards[rank]
+        return tuple(plan_pair(mine, meta.shards[(rank - s) % n], tile) for s in range(n))
+
+    def bytes_per_step(
+        self, n_q: list[int], n_kv: list[int], rank: int, dims: AttentionDims
+    ) -> list[LinkBytes]:
+        """Step s < N-1 forwards the held KV block (K and V) of rank (rank - s)."""
+        n = len(n_kv)
+        row = 2 * dims.num_kv_heads * dims.head_dim * dims.elem_bytes
+        return [
+            LinkBytes(n_kv[(rank - s) % n] * row if s < n - 1 else 0, 0) for s in range(n)
+        ]
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        blocks: tuple[BlockPlan, ...],
+        meta: GroupMeta,
+        g: SPGroup,
+        scale: float,
+    ) -> ScheduleResult:
+        """Rotate KV, attend, merge."""
+        n, r = g.world_size, g.rank
+        n_kv = meta.n_kv
+        cur = torch.stack([k, v]).contiguous()  # [2, n_kv_src, Hkv, d]: K and V in one message
+        out: torch.Tensor | None = None
+        lse: torch.Tensor | None = None
+        recs: list[StepRecorder] = []
+        for s in range(n):
+            rec = StepRecorder(s)
+            recs.append(rec)
+            pending = None
+            nxt = cur
+            if s < n - 1:
+                # Post the next block's transfer first, so it runs while this block computes.
+                nxt = cur.new_empty((2, n_kv[(r - s - 1) % n], *cur.shape[2:]))
+                ops = [P2P("send", cur, g.next_rank), P2P("recv", nxt, g.prev_rank)]
+                pending = post(g, ops, f"ring step {s}", rec)
+            t0 = time.perf_counter()
+            o, lo = block_attention(q, cur[0], cur[1], blocks[s], scale=scale)
+            if out is None or lse is None:
+                out, lse = o, lo
+            else:
+                out, lse = merge_attention_states(out, lse, o, lo)  # float32, -inf guarded
+            rec.compute_s += time.perf_counter() - t0
+            if pending is not None:
+                pending.wait(g)
+            cur = nxt
+        assert out is not None and lse is not None
+        return ScheduleResult(out.to(q.dtype), lse, tuple(x.freeze() for x in recs))
