@@ -7,7 +7,15 @@ import importlib
 import sys
 
 # Each module has register(subparsers), adding its subcommand with args.func set.
-COMMANDS = ("cli_generate", "cli_scale", "cli_plan", "cli_serve", "cli_status", "cli_profile")
+COMMANDS = (
+    "cli_generate",
+    "cli_scale",
+    "cli_plan",
+    "cli_serve",
+    "cli_status",
+    "cli_profile",
+    "cli_bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

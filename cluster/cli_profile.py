@@ -10,8 +10,12 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from batonserve.cluster.sim.perf_model import TableRow, write_table
+
+if TYPE_CHECKING:
+    from batonserve.workers.engine import Engine
 
 
 def _ints(text: str) -> list[int]:
@@ -41,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def profile_engine(
-    engine: object,
+    engine: Engine,
     model_name: str,
     hardware: str,
     points: Sequence[tuple[int, int]],
@@ -49,11 +53,13 @@ def profile_engine(
     repeats: int,
     progress: bool = False,
 ) -> list[TableRow]:
-    """Time each (prompt_size, batch_size) point: the prefill step(s), then the decode steps."""
-    from batonserve.workers.engine import Engine
+    """Time each (prompt_size, batch_size) point: the prefill step(s), then the decode steps.
+
+    The engine's token budget should cover prompt_size x batch_size, or the prompt time spans
+    several chunked steps (the table's prompt_time is read as one step's time).
+    """
     from batonserve.workers.sampling_params import SamplingParams
 
-    assert isinstance(engine, Engine)
     params = SamplingParams(max_tokens=token_size, ignore_eos=True)
     vocab = int(engine.model_config.vocab_size)
     rows: list[TableRow] = []

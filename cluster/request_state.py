@@ -30,6 +30,9 @@ class Attempt:
     decode: str
     handoff_id: int | None = None
     phase: Phase = "prefill"  # "decode" once the decode side owns the request
+    # The first token reaches the router twice (the prefill side's delta and the decode side's
+    # commit event, in either order); whichever comes first is streamed, the other ignored.
+    first_token_sent: bool = False
 
     def uses(self, worker: str) -> bool:
         """True when this attempt still depends on `worker`."""

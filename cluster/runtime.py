@@ -40,6 +40,7 @@ from batonserve.cluster.scheduling import (
     assume_assigned,
 )
 from batonserve.cluster.worker_events import WorkerEvents
+from batonserve.workers.block_pool import hash_blocks
 from batonserve.workers.output_processor import OutputProcessor
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
 from batonserve.workers.worker_types import HandoffSpec
@@ -69,7 +70,9 @@ class Cluster(WorkerEvents):
         self.started_ray = started_ray
         self.kv = config.kv_transfer
         self.ledger = HandoffLedger(self.kv.lease_s)
-        self.cls = ClusterScheduler(config.scheduler)
+        self.prefix_index = PrefixIndex()
+        self._prefix_epochs: dict[str, int] = {}
+        self.cls = ClusterScheduler(config.scheduler, prefix_lookup=self.prefix_index)
         self.requests: dict[str, RequestState] = {}
         self.by_worker_rid: dict[str, RequestState] = {}
         self._views: dict[str, WorkerView] = {}
@@ -205,8 +208,14 @@ class Cluster(WorkerEvents):
 
     def _pair(self, st: RequestState) -> Pairing | Rejection:
         prompt = st.resume_prompt
-        rv = RequestView(st.request_id, len(prompt), st.resume_params.max_tokens)
         views = self.views()
+        block_size = views[0].block_size if views else 16
+        hashes = (
+            tuple(hash_blocks(prompt, block_size))
+            if self.config.scheduler.conditional_disaggregation
+            else ()
+        )
+        rv = RequestView(st.request_id, len(prompt), st.resume_params.max_tokens, hashes)
         decision = self.cls.schedule(rv, views)
         if isinstance(decision, Pairing):
             for v in assume_assigned(views, rv, decision):

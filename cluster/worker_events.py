@@ -52,6 +52,9 @@ class WorkerEvents:
         h = self.controller.workers[name]
         h.stats = r.stats
         self._views.pop(name, None)  # fresh stats replace the optimistic adjustments
+        if self._prefix_epochs.get(name) != r.stats.prefix_epoch:
+            self._prefix_epochs[name] = r.stats.prefix_epoch
+            self.prefix_index.replace(name, r.stats.cached_block_hashes)
         for ev in r.events:  # events first: a commit releases before the decode tokens land
             self._on_event(name, ev)
         for d in r.deltas:
@@ -76,8 +79,14 @@ class WorkerEvents:
     def _on_delta(self: Cluster, name: str, d: RequestDelta) -> None:
         st = self.by_worker_rid.get(d.request_id)
         a = st.attempt if st is not None else None
-        if st is None or a is None or a.worker_request_id != d.request_id or not a.uses(name):
+        if st is None or a is None or a.worker_request_id != d.request_id:
             return  # an abandoned attempt: never taken
+        if name not in (a.prefill, a.decode):
+            return
+        if a.prefill != a.decode and name == a.prefill:
+            if a.first_token_sent and not d.finished:
+                return  # the commit event already carried the first token
+            a.first_token_sent = True
         if st.cached_tokens < 0:
             st.cached_tokens = d.num_cached_tokens
         if d.prefilled and a.handoff_id is not None:
@@ -96,8 +105,12 @@ class WorkerEvents:
             if self.ledger.committed(ev.handoff_id, ev.nbytes):
                 assert h is not None
                 st = self.by_worker_rid.get(ev.request_id)
-                if st is not None and st.attempt is not None:
-                    st.attempt.phase = "decode"
+                a = st.attempt if st is not None else None
+                if st is not None and a is not None and a.worker_request_id == ev.request_id:
+                    a.phase = "decode"
+                    if not a.first_token_sent:
+                        a.first_token_sent = True
+                        st.emit(self.processor, (ev.first_token,), False, None)
                 self.abort_on_release(h.src, ev.request_id)
                 self.ledger.released(ev.handoff_id)
                 self.observer.kv_handoff(handoff_record(self.controller, h, "ok"))
@@ -123,6 +136,8 @@ class WorkerEvents:
         log.warning("worker %s is gone (%s); replacing it", name, why)
         h.healthy = False
         self._views.pop(name, None)
+        self.prefix_index.drop_worker(name)
+        self._prefix_epochs.pop(name, None)
         self.controller.forget_channels(name)
         for other in self.controller.workers.values():
             if other.name != name and other.healthy:

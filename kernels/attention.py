@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from batonserve.kernels.dispatch import use_triton
+
 NEG_INF = float("-inf")
 
 
@@ -29,6 +31,12 @@ class PrefillPlan:
     mask: torch.Tensor  # [B, 1, max_q, max_k] bool, True where query may attend key
     has_key: torch.Tensor  # [B, 1, max_q, 1] bool, the row sees at least one key
     all_have_keys: bool  # no real query row is empty (skip the zeroing pass)
+    # The layout as lengths, for fast paths that mask from lengths instead of `mask` (kernels/triton).
+    q_lens: torch.Tensor | None = None  # [B] int64
+    k_lens: torch.Tensor | None = None  # [B] int64
+    causal: bool = True
+    sliding_window: int | None = None
+    num_rows: int = 0  # real query rows (q_valid.sum()), the output's length
 
 
 def _lens(cu: torch.Tensor) -> torch.Tensor:
@@ -88,7 +96,19 @@ def plan_prefill(
     # A row without any key would make softmax NaN; let it see key 0 and zero it afterwards.
     mask = mask | ~has_key[:, 0, :, :].expand_as(mask) & (kj == 0)[None, None, :]
     all_have_keys = bool(has_key[:, 0, :, 0][q_valid].all())
-    return PrefillPlan(q_index, q_valid, k_index, mask[:, None], has_key, all_have_keys)
+    return PrefillPlan(
+        q_index,
+        q_valid,
+        k_index,
+        mask[:, None],
+        has_key,
+        all_have_keys,
+        q_lens,
+        k_lens,
+        causal,
+        sliding_window,
+        int(q_lens.sum()),
+    )
 
 
 def prefill_attention(
@@ -105,6 +125,10 @@ def prefill_attention(
     Returns (out [num_tokens, num_heads, head_dim], lse [num_tokens, num_heads] float32 or None).
     A query row that sees no key gives out = 0 and lse = -inf.
     """
+    if plan.q_lens is not None and use_triton(q):
+        from batonserve.kernels.triton.prefill_attention import prefill_attention_triton
+
+        return prefill_attention_triton(q, k, v, plan, scale=scale, return_lse=return_lse)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv = k.shape[-2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -197,6 +221,10 @@ def merge_attention_states_many(
     outs: torch.Tensor, lses: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge S partials: outs [S, ..., H, d], lses [S, ..., H] -> (out [..., H, d], lse [..., H])."""
+    if use_triton(outs):
+        from batonserve.kernels.triton.merge import merge_attention_states_many_triton
+
+        return merge_attention_states_many_triton(outs, lses)
     lses = lses.float()
     m = lses.amax(dim=0)  # [..., H]
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # -inf rows: avoid inf - inf
@@ -216,6 +244,8 @@ class DecodePlan:
     valid: torch.Tensor  # [B, 1, S, 1, split_len] bool, position is inside the (windowed) context
     num_splits: int
     split_len: int
+    context_lens: torch.Tensor | None = None  # [B] int64, for fast paths masking from lengths
+    sliding_window: int | None = None
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -254,7 +284,7 @@ def plan_decode(
     if sliding_window is not None:
         valid = valid & (pos[None, :] > lens[:, None] - 1 - sliding_window)
     valid = valid.view(-1, 1, splits, 1, split_len)
-    return DecodePlan(bt[:, :nblk].reshape(-1), valid, splits, split_len)
+    return DecodePlan(bt[:, :nblk].reshape(-1), valid, splits, split_len, lens, sliding_window)
 
 
 def _gather_heads_major(cache: torch.Tensor, plan: DecodePlan, batch: int) -> torch.Tensor:
@@ -279,6 +309,12 @@ def decode_attention(
     q [B, H, d] (one query per sequence); caches [num_blocks, block_size, Hkv, d].
     Returns (out [B, H, d], lse [B, H] float32 or None).
     """
+    if plan.context_lens is not None and use_triton(q):
+        from batonserve.kernels.triton.decode_attention import decode_attention_triton
+
+        return decode_attention_triton(
+            q, k_cache, v_cache, plan, scale=scale, return_lse=return_lse
+        )
     b, num_heads, head_dim = q.shape
     num_kv = k_cache.shape[-2]
     group = num_heads // num_kv

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from batonserve.kernels.dispatch import use_triton
+
 
 def topk_routing(
     router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True
@@ -15,6 +17,10 @@ def topk_routing(
 
     router_logits [T, E] -> (weights [T, k] float32, expert_ids [T, k] int64).
     """
+    if use_triton(router_logits):
+        from batonserve.kernels.triton.topk_routing import topk_routing_triton
+
+        return topk_routing_triton(router_logits, top_k, renormalize=renormalize)
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -50,6 +56,10 @@ def grouped_swiglu(
     w_gate_up [E, 2I, D] (gate rows first, then up), w_down [E, D, I]; expert e runs
     down(silu(gate x) * up x) on its counts[e] rows.
     """
+    if use_triton(x) and w_gate_up.dtype == x.dtype and w_down.dtype == x.dtype:
+        from batonserve.kernels.triton.grouped_swiglu import grouped_swiglu_triton
+
+        return grouped_swiglu_triton(x, counts, w_gate_up, w_down)
     out = torch.empty_like(x)
     inter = w_down.shape[-1]
     start = 0

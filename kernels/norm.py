@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from batonserve.kernels.dispatch import use_triton
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim as Llama computes it: normalize in float32, cast, then scale."""
+    if use_triton(x):
+        from batonserve.kernels.triton.rms_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     # Half precision: normalize in float32, cast back before the weight (HF's rounding order).
@@ -18,5 +24,9 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (rms_norm(x + residual), x + residual): the pre-norm block's residual stream step."""
+    if use_triton(x) and residual.dtype == x.dtype:
+        from batonserve.kernels.triton.rms_norm import fused_add_rms_norm_triton
+
+        return fused_add_rms_norm_triton(x, residual, weight, eps)
     summed = x + residual
     return rms_norm(summed, weight, eps), summed

@@ -14,6 +14,7 @@ Merging partials across blocks uses `attention.merge_attention_states` (float32,
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -55,9 +56,9 @@ def _query_runs(q_pos: torch.Tensor, q_seq: torch.Tensor, tile: int) -> list[tup
         dp = q_pos[1:] - q_pos[:-1]
         brk[1:] = (q_seq[1:] != q_seq[:-1]) | (dp <= 0) | (dp > tile)
     brk[0] = True
-    starts = torch.nonzero(brk).flatten().tolist() + [n]
+    starts = [*torch.nonzero(brk).flatten().tolist(), n]
     runs: list[tuple[int, int]] = []
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
+    for a, b in itertools.pairwise(starts):
         runs.extend((s, min(s + tile, b)) for s in range(a, b, tile))
     return runs
 

@@ -165,7 +165,10 @@ class Engine:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Run prompts to completion; final outputs (whole completions) in input order."""
+        """Run prompts to completion; final outputs (whole completions) in input order.
+
+        It drives `step()` itself: outputs of requests added separately are not returned here.
+        """
         plist: list[Prompt]
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)

@@ -8,6 +8,7 @@ needs no locks. The role only says which work the cluster sends here: changing i
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,9 @@ from batonserve.workers.worker_types import (
     WorkerSpec,
     WorkerStats,
 )
+
+ABORTED_MEMORY = 65536  # aborted request ids remembered, to refuse late submits
+PREFIX_REFRESH_S = 0.25  # how stale the cached-prefix report to the cluster may be
 
 
 def _node_ip() -> str:
@@ -54,7 +58,6 @@ class Worker:
     """One serving worker: an engine plus its role, its KV transport and its outbox."""
 
     def __init__(self, spec: WorkerSpec) -> None:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.spec = spec
         self.role: WorkerRole = spec.role
         self.engine = build_engine(spec)
@@ -75,10 +78,14 @@ class Worker:
         self.importer = KVImporter(self.engine, self.kv_spec, device)
         self.engine.layer_hook = self._on_layer
         self._cv = threading.Condition()
+        self._aborted: dict[str, None] = {}  # insertion-ordered set of recently aborted ids
         self._cmds: list[Callable[[], None]] = []
         self._deltas: list[RequestDelta] = []
         self._events: list[HandoffEvent] = []
         self._steps = 0
+        self._hashes: tuple[int, ...] = ()
+        self._hashes_at = 0.0
+        self._prefix_epoch = 0
         self._error = ""
         self._stopped = False
         self._stats = self._make_stats()
@@ -102,12 +109,19 @@ class Worker:
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         """Prefill and decode a request here (in place)."""
-        self._enqueue(lambda: self.engine.add_request(request_id, prompt, params))
+
+        def run() -> None:
+            if request_id not in self._aborted:
+                self.engine.add_request(request_id, prompt, params)
+
+        self._enqueue(run)
 
     def submit_prefill(self, handoff: HandoffSpec) -> None:
         """Prefill only, streaming the KV to handoff.dst layer by layer; pin it until release."""
 
         def run() -> None:
+            if handoff.request_id in self._aborted:
+                return
             self.exporter.start(handoff)
             self.engine.add_request(
                 handoff.request_id,
@@ -120,7 +134,10 @@ class Worker:
 
     def begin_import(self, handoff: HandoffSpec) -> None:
         """Expect a handoff's KV (called before the prefill side starts sending)."""
-        self.importer.begin(handoff)
+        with self._cv:
+            if handoff.request_id in self._aborted:
+                return
+            self.importer.begin(handoff)
 
     def release(self, request_id: str) -> None:
         """The decode side acknowledged: free the prefilled request's blocks."""
@@ -134,6 +151,14 @@ class Worker:
 
     def abort(self, request_id: str) -> None:
         """End a request here wherever it is and free its KV; idempotent."""
+        with self._cv:
+            # Calls to a threaded actor may run out of order: a submit that arrives after its
+            # abort must not start (request ids are unique per attempt).
+            if request_id not in self._aborted:
+                self._aborted[request_id] = None
+                while len(self._aborted) > ABORTED_MEMORY:
+                    self._aborted.pop(next(iter(self._aborted)))
+            self.importer.drop_request(request_id)
 
         def run() -> None:
             self.exporter.drop(request_id)
@@ -277,9 +302,21 @@ class Worker:
         reqs = getattr(getattr(self.engine, "scheduler", None), "requests", {})
         return {r for r, q in reqs.items() if q.status is RequestStatus.PREFILLED}
 
+    def _cached_hashes(self) -> tuple[int, ...]:
+        """The pool's cached prefix hashes, recomputed at most every PREFIX_REFRESH_S."""
+        now = time.monotonic()
+        if now - self._hashes_at >= PREFIX_REFRESH_S:
+            pool = self.engine.pool
+            hashes = (pool.block_hash(b) for b in range(pool.num_blocks))
+            self._hashes = tuple(h for h in hashes if h is not None)
+            self._hashes_at = now
+            self._prefix_epoch += 1
+        return self._hashes
+
     def _make_stats(self) -> WorkerStats:
         s = self.engine.stats()
         pool = self.engine.pool
+        hashes = self._cached_hashes()
         return WorkerStats(
             name=self.spec.name,
             pool=self.spec.pool,
@@ -299,4 +336,6 @@ class Worker:
             exports=len(self.exporter.exports),
             imports=len(self.importer),
             error=self._error[-2000:],
+            cached_block_hashes=hashes,
+            prefix_epoch=self._prefix_epoch,
         )

@@ -67,6 +67,7 @@ class HandoffEvent:
     kind: HandoffEventKind
     nbytes: int = 0
     detail: str = ""
+    first_token: int = -1  # on "committed": the token the prefill side sampled
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class WorkerStats:
     exports: int  # outgoing handoffs not yet released
     imports: int  # incoming handoffs not yet committed
     error: str = ""
+    # Prefix hashes of the blocks this worker caches, refreshed every few hundred ms; the epoch
+    # bumps on each refresh (conditional disaggregation sends a cached prompt here).
+    cached_block_hashes: tuple[int, ...] = ()
+    prefix_epoch: int = 0
 
 
 @dataclass(frozen=True)

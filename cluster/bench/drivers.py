@@ -18,9 +18,8 @@ from batonserve.cluster.bench.workload import (
     synthetic_token_ids,
 )
 from batonserve.proto import generation_pb2 as gpb
-from batonserve.proto import generation_pb2_grpc
+from batonserve.proto import generation_pb2_grpc, kserve_v2_pb2_grpc
 from batonserve.proto import kserve_v2_pb2 as kpb
-from batonserve.proto import kserve_v2_pb2_grpc
 
 OK = "OK"
 _MAX_MESSAGE = 64 * 1024 * 1024  # enormous prompts are a legitimate benchmark
@@ -123,8 +122,13 @@ class Driver(Protocol):
 class NativeDriver:
     """batonserve.v1.Generation/Generate with synthetic token_ids, ignore_eos for exact lengths."""
 
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...],
-                 timeout_s: float, seed: int) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        metadata: tuple[tuple[str, str], ...],
+        timeout_s: float,
+        seed: int,
+    ) -> None:
         self._stub = generation_pb2_grpc.GenerationStub(channel)
         self._metadata, self._timeout, self._rng = metadata, timeout_s, random.Random(seed)
         self.context_length = 0
@@ -168,8 +172,15 @@ def _error_code(message: str) -> str:
 class KServeDriver:
     """KServe v2 ModelStreamInfer (Triton's streaming extension) with a text prompt."""
 
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...],
-                 timeout_s: float, seed: int, model: str = "", context_length: int = 0) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        metadata: tuple[tuple[str, str], ...],
+        timeout_s: float,
+        seed: int,
+        model: str = "",
+        context_length: int = 0,
+    ) -> None:
         self._stub = kserve_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
         self._native = generation_pb2_grpc.GenerationStub(channel)
         self._metadata, self._timeout, self._rng = metadata, timeout_s, random.Random(seed)
@@ -187,13 +198,17 @@ class KServeDriver:
             if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
             if not self.model:
-                raise ValueError("--model: required for a KServe server without batonserve.v1") from None
+                raise ValueError(
+                    "--model: required for a KServe server without batonserve.v1"
+                ) from None
             return
         self.model = self.model or info.name
         self.context_length = self.context_length or info.context_length
 
     def _request(self, req: BenchRequest, p: int, o: int) -> kpb.ModelInferRequest:
-        text = kpb.ModelInferRequest.InferInputTensor(name="text_input", datatype="BYTES", shape=[1])
+        text = kpb.ModelInferRequest.InferInputTensor(
+            name="text_input", datatype="BYTES", shape=[1]
+        )
         text.contents.bytes_contents.append(synthetic_text(p, self._rng).encode())
         msg = kpb.ModelInferRequest(model_name=self.model, id=f"bench-{req.index}", inputs=[text])
         msg.parameters["max_tokens"].int64_param = o

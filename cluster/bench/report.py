@@ -84,7 +84,7 @@ class BenchReport:
 
     def to_json(self, results: Sequence[RequestResult] = ()) -> dict[str, Any]:
         """A JSON-ready dict; with `results`, per-request timings too."""
-        out = asdict(self)
+        out = _no_nan(asdict(self))
         if results:
             out["per_request"] = [
                 {
@@ -100,6 +100,15 @@ class BenchReport:
                 for r in results
             ]
         return out
+
+
+def _no_nan(x: Any) -> Any:
+    """NaN (no samples) becomes null: strict JSON has no NaN."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    return x
 
 
 def summarize(
@@ -139,23 +148,24 @@ def _ms(x: float) -> str:
 def format_report(rep: BenchReport) -> str:
     """A human-readable table of one report."""
     lines = [
-        f"== {rep.label or 'bench'}: {rep.completed}/{rep.requests} completed in "
-        f"{rep.wall_s:.2f}s",
+        f"== {rep.label or 'bench'}: {rep.completed}/{rep.requests} completed in {rep.wall_s:.2f}s",
         f"{'latency (ms)':<14}{'P50':>10}{'P90':>10}{'P99':>10}{'mean':>10}",
     ]
     for name, p in (("TTFT", rep.ttft), ("TBT", rep.tbt), ("end-to-end", rep.e2e)):
-        lines.append(
-            f"{name:<14}{_ms(p.p50):>10}{_ms(p.p90):>10}{_ms(p.p99):>10}{_ms(p.mean):>10}"
-        )
+        lines.append(f"{name:<14}{_ms(p.p50):>10}{_ms(p.p90):>10}{_ms(p.p99):>10}{_ms(p.mean):>10}")
     lines.append(
         f"throughput: {rep.request_rate:.2f} req/s, {rep.output_token_rate:.1f} output tok/s, "
         f"{rep.total_token_rate:.1f} total tok/s"
     )
-    if rep.slo != SLO():
+    targets = [
+        f"{name}<={v * 1000:g}ms"
+        for name, v in (("TTFT", rep.slo.ttft_s), ("TBT", rep.slo.tbt_s), ("E2E", rep.slo.e2e_s))
+        if v
+    ]
+    if targets:
         lines.append(
-            f"goodput: {rep.goodput_rate:.2f} req/s ({rep.goodput_fraction:.1%} of requests "
-            f"met TTFT<={rep.slo.ttft_s * 1000:g}ms TBT<={rep.slo.tbt_s * 1000:g}ms "
-            f"E2E<={rep.slo.e2e_s * 1000:g}ms; 0 = no target)"
+            f"goodput: {rep.goodput_rate:.2f} req/s ({rep.goodput_fraction:.1%} of requests met "
+            f"{' '.join(targets)})"
         )
     errors = ", ".join(f"{k}={v}" for k, v in sorted(rep.errors.items())) or "none"
     lines.append(f"errors: {errors}")

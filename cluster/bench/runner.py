@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TextIO
 
@@ -51,7 +51,7 @@ class _Progress:
     errors: int = 0
 
 
-def _driver(cfg: BenchConfig) -> tuple[Driver, Callable[[], object]]:
+def _driver(cfg: BenchConfig) -> tuple[Driver, Callable[[], Awaitable[None]]]:
     channel, metadata = open_channel(cfg.connection)
     timeout = cfg.connection.timeout_s
     driver: Driver
@@ -125,6 +125,6 @@ async def run_bench(
                 ticker.cancel()
         wall = time.perf_counter() - t0
     finally:
-        await close()  # type: ignore[misc]
+        await close()
     results.sort(key=lambda r: r.index)
     return results, wall

@@ -10,10 +10,49 @@ from batonserve.cluster.sim.trace import load_azure_trace
 
 # Short common words: with a real BPE tokenizer " word" is one token, so N words is about N
 # tokens. Used for KServe, whose requests carry text (the client has no tokenizer).
-_WORDS = (
-    "the of and to in is for on that with as by at from this are be it or an was not which "
-    "have but all can more one new data time code will use file line return value type list"
-).split()
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "this",
+    "are",
+    "be",
+    "it",
+    "or",
+    "an",
+    "was",
+    "not",
+    "which",
+    "have",
+    "but",
+    "all",
+    "can",
+    "more",
+    "one",
+    "new",
+    "data",
+    "time",
+    "code",
+    "will",
+    "use",
+    "file",
+    "line",
+    "return",
+    "value",
+    "type",
+    "list",
+]
 
 
 @dataclass(frozen=True)

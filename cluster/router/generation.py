@@ -15,6 +15,7 @@ from batonserve.cluster.router.validation import (
     build_request,
     check_model,
     check_token_ids,
+    encode_prompt,
 )
 from batonserve.proto import generation_pb2 as pb
 from batonserve.workers.tokenizer import Tokenizer
@@ -65,7 +66,7 @@ class GenerationService:
         if which == "text":
             if req.text == "":
                 raise invalid("text", "must not be empty")
-            ids = self._tokenizer.encode(req.text)
+            ids = encode_prompt(self._tokenizer, req.text, info, "text")
             field = "text"
         else:
             if not req.token_ids.ids:

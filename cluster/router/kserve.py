@@ -25,7 +25,12 @@ from batonserve.cluster.router.kserve_io import (
     parameter_value,
     single_element,
 )
-from batonserve.cluster.router.validation import SamplingValues, build_request, check_model
+from batonserve.cluster.router.validation import (
+    SamplingValues,
+    build_request,
+    check_model,
+    encode_prompt,
+)
 from batonserve.proto import kserve_v2_pb2 as pb
 from batonserve.workers.tokenizer import Tokenizer
 
@@ -116,7 +121,8 @@ def parse_infer(req: pb.ModelInferRequest, info: ModelInfo, tokenizer: Tokenizer
     )
     # v2 ids only correlate responses and need not be unique, so the cluster gets its own.
     rid = f"{req.id or 'kserve'}-{uuid.uuid4().hex[:12]}"
-    request = build_request(rid, tokenizer.encode(prompt), sampling, info, "text_input")
+    ids = encode_prompt(tokenizer, prompt, info, "text_input")
+    request = build_request(rid, ids, sampling, info, "text_input")
     flag = req.parameters.get("triton_enable_empty_final_response")
     empty_final = flag is not None and parameter_value(flag) is True
     return InferCall(request, bool(values.get("stream", False)), outputs, empty_final)

@@ -6,6 +6,7 @@ the field the client sent (`sampling.max_tokens` natively, `max_tokens` in KServ
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import grpc
 from batonserve.cluster.api import GenerateRequest, ModelInfo
 from batonserve.cluster.router.errors import RequestError, invalid
 from batonserve.workers.sampling_params import SamplingParams
+from batonserve.workers.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 
@@ -41,6 +43,30 @@ def check_model(requested: str, info: ModelInfo, field_name: str = "model") -> N
             grpc.StatusCode.NOT_FOUND,
             f"{field_name}: unknown model {requested!r}; this server serves {info.name!r}",
         )
+
+
+@functools.cache
+def _max_token_chars(tokenizer: Tokenizer) -> int:
+    """The most characters one token of the vocabulary stands for (computed once)."""
+    ids = range(tokenizer.vocab_size)
+    return max((len(tokenizer.decode([i], skip_special_tokens=False)) for i in ids), default=1)
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, info: ModelInfo, field_name: str) -> list[int]:
+    """Tokenize a text prompt, refusing first any text too long to fit the context.
+
+    Tokenizing megabytes takes seconds on the router's event loop and would stall every other
+    stream. No text longer than context x (the longest token) can fit; the factor 2 leaves room
+    for normalizers that merge characters.
+    """
+    limit = 2 * info.context_length * _max_token_chars(tokenizer)
+    if len(text) > limit:
+        raise invalid(
+            field_name,
+            f"{len(text)} characters cannot fit the model's context of "
+            f"{info.context_length} tokens",
+        )
+    return tokenizer.encode(text)
 
 
 def check_token_ids(ids: Sequence[int], info: ModelInfo, field_name: str) -> tuple[int, ...]:

@@ -66,5 +66,5 @@ def test_abort_is_idempotent_and_committed_is_final() -> None:
 
 
 def test_bad_lease_names_the_field() -> None:
-    with pytest.raises(ValueError, match="kv_transfer.lease_s"):
+    with pytest.raises(ValueError, match=r"kv_transfer\.lease_s"):
         HandoffLedger(0.0)

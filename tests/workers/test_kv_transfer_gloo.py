@@ -141,7 +141,7 @@ def test_no_channel_and_no_self_send() -> None:
 
 
 def test_unknown_transport_names_the_field() -> None:
-    with pytest.raises(ValueError, match="kv_transfer.transport"):
+    with pytest.raises(ValueError, match=r"kv_transfer\.transport"):
         make_transport("carrier_pigeon", "a", SPEC, CFG, lambda p, c: None, lambda p, e: None)
 
 

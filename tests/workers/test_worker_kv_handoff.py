@@ -92,7 +92,7 @@ def run_handoff(p: Worker, d: Worker, hid: int, rid: str, prompt: list[int]) -> 
     def finished(
         deltas: list[tuple[str, RequestDelta]], events: list[tuple[str, HandoffEvent]]
     ) -> bool:
-        for name, e in events:
+        for _, e in events:
             if e.kind == "committed" and e.handoff_id not in ledger_done:
                 ledger_done.append(e.handoff_id)
                 p.release(e.request_id)  # the ack frees the prefill side
@@ -112,7 +112,7 @@ def test_layerwise_handoff_is_token_identical_and_frees_both_sides(
     prompt = [(5 * i) % 90 + 3 for i in range(21)]
     assert run_handoff(p, d, 1, "a#1", prompt) == reference(prompt, GREEDY)
     # Same 16-token prefix: the prefill side hits its prefix cache, and the cached KV must move too.
-    prompt2 = prompt[:16] + [7, 8, 9]
+    prompt2 = [*prompt[:16], 7, 8, 9]
     assert run_handoff(p, d, 2, "b#1", prompt2) == reference(prompt2, GREEDY)
     assert p.stats().prefix_hits > 0
     idle(p, d)
@@ -167,7 +167,7 @@ def test_first_token_ends_request_without_handoff(pair: tuple[Worker, Worker]) -
     spec = HandoffSpec(9, "f#1", "prefill-0", "decode-0", tuple(prompt), one)
     d.begin_import(spec)
     p.submit_prefill(spec)
-    deltas, events = drain((p, d), 0.5)
+    deltas, _ = drain((p, d), 0.5)
     assert [(n, x.finished, x.finish_reason) for n, x in deltas] == [("prefill-0", True, "length")]
     assert [t for _, x in deltas for t in x.token_ids] == reference(prompt, one)
     d.abort("f#1")  # the owner drops the useless staging

@@ -43,7 +43,9 @@ class StoreConfig:
     prefetch_top_m: int = 2  # experts prefetched per token and forecast layer
     prefetch_bandwidth_bytes_per_s: float = 0.0  # 0 = unlimited (demand loads always preempt)
     ram_budget_bytes: int = 0  # second-level RAM tier when the compute tier is a GPU (0 = none)
-    drop_page_cache: bool = False  # posix_fadvise(DONTNEED) each read range: every disk read is cold
+    drop_page_cache: bool = (
+        False  # posix_fadvise(DONTNEED) each read range: every disk read is cold
+    )
     device: str = "cpu"
     dtype: str = "float16"
 
@@ -80,7 +82,9 @@ class ExpertStoreStats:
     num_layers: int
     num_experts: int
     tiers: dict[TierName, TierStats] = field(default_factory=dict)
-    expert_load: list[list[int]] = field(default_factory=list)  # [layer][expert] routed token copies
+    expert_load: list[list[int]] = field(
+        default_factory=list
+    )  # [layer][expert] routed token copies
     expert_hits: list[list[int]] = field(default_factory=list)  # [layer][expert] fast-tier hits
     expert_misses: list[list[int]] = field(default_factory=list)  # [layer][expert] fast-tier misses
     late_prefetch: int = 0  # demand found its expert still being prefetched (counted as a miss)

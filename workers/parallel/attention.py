@@ -54,9 +54,7 @@ def exchange_meta(spec: ShardSpec, g: SPGroup) -> GroupMeta:
     all_counts = all_gather_padded(g, counts, [1] * g.world_size, "metadata exchange", None)
     sizes = [(int(c[0, 0]), int(c[0, 1])) for c in all_counts]
     flat = torch.cat([spec.q_pos, spec.q_seq, spec.kv_pos, spec.kv_seq]).long()
-    parts = all_gather_padded(
-        g, flat, [2 * a + 2 * b for a, b in sizes], "metadata exchange", None
-    )
+    parts = all_gather_padded(g, flat, [2 * a + 2 * b for a, b in sizes], "metadata exchange", None)
     shards = []
     for (nq, nkv), p in zip(sizes, parts, strict=True):
         q_pos, q_seq, kv_pos, kv_seq = p.split([nq, nq, nkv, nkv])

@@ -8,6 +8,7 @@ the schedule and step within the timeout.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,30 +72,56 @@ class P2P:
 
 
 class Pending:
-    """Transfers posted together, waited together; timings go to a step recorder."""
+    """Transfers posted together, waited together; timings go to a step recorder.
 
-    def __init__(self, works: list[dist.Work], what: str, rec: StepRecorder | None) -> None:
-        self.works = works
+    gloo works have no completion callbacks, and polling is out, so a helper thread blocks in the
+    works' own wait and stamps the completion time: comm_s is the real transfer time even when it
+    ends in the middle of the compute, and exposed_comm_s is the part the caller sat waiting for.
+    """
+
+    def __init__(
+        self, works: list[dist.Work], what: str, rec: StepRecorder | None, g: SPGroup
+    ) -> None:
         self.what = what
         self.rec = rec
         self.posted = time.perf_counter()
+        self._done_at = self.posted
+        self._error: BaseException | None = None
+        self._finished = threading.Event()
+        self._waited = False
+        if works:
+            t = threading.Thread(target=self._watch, args=(works, g.timeout), daemon=True)
+            t.start()
+        else:
+            self._finished.set()
+
+    def _watch(self, works: list[dist.Work], timeout: timedelta) -> None:
+        """Helper thread: block in each work's wait (bounded by the group timeout)."""
+        try:
+            for w in works:
+                w.wait(timeout)
+        except BaseException as e:  # handed to the caller's wait()
+            self._error = e
+        self._done_at = time.perf_counter()
+        self._finished.set()
 
     def wait(self, g: SPGroup) -> None:
         """Block until every transfer completes, or raise SPCommError after the group timeout."""
+        if self._waited:
+            return
         t0 = time.perf_counter()
-        try:
-            for w in self.works:
-                w.wait(g.timeout)
-        except RuntimeError as e:
+        # The helper's own wait is bounded by the timeout; the slack covers thread scheduling.
+        finished = self._finished.wait(g.timeout.total_seconds() + 5.0)
+        if not finished or self._error is not None:
             raise SPCommError(
                 f"sequence-parallel {self.what} on rank {g.rank}/{g.world_size} failed "
-                f"(a peer died or did not answer within {g.timeout.total_seconds():.0f}s): {e}"
-            ) from e
-        done = time.perf_counter()
+                f"(a peer died or did not answer within {g.timeout.total_seconds():.0f}s): "
+                f"{self._error if self._error is not None else 'no completion'}"
+            ) from self._error
+        self._waited = True
         if self.rec is not None:
-            self.rec.exposed_comm_s += done - t0
-            self.rec.comm_s += done - self.posted
-        self.works = []
+            self.rec.exposed_comm_s += max(0.0, self._done_at - t0)
+            self.rec.comm_s += self._done_at - self.posted
 
 
 def post(g: SPGroup, ops: list[P2P], what: str, rec: StepRecorder | None) -> Pending:
@@ -119,7 +146,7 @@ def post(g: SPGroup, ops: list[P2P], what: str, rec: StepRecorder | None) -> Pen
                     rec.bytes_recv += nbytes
     except RuntimeError as e:
         raise SPCommError(f"sequence-parallel {what} on rank {g.rank}: posting failed: {e}") from e
-    return Pending(works, what, rec)
+    return Pending(works, what, rec, g)
 
 
 def all_gather_padded(
@@ -142,5 +169,5 @@ def all_gather_padded(
         # A ring all-gather forwards N-1 blocks per rank.
         rec.bytes_sent += (g.world_size - 1) * padded.numel() * padded.element_size()
         rec.bytes_recv += (g.world_size - 1) * padded.numel() * padded.element_size()
-    Pending([work], what, rec).wait(g)
+    Pending([work], what, rec, g).wait(g)
     return [o[:n] for o, n in zip(outs, sizes, strict=True)]

@@ -108,7 +108,9 @@ def estimate(schedule: str, shape: SPShape, hw: HardwareModel | None = None) -> 
     for r in range(n):
         steps = sched.bytes_per_step(n_q, n_kv, r, shape.dims)
         heaviest = max([heaviest, *(b.busiest for b in steps)])
-        comm = [b.busiest / hw.link_bytes_per_s + (hw.step_latency_s if b.total else 0.0) for b in steps]
+        comm = [
+            b.busiest / hw.link_bytes_per_s + (hw.step_latency_s if b.total else 0.0) for b in steps
+        ]
         if schedule == "allgather":
             t = comm[0] + n * per_step  # gather first, then all of this rank's attention
         elif schedule == "tokenring":

@@ -48,10 +48,12 @@ def rank_positions(length: int, world: int, rank: int, kind: str = "zigzag") -> 
     if length < 0:
         raise ValueError(f"length={length} must be >= 0")
     if kind == "striped":
-        return torch.arange(rank, length, world, dtype=torch.long)
+        return torch.arange(rank, max(rank, length), world, dtype=torch.long)
     if kind == "contiguous":
         return _chunk(length, world, rank)
-    return torch.cat([_chunk(length, 2 * world, rank), _chunk(length, 2 * world, 2 * world - 1 - rank)])
+    return torch.cat(
+        [_chunk(length, 2 * world, rank), _chunk(length, 2 * world, 2 * world - 1 - rank)]
+    )
 
 
 def prefix_positions(cached: int, world: int, rank: int, placement: str = "spread") -> torch.Tensor:
@@ -91,7 +93,9 @@ class RankShard:
     """A rank's ShardSpec plus where its rows come from in the flat batch."""
 
     spec: ShardSpec
-    new_rows: torch.Tensor  # [n_q] int64 rows in the flat batch of new tokens (concatenated requests)
+    new_rows: (
+        torch.Tensor
+    )  # [n_q] int64 rows in the flat batch of new tokens (concatenated requests)
     prefix_rows: torch.Tensor  # [n_prefix] int64 rows in the flat batch of cached-prefix tokens
 
 
@@ -129,7 +133,10 @@ def shard_batch(
         return torch.cat(xs) if xs else empty
 
     spec = ShardSpec(
-        cat(q_pos), cat(q_seq), torch.cat([cat(p_pos), cat(q_pos)]), torch.cat([cat(p_seq), cat(q_seq)])
+        cat(q_pos),
+        cat(q_seq),
+        torch.cat([cat(p_pos), cat(q_pos)]),
+        torch.cat([cat(p_seq), cat(q_seq)]),
     )
     return RankShard(spec, cat(new_rows), cat(p_rows))
 

@@ -11,8 +11,7 @@ class StepMetrics:
 
     comm_s runs from posting the step's sends/receives to seeing them complete; exposed_comm_s is the
     part spent blocked waiting for them after the step's compute, so the rest was hidden behind it.
-    gloo has no completion callbacks and polling is banned, so when the transfer ends during compute
-    comm_s is an upper bound (post to the wait's return) and the step counts as fully hidden.
+    Completion is stamped by a helper thread blocked in the transfer's wait (see comm.Pending).
     """
 
     step: int

@@ -20,8 +20,8 @@ class SplitwisePolicy(PairingPolicy):
     name = "splitwise"
 
     def pick_prefill(self, request: RequestView, candidates: Sequence[WorkerView]) -> WorkerView:
-        """Fewest pending prefill tokens, then fewest waiting requests."""
-        return argmin(candidates, lambda w: (w.pending_prefill_tokens, w.waiting))
+        """Fewest pending prefill tokens, then fewest requests (idle ties go to a worker not decoding)."""
+        return argmin(candidates, lambda w: (w.pending_prefill_tokens, w.waiting + w.running))
 
     def pick_decode(self, request: RequestView, candidates: Sequence[WorkerView]) -> WorkerView:
         """Most free KV tokens, then fewest running requests."""

@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (hf_tiny.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runtime_helpers.py
+# Ray reads this when it is imported; without it, Ray binds to the machine's external address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-T = TypeVar("T")
-
-
-class LoopThread:
-    """One event loop for a whole module, so clusters outlive single tests."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
-        """Run `coro` on the loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+from runtime_helpers import LoopThread
 
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
     """A head node with resource `prefill_node` and a second node with `decode_node`."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray.cluster_utils import Cluster
 

@@ -49,3 +49,12 @@ def test_splitwise_prefill_by_pending_tokens_decode_by_free_kv() -> None:
     y = worker("y", "decode", free=90, running=5)
     z = worker("z", "decode", free=90, running=2)
     assert p.pick_decode(REQ, [x, y, z]).worker_id == "z"
+
+
+def test_splitwise_idle_prefill_tie_goes_to_the_worker_not_decoding() -> None:
+    # Colocated (mixed) workers all have zero pending prompt tokens when lightly loaded; the one
+    # already decoding must not get every new prompt just because its id sorts first.
+    p = make_policy("splitwise")
+    busy = worker("m-0", "mixed", pending=0, running=3)
+    idle = worker("m-1", "mixed", pending=0, running=0)
+    assert p.pick_prefill(REQ, [busy, idle]).worker_id == "m-1"

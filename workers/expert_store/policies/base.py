@@ -36,9 +36,11 @@ class CachePolicy(ABC):
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
         """`key` entered the tier."""
+        return None
 
     def on_evict(self, key: ExpertKey) -> None:
         """`key` left the tier."""
+        return None
 
     @abstractmethod
     def victim(self, candidates: Collection[ExpertKey], now: int) -> ExpertKey:
@@ -49,10 +51,12 @@ class CachePolicy(ABC):
         return True
 
     def forecast(self, tick: int, keys: Collection[ExpertKey]) -> None:
-        """The predictor expects `keys` to be used at layer tick `tick` (ignored by default)."""
+        """Forecast: `keys` used at layer tick `tick` (ignored by default)."""
+        return None
 
     def advance(self, tick: int) -> None:
-        """A new layer tick (forward * num_layers + layer) begins (ignored by default)."""
+        """A new layer tick begins (ignored by default)."""
+        return None
 
 
 POLICIES: dict[str, type[CachePolicy]] = {}
@@ -71,4 +75,3 @@ def make_policy(name: str, ctx: PolicyContext) -> CachePolicy:
     if name not in POLICIES:
         raise ValueError(f"policy: unknown cache policy {name!r}; known: {sorted(POLICIES)}")
     return POLICIES[name](ctx)
-

@@ -66,7 +66,12 @@ class PredictivePolicy(CachePolicy):
         return self.recency.oldest([k for k, u in uses.items() if u == far])
 
     def admit(self, key: ExpertKey, victim: ExpertKey, now: int, prefetch: bool) -> bool:
-        """Demand loads always enter; a prefetch only displaces a later (or unforecast) expert."""
+        """Enter only in place of an expert forecast later than this one's next use.
+
+        A demand-loaded expert is used now (it bypasses the tier when refused); its next use is
+        at the earliest the same layer of the next forward, unless a forecast says sooner.
+        """
+        mine = self.predicted_use(key)
         if not prefetch:
-            return True
-        return self.predicted_use(key) < self.predicted_use(victim)
+            mine = min(mine, float(self.tick + self.ctx.num_layers))
+        return mine < self.predicted_use(victim)

@@ -52,10 +52,12 @@ class AllGatherSchedule(Schedule):
     ) -> ScheduleResult:
         """Gather, then attend."""
         rec = StepRecorder(0)
-        mine = torch.stack([k, v], dim=1).contiguous()  # [n_kv, 2, Hkv, d]
-        parts = all_gather_padded(g, mine, meta.n_kv, "allgather step 0", rec)
-        kv = torch.cat(parts) if len(parts) > 1 else parts[0]  # [sum n_kv, 2, Hkv, d]
+        # K and V gathered separately: each is already contiguous, so no packing copy.
+        ks = all_gather_padded(g, k, meta.n_kv, "allgather step 0 (K)", rec)
+        vs = all_gather_padded(g, v, meta.n_kv, "allgather step 0 (V)", rec)
+        k_all = torch.cat(ks) if len(ks) > 1 else ks[0]  # [sum n_kv, Hkv, d] in rank order
+        v_all = torch.cat(vs) if len(vs) > 1 else vs[0]
         t0 = time.perf_counter()
-        out, lse = block_attention(q, kv[:, 0], kv[:, 1], blocks[0], scale=scale)
+        out, lse = block_attention(q, k_all, v_all, blocks[0], scale=scale)
         rec.compute_s += time.perf_counter() - t0
         return ScheduleResult(out.to(q.dtype), lse, (rec.freeze(),))

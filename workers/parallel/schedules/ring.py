@@ -44,9 +44,7 @@ class RingSchedule(Schedule):
         """Step s < N-1 forwards the held KV block (K and V) of rank (rank - s)."""
         n = len(n_kv)
         row = 2 * dims.num_kv_heads * dims.head_dim * dims.elem_bytes
-        return [
-            LinkBytes(n_kv[(rank - s) % n] * row if s < n - 1 else 0, 0) for s in range(n)
-        ]
+        return [LinkBytes(n_kv[(rank - s) % n] * row if s < n - 1 else 0, 0) for s in range(n)]
 
     def run(
         self,
@@ -61,7 +59,10 @@ class RingSchedule(Schedule):
         """Rotate KV, attend, merge."""
         n, r = g.world_size, g.rank
         n_kv = meta.n_kv
-        cur = torch.stack([k, v]).contiguous()  # [2, n_kv_src, Hkv, d]: K and V in one message
+        cur_k, cur_v = (
+            k,
+            v,
+        )  # [n_kv_src, Hkv, d] each, contiguous: sent as two messages, no packing copy
         out: torch.Tensor | None = None
         lse: torch.Tensor | None = None
         recs: list[StepRecorder] = []
@@ -69,14 +70,21 @@ class RingSchedule(Schedule):
             rec = StepRecorder(s)
             recs.append(rec)
             pending = None
-            nxt = cur
+            nxt_k, nxt_v = cur_k, cur_v
             if s < n - 1:
                 # Post the next block's transfer first, so it runs while this block computes.
-                nxt = cur.new_empty((2, n_kv[(r - s - 1) % n], *cur.shape[2:]))
-                ops = [P2P("send", cur, g.next_rank), P2P("recv", nxt, g.prev_rank)]
+                rows = n_kv[(r - s - 1) % n]
+                nxt_k = k.new_empty((rows, *k.shape[1:]))
+                nxt_v = v.new_empty((rows, *v.shape[1:]))
+                ops = [
+                    P2P("send", cur_k, g.next_rank),
+                    P2P("send", cur_v, g.next_rank),
+                    P2P("recv", nxt_k, g.prev_rank),
+                    P2P("recv", nxt_v, g.prev_rank),
+                ]
                 pending = post(g, ops, f"ring step {s}", rec)
             t0 = time.perf_counter()
-            o, lo = block_attention(q, cur[0], cur[1], blocks[s], scale=scale)
+            o, lo = block_attention(q, cur_k, cur_v, blocks[s], scale=scale)
             if out is None or lse is None:
                 out, lse = o, lo
             else:
@@ -84,6 +92,6 @@ class RingSchedule(Schedule):
             rec.compute_s += time.perf_counter() - t0
             if pending is not None:
                 pending.wait(g)
-            cur = nxt
+            cur_k, cur_v = nxt_k, nxt_v
         assert out is not None and lse is not None
         return ScheduleResult(out.to(q.dtype), lse, tuple(x.freeze() for x in recs))

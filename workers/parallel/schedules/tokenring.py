@@ -32,8 +32,8 @@ LSE_BYTES = 4  # the LSE travels as float32 whatever the activation dtype
 
 def _pack(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(out [n, H, d] f32, lse [n, H] f32) -> one contiguous uint8 message [n, H*d*eb + 4*H]."""
-    n = out.shape[0]
-    ob = out.to(dtype).reshape(n, -1).contiguous().view(torch.uint8)
+    n, heads, head_dim = out.shape
+    ob = out.to(dtype).reshape(n, heads * head_dim).contiguous().view(torch.uint8)
     lb = lse.float().contiguous().view(torch.uint8)
     return torch.cat([ob, lb], dim=1)
 

@@ -1,0 +1,256 @@
+"""Sequence-parallel prefill attention: ring (pass-KV), TokenRing (pass-Q), all-gather, N = 1..4.
+
+    python3 tests/bench/bench_ring.py [--worlds 1,2,3,4] [--length 3072] [--repeats 3] [--threads 1]
+
+Each N runs as N processes joined by gloo on 127.0.0.1 (one process group reused for every shape
+and schedule). Per shape: the slowest rank's attention time as a fraction of the single-rank time,
+per-step compute and communication time and the hidden fraction; then the cost model, calibrated
+in the same run (flop rate from N = 1, link bandwidth from a gloo ping), against the measured
+fastest; then the longest prompt under a fixed per-rank KV budget, computed from the layout and
+run for real at small scale. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from batonserve.workers.parallel import (
+    AttentionDims,
+    HardwareModel,
+    SPGroup,
+    SPShape,
+    choose_schedule,
+    plan_sp_attention,
+    shard_batch,
+    sp_attention,
+)
+from batonserve.workers.parallel.layout import longest_prompt, max_local_tokens
+
+SCHEDULES = ("ring", "tokenring", "allgather")
+BUDGET_ROWS = 256  # per-rank KV rows for the longest-prompt demonstration
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmarked request shape (float32)."""
+
+    name: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    new: int
+    cached: int
+
+
+def shapes(length: int) -> list[Shape]:
+    """MHA and GQA prompts of `length`, and an 8-token chunk over a long cached prefix (KV-heavy)."""
+    return [
+        Shape("mha", 8, 8, 64, length, 0),
+        Shape("gqa-4:1", 8, 2, 64, length, 0),
+        Shape("mha-prefix", 8, 8, 64, 8, 8 * length),
+    ]
+
+
+def _run_shape(g: SPGroup, s: Shape, schedule: str, repeats: int) -> dict[str, Any]:
+    """Warm up once, then time `repeats` calls; per-step metrics of the median call."""
+    sh = shard_batch([s.new], [s.cached], g.world_size, g.rank)
+    gen = torch.Generator().manual_seed(g.rank)
+    q = torch.randn(sh.spec.num_q, s.heads, s.head_dim, generator=gen)
+    k = torch.randn(sh.spec.num_kv, s.kv_heads, s.head_dim, generator=gen)
+    v = torch.randn_like(k)
+    dims = AttentionDims(s.heads, s.kv_heads, s.head_dim, 4)
+    plan = plan_sp_attention(sh.spec, g, dims, schedule=schedule)
+    sp_attention(q, k, v, plan, g)
+    runs = []
+    for _ in range(repeats):
+        dist.barrier(group=g.group)
+        runs.append(sp_attention(q, k, v, plan, g).metrics)
+    runs.sort(key=lambda m: m.total_s)
+    m = runs[len(runs) // 2]
+    return {
+        "total_s": m.total_s,
+        "compute_s": m.compute_s,
+        "comm_s": m.comm_s,
+        "exposed_s": m.exposed_comm_s,
+        "hidden": m.hidden_fraction,
+        "steps": len(m.steps),
+        "bytes": m.bytes_sent,
+    }
+
+
+def _ping(g: SPGroup) -> tuple[float, float]:
+    """(bytes/s, seconds one way for a tiny message) rank 0 -> 1 over gloo; best of several."""
+    big, small = torch.zeros(4 * 1024 * 1024), torch.zeros(1)  # 16 MiB
+    best = []
+    for buf, reps in ((small, 20), (big, 5)):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            if g.rank == 0:
+                dist.send(buf, g.global_rank(1), group=g.group)
+                dist.recv(small, g.global_rank(1), group=g.group)
+            elif g.rank == 1:
+                dist.recv(buf, g.global_rank(0), group=g.group)
+                dist.send(small, g.global_rank(0), group=g.group)
+            times.append(time.perf_counter() - t0)
+        best.append(min(times))  # the best round trip: the link, not the noisy neighbours
+    lat = best[0] / 2
+    return big.numel() * 4 / max(1e-9, best[1] - 2 * lat), lat
+
+
+def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
+    """One rank: every shape x schedule, the ping and the budget demonstration."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(args.threads)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=300),
+    )
+    g = SPGroup(timeout_s=300)
+    res: dict[str, Any] = {"runs": {}}
+    for s in shapes(args.length):
+        for sched in SCHEDULES:
+            res["runs"][f"{s.name}/{sched}"] = _run_shape(g, s, sched, args.repeats)
+    if world > 1:
+        dist.barrier()
+        res["ping"] = _ping(g)
+    # Longest prompt under BUDGET_ROWS KV rows per rank: run it and record the rows held.
+    length = longest_prompt(BUDGET_ROWS, world)
+    sh = shard_batch([length], None, world, rank)
+    q = torch.randn(sh.spec.num_q, 2, 16)
+    k = torch.randn(sh.spec.num_kv, 1, 16)
+    plan = plan_sp_attention(sh.spec, g, AttentionDims(2, 1, 16, 4), schedule="ring")
+    out = sp_attention(q, k, k.clone(), plan, g).out
+    res["budget"] = {
+        "length": length,
+        "max_rows": max(plan.meta.n_kv),
+        "finite": bool(torch.isfinite(out).all()),
+    }
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def _spawn(world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run all ranks of one group size; return their records."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(
+            _rank_main, args=(world, port, args, tmp), nprocs=world, start_method="spawn"
+        )
+        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def main() -> None:
+    """Run the benchmark and print markdown tables."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--worlds", default="1,2,3,4")
+    ap.add_argument("--length", type=int, default=3072)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    worlds = [int(x) for x in args.worlds.split(",")]
+    print(f"# cores={os.cpu_count()} threads/rank={args.threads} torch={torch.__version__}")
+    recs = {n: _spawn(n, args) for n in worlds}
+    base = 1 if 1 in recs else worlds[0]
+
+    def slowest(n: int, key: str, field: str = "total_s") -> float:
+        return max(r["runs"][key][field] for r in recs[n])
+
+    print("\n| shape | schedule | " + " | ".join(f"N={n}" for n in worlds) + " |")
+    print("|---|---|" + "---|" * len(worlds))
+    for s in shapes(args.length):
+        single = slowest(base, f"{s.name}/ring")
+        for sched in SCHEDULES:
+            cells = [f"{slowest(n, f'{s.name}/{sched}') / single:.2f}" for n in worlds]
+            print(f"| {s.name} | {sched} | " + " | ".join(cells) + " |")
+    print(f"\nsingle-rank attention time (N={base}, ring): ", end="")
+    print(
+        ", ".join(
+            f"{s.name} {slowest(base, f'{s.name}/ring') * 1e3:.0f} ms" for s in shapes(args.length)
+        )
+    )
+
+    print(
+        "\n| shape | N | schedule | steps | compute ms/step | comm ms/step | exposed ms/step | hidden |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for n in worlds:
+        if n == 1:
+            continue
+        for s in shapes(args.length):
+            for sched in SCHEDULES:
+                rs = [r["runs"][f"{s.name}/{sched}"] for r in recs[n]]
+                st = rs[0]["steps"]
+                cells = [
+                    statistics.mean(r[f] for r in rs) / st * 1e3
+                    for f in ("compute_s", "comm_s", "exposed_s")
+                ]
+                hid = statistics.mean(r["hidden"] for r in rs)
+                print(
+                    f"| {s.name} | {n} | {sched} | {st} | "
+                    + " | ".join(f"{c:.1f}" for c in cells)
+                    + f" | {hid:.2f} |"
+                )
+
+    # Calibrate the cost model on this machine: flop rate from the single-rank MHA run.
+    mha = shapes(args.length)[0]
+    pairs = mha.new * (mha.new + 1) / 2
+    flops = 4 * mha.heads * mha.head_dim * pairs / recs[base][0]["runs"]["mha/ring"]["compute_s"]
+    pings = [recs[n][0]["ping"] for n in worlds if n > 1]
+    bw = statistics.median(p[0] for p in pings) if pings else 1e9
+    lat = statistics.median(p[1] for p in pings) if pings else 1e-4
+    hw = HardwareModel(flops_per_s=flops, link_bytes_per_s=bw, step_latency_s=lat)
+    print(
+        f"\ncalibration: {flops / 1e9:.1f} GFLOP/s per rank, link {bw / 1e9:.2f} GB/s, latency {lat * 1e6:.0f} us"
+    )
+    print("\n| shape | N | cost model picks | measured fastest | measured times (ms) |")
+    print("|---|---|---|---|---|")
+    agree = total = 0
+    for n in worlds:
+        if n == 1:
+            continue
+        for s in shapes(args.length):
+            shape = SPShape(s.heads, s.kv_heads, s.head_dim, s.new, s.cached, n, 4)
+            pick = choose_schedule(shape, hw)
+            times = {sched: slowest(n, f"{s.name}/{sched}") for sched in SCHEDULES}
+            best = min(times, key=lambda k: times[k])
+            agree += pick == best
+            total += 1
+            tstr = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in times.items())
+            print(f"| {s.name} | {n} | {pick} | {best} | {tstr} |")
+    print(f"\ncost model matched the measured fastest on {agree}/{total} shapes")
+
+    print(
+        f"\n| N | longest prompt, {BUDGET_ROWS} KV rows/rank (layout) | ran: max rows on a rank | +1 token needs |"
+    )
+    print("|---|---|---|---|")
+    for n in worlds:
+        b = recs[n][0]["budget"]
+        ok = all(r["budget"]["finite"] for r in recs[n])
+        over = max_local_tokens(b["length"] + 1, n)
+        print(f"| {n} | {b['length']} | {b['max_rows']} (finite={ok}) | {over} rows |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Fixtures for fault tests: routers over the fake cluster (the real-cluster ones set their own)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # tests/ (hf_tiny.py)
+sys.path.insert(0, str(HERE.parent / "router"))  # router_harness.py
+
+from router_harness import CONTEXT_LENGTH, RouterHarness, write_tiny_model
+
+from batonserve.cluster.api import ModelInfo
+from batonserve.workers.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def fault_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny tokenizer-only model directory the fake cluster serves."""
+    return write_tiny_model(tmp_path_factory.mktemp("fault-model"))
+
+
+@pytest.fixture(scope="session")
+def fault_tokenizer(fault_model_dir: Path) -> Tokenizer:
+    """Its tokenizer."""
+    return Tokenizer(fault_model_dir / "tokenizer.json")
+
+
+@pytest.fixture
+def fault_router(fault_tokenizer: Tokenizer) -> Iterator[Callable[..., RouterHarness]]:
+    """Factory of routers over the fake cluster; each is closed after the test."""
+    info = ModelInfo("tiny", "LlamaForCausalLM", CONTEXT_LENGTH, fault_tokenizer.vocab_size, False)
+    made: list[RouterHarness] = []
+
+    def make(**kwargs: Any) -> RouterHarness:
+        h = RouterHarness(fault_tokenizer, info, **kwargs)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()

@@ -1,0 +1,64 @@
+"""Token regrouping (ExpertFlow): pick the next batch from waiting tokens so it shares experts.
+
+Each waiting token carries its forecast routing path (the experts the predictor expects it to use
+in every layer). A batch starts with every token that has waited `max_wait_steps` (oldest first),
+then greedily adds the token that brings the fewest experts not yet in the batch (oldest first among
+equals), until `batch_size`. Bound: no token waits more than `max_wait_steps` steps as long as at
+most `batch_size` tokens come due in any step (e.g. fewer than batch_size * (max_wait_steps + 1)
+tokens waiting); otherwise the oldest go first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from batonserve.workers.expert_store.types import ExpertKey
+
+
+@dataclass(frozen=True)
+class RegroupConfig:
+    """Batch size and the wait bound (in scheduling steps)."""
+
+    batch_size: int
+    max_wait_steps: int
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_wait_steps < 0:
+            raise ValueError(f"max_wait_steps: must be >= 0, got {self.max_wait_steps}")
+
+
+@dataclass(frozen=True)
+class WaitingToken:
+    """A request's next token, waiting to be scheduled."""
+
+    request_id: str
+    ready_step: int  # the step it became ready to run
+    experts: frozenset[ExpertKey]  # forecast routing path over all layers
+
+
+def select_batch(
+    waiting: Sequence[WaitingToken], step: int, config: RegroupConfig
+) -> list[WaitingToken]:
+    """The tokens to run at `step` (at most batch_size), overdue ones first, then by expert overlap."""
+    by_age = sorted(waiting, key=lambda t: (t.ready_step, t.request_id))
+    due = [t for t in by_age if step - t.ready_step >= config.max_wait_steps]
+    batch = due[: config.batch_size]
+    chosen = {t.request_id for t in batch}
+    union: set[ExpertKey] = set().union(*(t.experts for t in batch)) if batch else set()
+    rest = [t for t in by_age if t.request_id not in chosen]
+    while len(batch) < config.batch_size and rest:
+        best = min(range(len(rest)), key=lambda i: (len(rest[i].experts - union), i))
+        tok = rest.pop(best)
+        batch.append(tok)
+        union |= tok.experts
+    return batch
+
+
+def select_fifo(
+    waiting: Sequence[WaitingToken], step: int, config: RegroupConfig
+) -> list[WaitingToken]:
+    """The baseline: the oldest batch_size tokens."""
+    return sorted(waiting, key=lambda t: (t.ready_step, t.request_id))[: config.batch_size]
