@@ -33,6 +33,7 @@ from batonserve.cluster.request_state import RequestState
 from batonserve.cluster.scheduling import (
     ClusterScheduler,
     Pairing,
+    PrefixIndex,
     Rejection,
     RejectReason,
     RequestView,
@@ -127,8 +128,9 @@ class Cluster(WorkerEvents):
             if pairing.reason is RejectReason.NO_HEALTHY_WORKER:
                 raise ClusterUnavailable(pairing.message)
             raise AdmissionRejected(f"{pairing.reason.value}: {pairing.message}")
-        self.requests[request.request_id] = st
+        # Before registering: a stop string without a tokenizer is the caller's error.
         self.processor.add_request(request.request_id, request.prompt_token_ids, request.sampling)
+        self.requests[request.request_id] = st
         self._start_attempt(st, pairing)
         return self._stream(st)
 

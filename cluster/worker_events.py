@@ -9,6 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from batonserve.cluster.api import AdmissionRejected
 from batonserve.cluster.metrics_inputs import PoolChange, WorkerSnapshot
 from batonserve.cluster.observer import handoff_record
 from batonserve.workers.worker_types import HandoffEvent, PollResult, RequestDelta
@@ -91,6 +92,10 @@ class WorkerEvents:
             st.cached_tokens = d.num_cached_tokens
         if d.prefilled and a.handoff_id is not None:
             self.ledger.prefilled(a.handoff_id)
+        if d.error:  # the engine refused it (e.g. too long for its context): no retry helps
+            st.fail(AdmissionRejected(f"{name}: {d.error}"))
+            self._finish(st)
+            return
         if d.finished and d.finish_reason == "abort":
             self.restart(st, f"{name} aborted the request")
             return
@@ -173,19 +178,19 @@ class WorkerEvents:
             for h in self.ledger.expired():
                 log.warning("handoff %s of %s: lease expired", h.handoff_id, h.request_id)
                 self.abort_handoff(h, "lease_expired")
-            await self._rebalance()
+            self._rebalance()
 
-    async def _rebalance(self: Cluster) -> None:
+    def _rebalance(self: Cluster) -> None:
+        """Apply the mixed pool's role changes (the role is a label: nothing reloads)."""
         changes = self.cls.rebalance(self.views(), time.monotonic())
         for c in changes:
             w = self.controller.workers.get(c.worker_id)
             if w is None or not w.healthy:
                 continue
-            try:
-                await self.controller.set_role(c.worker_id, c.to_role)
-            except Exception as e:
-                log.warning("role change of %s failed: %s", c.worker_id, e)
-                continue
+            # The cluster routes by its own copy of the role at once; the actor's copy (for its
+            # stats) follows without blocking the lease clock on a slow or dead actor.
+            w.role = c.to_role
+            self.spawn(self._quiet(w.actor.set_role.remote(c.to_role)))
             self._views.pop(c.worker_id, None)
             self.observer.pool_change(PoolChange(w.spec.pool, c.kind, c.from_role, c.to_role))
 

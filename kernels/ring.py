@@ -23,6 +23,7 @@ import torch
 from batonserve.kernels.attention import NEG_INF
 
 DEFAULT_TILE = 128
+MAX_SCORES = 1 << 24  # score elements per matmul (64 MiB in float32): long tiles run in row chunks
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,10 @@ class BlockTile:
 
     q_start: int  # first query row of the tile
     q_end: int  # one past the last query row
-    k_range: tuple[int, int] | None  # contiguous key rows [a, b), or None: use k_rows
-    k_rows: torch.Tensor | None  # [nk] int64 key rows when not contiguous
-    q_pos: torch.Tensor | None  # [t] int64 query positions, None when no mask is needed
-    k_pos: torch.Tensor | None  # [nk] int64 key positions, None when no mask is needed
+    k_range: tuple[int, int]  # key rows [a, b) (keys are in (request, position) order)
+    mask_start: int  # keys before this offset in the range are visible to every query of the tile
+    q_pos: torch.Tensor | None  # [t] int64 query positions, None when no key needs a mask
+    k_pos: torch.Tensor | None  # [nk - mask_start] positions of the keys that need one
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class BlockPlan:
     num_q: int
     tiles: tuple[BlockTile, ...]
     num_pairs: int  # allowed (query, key) pairs: 4 * heads * head_dim * num_pairs flops
+    # [n_k] int64: keys are gathered once into (request, position) order before the tiles, which
+    # then slice contiguous rows; None when the keys already come in that order.
+    k_order: torch.Tensor | None = None
 
 
 def _query_runs(q_pos: torch.Tensor, q_seq: torch.Tensor, tile: int) -> list[tuple[int, int]]:
@@ -74,6 +78,13 @@ def plan_block(
     """Plan causal attention of queries (q_pos, q_seq [n_q]) over keys (k_pos, k_seq [n_k]) by position."""
     q_pos, q_seq = q_pos.long().cpu(), q_seq.long().cpu()
     k_pos, k_seq = k_pos.long().cpu(), k_seq.long().cpu()
+    k_order = None
+    if k_pos.numel() > 1:
+        key = k_seq * (int(k_pos.max()) + 1) + k_pos
+        if bool((key[1:] < key[:-1]).any()):
+            # Out of order (e.g. zigzag blocks concatenated by rank): sort once, slice per tile.
+            k_order = torch.argsort(key, stable=True)
+            k_pos, k_seq = k_pos[k_order], k_seq[k_order]
     tiles: list[BlockTile] = []
     pairs = 0
     for a, b in _query_runs(q_pos, q_seq, tile):
@@ -89,26 +100,30 @@ def plan_block(
         if n_allowed == 0:
             continue
         pairs += n_allowed
-        full = n_allowed == allowed.numel()
         lo, top = int(rows[0]), int(rows[-1]) + 1
-        contiguous = top - lo == rows.numel()
+        assert top - lo == rows.numel(), "sorted keys give a contiguous range"
+        # Keys at or before the tile's first position are seen by all its rows: only the tail
+        # (about the diagonal) needs a mask.
+        start = int((kp <= int(qp.min())).sum())
+        full = start == rows.numel()
         tiles.append(
-            BlockTile(
-                a,
-                b,
-                (lo, top) if contiguous else None,
-                None if contiguous else rows,
-                None if full else qp,
-                None if full else kp,
-            )
+            BlockTile(a, b, (lo, top), start, None if full else qp, None if full else kp[start:])
         )
-    return BlockPlan(int(q_pos.shape[0]), tuple(tiles), pairs)
+    return BlockPlan(int(q_pos.shape[0]), tuple(tiles), pairs, k_order)
 
 
 def _tile_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    mask_start: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [t, H, d], k/v [nk, Hkv, d], mask [t, nk] -> (out [t, H, d], lse [t, H]) in float32."""
+    """q [t, H, d], k/v [nk, Hkv, d] -> (out [t, H, d], lse [t, H]) in float32.
+
+    mask [t, nk - mask_start] covers only the last keys; the first mask_start are seen by every row.
+    """
     t, num_heads, d = q.shape
     nk, num_kv = k.shape[0], k.shape[1]
     g = num_heads // num_kv
@@ -117,7 +132,7 @@ def _tile_attention(
     s = torch.matmul(qg, k.float().permute(1, 2, 0)) * scale  # [Hkv, g*t, nk]
     s = s.view(num_kv, g, t, nk)
     if mask is not None:
-        s = s.masked_fill(~mask[None, None], NEG_INF)
+        s[..., mask_start:].masked_fill_(~mask[None, None], NEG_INF)  # in place, tail columns only
     m = s.amax(dim=-1, keepdim=True)  # [Hkv, g, t, 1]
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # a row with no key: no inf - inf
     p = torch.exp(s - m_safe)
@@ -142,19 +157,22 @@ def block_attention(
     if num_heads % max(1, k.shape[1]) != 0:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={k.shape[1]}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if plan.k_order is not None:
+        order = plan.k_order.to(k.device)
+        k, v = k.index_select(0, order), v.index_select(0, order)  # [n_k, Hkv, d] sorted
     out = torch.zeros(n_q, num_heads, d, dtype=torch.float32, device=q.device)
     lse = torch.full((n_q, num_heads), NEG_INF, dtype=torch.float32, device=q.device)
     for t in plan.tiles:
-        if t.k_range is not None:
-            kt, vt = k[t.k_range[0] : t.k_range[1]], v[t.k_range[0] : t.k_range[1]]
-        else:
-            assert t.k_rows is not None
-            rows = t.k_rows.to(q.device)
-            kt, vt = k.index_select(0, rows), v.index_select(0, rows)
+        kt, vt = k[t.k_range[0] : t.k_range[1]], v[t.k_range[0] : t.k_range[1]]
         mask = None
         if t.q_pos is not None and t.k_pos is not None:
-            mask = (t.k_pos[None, :] <= t.q_pos[:, None]).to(q.device)  # [t, nk]
-        o, s = _tile_attention(q[t.q_start : t.q_end], kt, vt, mask, scale)
-        out[t.q_start : t.q_end] = o
-        lse[t.q_start : t.q_end] = s
+            mask = (t.k_pos[None, :] <= t.q_pos[:, None]).to(q.device)  # [t, nk - mask_start]
+        # Bound the [H, rows, nk] score tensor: a tile over a long key range runs in row chunks.
+        step = max(1, MAX_SCORES // max(1, num_heads * kt.shape[0]))
+        for a in range(t.q_start, t.q_end, step):
+            b = min(a + step, t.q_end)
+            m = None if mask is None else mask[a - t.q_start : b - t.q_start]
+            o, s = _tile_attention(q[a:b], kt, vt, m, t.mask_start, scale)
+            out[a:b] = o
+            lse[a:b] = s
     return out, lse

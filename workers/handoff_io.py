@@ -22,9 +22,12 @@ from batonserve.workers.scheduler import StepPlan
 from batonserve.workers.worker_types import HandoffEvent, HandoffSpec
 
 
-def block_slots(block_ids: Sequence[int], block_size: int, start: int, end: int) -> list[int]:
-    """Cache slots of positions [start, end) under a block table."""
-    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+def block_slots(block_ids: Sequence[int], block_size: int, start: int, end: int) -> torch.Tensor:
+    """Cache slots (int64 [end - start]) of positions [start, end) under a block table."""
+    pos = torch.arange(start, end, dtype=torch.int64)
+    first, last = start // block_size, (end - 1) // block_size + 1
+    blocks = torch.tensor(block_ids[first:last], dtype=torch.int64)
+    return blocks[pos // block_size - first] * block_size + pos % block_size
 
 
 @dataclass
@@ -60,9 +63,7 @@ class KVExporter:
             if end <= ex.sent_upto:
                 continue
             slots = block_slots(seq.block_ids, self.spec.block_size, ex.sent_upto, end)
-            k, v = self.engine.read_kv(
-                layer, torch.tensor(slots, dtype=torch.long)
-            )  # each [n, num_kv_heads, head_dim]
+            k, v = self.engine.read_kv(layer, slots)  # each [n, num_kv_heads, head_dim]
             kv = torch.stack((k, v)).contiguous()  # [2, n, num_kv_heads, head_dim]
             try:
                 self.transport.send(

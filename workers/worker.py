@@ -7,10 +7,11 @@ needs no locks. The role only says which work the cluster sends here: changing i
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -112,7 +113,8 @@ class Worker:
 
         def run() -> None:
             if request_id not in self._aborted:
-                self.engine.add_request(request_id, prompt, params)
+                with self._refusal(request_id, len(prompt)):
+                    self.engine.add_request(request_id, prompt, params)
 
         self._enqueue(run)
 
@@ -122,13 +124,14 @@ class Worker:
         def run() -> None:
             if handoff.request_id in self._aborted:
                 return
-            self.exporter.start(handoff)
-            self.engine.add_request(
-                handoff.request_id,
-                list(handoff.prompt_token_ids),
-                handoff.params,
-                prefill_only=True,
-            )
+            with self._refusal(handoff.request_id, handoff.prompt_len):
+                self.exporter.start(handoff)
+                self.engine.add_request(
+                    handoff.request_id,
+                    list(handoff.prompt_token_ids),
+                    handoff.params,
+                    prefill_only=True,
+                )
 
         self._enqueue(run)
 
@@ -213,6 +216,18 @@ class Worker:
 
     # ---- step loop ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _refusal(self, request_id: str, prompt_len: int) -> Iterator[None]:
+        """An engine that refuses one request (ValueError) ends that request, not the worker."""
+        try:
+            yield
+        except ValueError as e:
+            self.exporter.drop(request_id)
+            delta = RequestDelta(request_id, (), True, "abort", False, prompt_len, 0, str(e))
+            with self._cv:
+                self._deltas.append(delta)
+                self._cv.notify_all()
+
     def _enqueue(self, fn: Callable[[], None]) -> None:
         with self._cv:
             self._cmds.append(fn)
@@ -221,8 +236,8 @@ class Worker:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._cmds and not self._stopped and not self._busy():
-                    self._cv.wait(0.5)
+                if not self._cmds and not self._stopped and not self._busy():
+                    self._cv.wait(PREFIX_REFRESH_S)  # idle: still refresh the stats now and then
                 if self._stopped:
                     return
                 cmds, self._cmds = self._cmds, []
@@ -230,10 +245,11 @@ class Worker:
                 for fn in cmds:
                     fn()
                 outputs: list[CoreOutput] = []
-                if self.engine.has_unfinished():
+                stepped = self.engine.has_unfinished()
+                if stepped:
                     outputs = self.engine.step()
                     self._steps += 1
-                self._publish(outputs)
+                self._publish(outputs, wake=stepped)
             except Exception:
                 self._error = traceback.format_exc()
                 self._stats = self._make_stats()
@@ -250,7 +266,7 @@ class Worker:
             with self._cv:
                 self._events.extend(failed)
 
-    def _publish(self, outputs: list[CoreOutput]) -> None:
+    def _publish(self, outputs: list[CoreOutput], wake: bool) -> None:
         deltas: list[RequestDelta] = []
         events: list[HandoffEvent] = []
         for o in outputs:
@@ -273,7 +289,8 @@ class Worker:
             self._deltas.extend(deltas)
             self._events.extend(events)
             self._stats = stats
-            self._cv.notify_all()
+            if wake or deltas or events:  # a step's fresh load figures matter to the CLS too
+                self._cv.notify_all()
 
     def _on_chunk(self, peer: str, chunk: KVChunk) -> None:
         if self.importer.on_chunk(chunk):

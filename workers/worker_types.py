@@ -56,6 +56,7 @@ class RequestDelta:
     prefilled: bool  # the prefill-only phase ended; the tokens so far are the first token
     num_prompt_tokens: int
     num_cached_tokens: int
+    error: str = ""  # the engine refused the request (finish_reason "abort"); the worker lives on
 
 
 @dataclass(frozen=True)

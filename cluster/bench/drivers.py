@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -146,7 +147,7 @@ class NativeDriver:
         p, o = fit_to_context(req.prompt_tokens, req.output_tokens, self.context_length)
         ids = synthetic_token_ids(p, self.vocab_size, self._rng)
         msg = gpb.GenerateRequest(
-            request_id=f"bench-{req.index}-{self._rng.getrandbits(32):08x}",
+            request_id=f"bench-{req.index}-{uuid.uuid4().hex[:12]}",  # unique across runs
             token_ids=gpb.TokenIds(ids=ids),
             sampling=gpb.SamplingParams(max_tokens=o, ignore_eos=True),
         )

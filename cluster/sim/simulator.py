@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from batonserve.cluster.scheduling import (
     ClusterScheduler,
     Pairing,
-    PrefixIndex,
     Rejection,
     RequestView,
     RoleChange,
@@ -35,6 +34,17 @@ from batonserve.workers.request import Request
 from batonserve.workers.sampling_params import SamplingParams
 
 ARRIVE, STEP, XFER = 0, 1, 2
+
+
+class _BlockPoolLookup:
+    """PrefixLookup over the simulated workers' own block pools (what they cache right now)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self._sim = sim
+
+    def cached_prefix_blocks(self, worker_id: str, block_hashes: Sequence[int]) -> int:
+        """Leading blocks of the prompt the worker's block pool can hand out as a prefix hit."""
+        return len(self._sim.workers[worker_id].blocks.find_cached(block_hashes))
 
 
 @dataclass(frozen=True)
@@ -110,8 +120,7 @@ class Simulator:
         self.config = config or SimConfig()
         self.model = model
         self.design = design
-        self.prefix = PrefixIndex()
-        self.cls = ClusterScheduler(self.config.scheduler, self.prefix)
+        self.cls = ClusterScheduler(self.config.scheduler, _BlockPoolLookup(self))
         lim = self.config.limits
         self.workers: dict[str, SimWorker] = {}
         for p in design.pools:
@@ -181,8 +190,8 @@ class Simulator:
             self._role_changes.append(ch)
             views = [w.view() for w in self.workers.values()]
         tokens = self._prompt_tokens(r)
-        hashes = r.prefix_block_hashes
-        if not hashes and self.config.limits.enable_prefix_caching:
+        hashes: tuple[int, ...] = ()
+        if self.config.limits.enable_prefix_caching:
             hashes = tuple(hash_blocks(tokens, self.config.limits.block_size))
         view = RequestView(r.request_id, r.prompt_tokens, r.output_tokens, hashes, r.arrival_s)
         decision = self.cls.schedule(view, views)
@@ -209,12 +218,13 @@ class Simulator:
         self._kick(pw)
 
     def _prompt_tokens(self, r: TraceRequest) -> list[int]:
-        # Token values matter only to prefix caching: a trace without shared prefixes gets
-        # distinct contents per request so that nothing is shared by accident.
+        # Token values matter only to prefix caching: each prompt gets its own filler so that
+        # nothing is shared by accident, after its group's common prefix if it has one.
         if not self.config.limits.enable_prefix_caching:
             return [0] * r.prompt_tokens
-        salt = -1 - len(self._records)
-        return [salt] * r.prompt_tokens
+        shared = min(r.shared_prefix_tokens, r.prompt_tokens) if r.shared_prefix_group >= 0 else 0
+        own = -1 - len(self._records)
+        return [r.shared_prefix_group] * shared + [own] * (r.prompt_tokens - shared)
 
     # ---- worker steps --------------------------------------------------------------------------
 

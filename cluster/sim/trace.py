@@ -24,8 +24,10 @@ class TraceRequest:
     arrival_s: float  # seconds from the trace start
     prompt_tokens: int
     output_tokens: int
-    # Chained block hashes of the prompt (prefix-sharing experiments); empty: nothing shared.
-    prefix_block_hashes: tuple[int, ...] = ()
+    # Prefix-sharing experiments: requests with the same group id >= 0 start with the same
+    # `shared_prefix_tokens` tokens (the rest of every prompt is its own); -1: nothing shared.
+    shared_prefix_group: int = -1
+    shared_prefix_tokens: int = 0
 
 
 def _parse_time(text: str) -> dt.datetime:

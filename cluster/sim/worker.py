@@ -14,6 +14,7 @@ from batonserve.cluster.scheduling import Role, WorkerView
 from batonserve.cluster.sim.hardware import MachineSpec
 from batonserve.cluster.sim.perf_model import PerfModel
 from batonserve.workers.block_pool import BlockPool
+from batonserve.workers.config import EngineConfig
 from batonserve.workers.scheduler import (
     RequestUpdate,
     SampledToken,
@@ -25,14 +26,25 @@ from batonserve.workers.scheduler import (
 SIM_TOKEN = 1  # every sampled token; requests run with ignore_eos, so only max_tokens ends them
 
 
+_ENGINE = EngineConfig()
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """The engine settings that shape batching (EngineConfig's names and defaults)."""
 
-    block_size: int = 16
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
+    block_size: int = _ENGINE.block_size
+    max_num_batched_tokens: int = _ENGINE.max_num_batched_tokens
+    max_num_seqs: int = _ENGINE.max_num_seqs
+    # Off by default: trace requests carry lengths, not tokens, so nothing could be shared.
     enable_prefix_caching: bool = False
+
+    @classmethod
+    def from_engine_config(cls, cfg: EngineConfig) -> EngineLimits:
+        """The limits a worker built from `cfg` runs with."""
+        return cls(
+            cfg.block_size, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.enable_prefix_caching
+        )
 
 
 class SimWorker:

@@ -1,6 +1,7 @@
 """Compile every Triton kernel for a CUDA architecture without a GPU (Triton's ahead-of-time path).
 
-    python -m batonserve.kernels.triton.compile_check --arch 90 --arch 80
+    python -m batonserve.kernels.triton.compile_check                      # sm_80 and sm_90, all dtypes
+    python -m batonserve.kernels.triton.compile_check --target 90:bfloat16 # one (arch, dtype)
 
 The interpreter (TRITON_INTERPRET=1) checks the kernels' numbers on CPU, but it never runs the
 compiler: this catches what only the GPU build would reject (tl.dot shapes, types across branches
@@ -29,6 +30,8 @@ from batonserve.kernels.triton import (
 )
 
 _TY = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# Max dynamic shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
+SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Compiled:
     dtype: str
     arch: int
     cubin_bytes: int
+    shared_bytes: int
     seconds: float
 
 
@@ -94,17 +98,18 @@ def _specs(dt: str) -> list[tuple[object, dict[str, str], dict[str, object]]]:
         **dict.fromkeys(["act_ptr", "w_ptr", "out_ptr"], f"*{t}"),
         **{k: v for k, v in ffn.items() if not k.startswith(("x_", "w_", "act_"))},
     }
-    tiles = {"BLOCK_E": 8, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, **attn_flags}
+    cap = 32 if dt == "float32" else 64  # the wrappers' tile caps
+    tiles = {"BLOCK_E": 8, "BLOCK_M": cap, "BLOCK_N": cap, "BLOCK_K": cap, **attn_flags}
     return [
         (
             decode_attention._decode_split_kernel,
             decode,
-            {"BLOCK_G": 16, "BLOCK_N": 16, "BLOCK_D": 128, **attn_flags},
+            {"BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, **attn_flags},
         ),
         (
             prefill_attention._prefill_kernel,
             prefill,
-            {"CAUSAL": True, "HAS_WINDOW": True, "WRITE_LSE": True, "BLOCK_M": 64, "BLOCK_N": 64}
+            {"CAUSAL": True, "HAS_WINDOW": True, "WRITE_LSE": True, "BLOCK_M": cap, "BLOCK_N": cap}
             | {"BLOCK_D": 128, **attn_flags},
         ),
         (merge._merge_kernel, merge_sig, {"BLOCK_S": 8, "BLOCK_D": 128, "RNE": False}),
@@ -119,33 +124,44 @@ def _specs(dt: str) -> list[tuple[object, dict[str, str], dict[str, object]]]:
     ]
 
 
-def compile_all(archs: list[int], dtypes: list[str]) -> list[Compiled]:
+def compile_all(targets: list[tuple[int, str]]) -> list[Compiled]:
     """Build every kernel for each (arch, dtype); raises the compiler's error on the first failure."""
     if triton.knobs.runtime.interpret:
         raise RuntimeError("TRITON_INTERPRET is set: unset it to compile for a GPU target")
     done: list[Compiled] = []
-    for arch in archs:
-        for dt in dtypes:
-            for fn, sig, consts in _specs(dt):
-                for name in consts:
-                    sig[name] = "constexpr"
-                t0 = time.perf_counter()
-                src = ASTSource(fn=fn, signature=sig, constexprs=consts)  # type: ignore[arg-type]
-                out = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-                name = getattr(fn, "__name__", str(fn))
-                took = time.perf_counter() - t0
-                done.append(Compiled(name, dt, arch, len(out.asm["cubin"]), took))
+    for arch, dt in targets:
+        if dt not in _TY:
+            raise ValueError(f"--target: dtype must be one of {sorted(_TY)}, got {dt!r}")
+        for fn, sig, consts in _specs(dt):
+            for name in consts:
+                sig[name] = "constexpr"
+            t0 = time.perf_counter()
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts)  # type: ignore[arg-type]
+            out = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+            name = getattr(fn, "__name__", str(fn))
+            took = time.perf_counter() - t0
+            shared = int(out.metadata.shared)
+            if shared > SHARED_LIMIT.get(arch, 101_376):
+                raise RuntimeError(f"{name} {dt} sm_{arch}: {shared} B shared memory > limit")
+            done.append(Compiled(name, dt, arch, len(out.asm["cubin"]), shared, took))
     return done
 
 
 def main() -> int:
     """CLI: compile for the given archs/dtypes and print one line per kernel."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--arch", type=int, action="append", help="SM version, e.g. 80, 90 (default 90)")
-    ap.add_argument("--dtype", action="append", choices=sorted(_TY), help="default: all three")
+    ap.add_argument(
+        "--target", action="append", help="ARCH:DTYPE, e.g. 90:bfloat16 (default: 80, 90 x all)"
+    )
     args = ap.parse_args()
-    for c in compile_all(args.arch or [90], args.dtype or sorted(_TY)):
-        print(f"sm_{c.arch} {c.dtype:<9} {c.kernel:<22} cubin {c.cubin_bytes:>7} B  {c.seconds:.1f}s")
+    targets = [(a, d) for a in (80, 90) for d in sorted(_TY)]
+    if args.target:
+        targets = [(int(t.split(":")[0]), t.split(":")[1]) for t in args.target]
+    for c in compile_all(targets):
+        print(
+            f"sm_{c.arch} {c.dtype:<9} {c.kernel:<22} cubin {c.cubin_bytes:>7} B  "
+            f"shared {c.shared_bytes:>6} B  {c.seconds:.1f}s"
+        )
     return 0
 
 

@@ -160,7 +160,8 @@ def decode_attention_triton(
     tables = plan.block_ids.view(b, -1)  # [B, max_blocks], zero-padded past each context
     max_blocks = tables.shape[1]
     max_len = max_blocks * block_size  # upper bound of every context (no device sync)
-    block_n = pow2(min(block_size, 64), hi=64)
+    # Keys are looked up per position, so the tile needn't match the page size: 64 on a GPU.
+    block_n = 64 if q.is_cuda else pow2(block_size, hi=64)
     splits = num_splits or lean_num_splits(b, num_kv, max_len, q.device)
     split_len = math.ceil(math.ceil(max_len / splits) / block_n) * block_n
     splits = max(1, math.ceil(max_len / split_len))

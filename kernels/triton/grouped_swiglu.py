@@ -153,7 +153,8 @@ def grouped_swiglu_triton(
     out = torch.empty_like(x)
     if rows == 0:
         return out
-    block_m = pow2(rows, hi=64)
+    cap = 32 if x.dtype == torch.float32 else 64  # fp32 IEEE dots need 2x the registers
+    block_m = pow2(rows, hi=cap)
     counts = counts.to(device=x.device, dtype=torch.int64)
     tile_end = torch.cumsum((counts + block_m - 1) // block_m, 0)  # [E] inclusive
     row_start = torch.cumsum(counts, 0) - counts
@@ -168,12 +169,12 @@ def grouped_swiglu_triton(
         "PREC": prec,
         "RNE": rne_flag(),
     }
-    block_n, block_k = pow2(inter, hi=64), pow2(dim, hi=64)
+    block_n, block_k = pow2(inter, hi=cap), pow2(dim, hi=cap)
     _gate_up_kernel[(max_tiles, triton.cdiv(inter, block_n))](
         x, w_gate_up, act, tile_end, row_start, counts, num_experts, dim, inter,
         w_gate_up.stride(0), w_gate_up.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )  # fmt: skip
-    block_n, block_k = pow2(dim, hi=64), pow2(inter, hi=64)
+    block_n, block_k = pow2(dim, hi=cap), pow2(inter, hi=cap)
     _down_kernel[(max_tiles, triton.cdiv(dim, block_n))](
         act, w_down, out, tile_end, row_start, counts, num_experts, dim, inter,
         w_down.stride(0), w_down.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, **common,

@@ -152,8 +152,10 @@ def prefill_attention_triton(
     lse = torch.empty(plan.num_rows, num_heads, dtype=torch.float32, device=q.device)
     if plan.num_rows == 0 or max_q == 0:
         return out, (lse if return_lse else None)
-    block_m = pow2(max_q, hi=64)
-    block_n = pow2(max_k, hi=64)
+    # fp32 IEEE dots and head_dim > 128 need twice the registers / shared memory per tile.
+    cap = 32 if q.dtype == torch.float32 or head_dim > 128 else 64
+    block_m = pow2(max_q, hi=cap)
+    block_n = pow2(max_k, hi=cap)
     upcast, prec = dot_flags(q.dtype)
     grid = (triton.cdiv(max_q, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](

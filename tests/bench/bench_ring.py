@@ -33,6 +33,7 @@ from batonserve.workers.parallel import (
     AttentionDims,
     HardwareModel,
     SPGroup,
+    SPMetrics,
     SPShape,
     choose_schedule,
     plan_sp_attention,
@@ -66,31 +67,36 @@ def shapes(length: int) -> list[Shape]:
     ]
 
 
-def _run_shape(g: SPGroup, s: Shape, schedule: str, repeats: int) -> dict[str, Any]:
-    """Warm up once, then time `repeats` calls; per-step metrics of the median call."""
+def _run_shape(g: SPGroup, s: Shape, repeats: int) -> dict[str, dict[str, Any]]:
+    """Every schedule on one shape, interleaved call by call (drift hits all alike); median call."""
     sh = shard_batch([s.new], [s.cached], g.world_size, g.rank)
     gen = torch.Generator().manual_seed(g.rank)
     q = torch.randn(sh.spec.num_q, s.heads, s.head_dim, generator=gen)
     k = torch.randn(sh.spec.num_kv, s.kv_heads, s.head_dim, generator=gen)
     v = torch.randn_like(k)
     dims = AttentionDims(s.heads, s.kv_heads, s.head_dim, 4)
-    plan = plan_sp_attention(sh.spec, g, dims, schedule=schedule)
-    sp_attention(q, k, v, plan, g)
-    runs = []
-    for _ in range(repeats):
-        dist.barrier(group=g.group)
-        runs.append(sp_attention(q, k, v, plan, g).metrics)
-    runs.sort(key=lambda m: m.total_s)
-    m = runs[len(runs) // 2]
-    return {
-        "total_s": m.total_s,
-        "compute_s": m.compute_s,
-        "comm_s": m.comm_s,
-        "exposed_s": m.exposed_comm_s,
-        "hidden": m.hidden_fraction,
-        "steps": len(m.steps),
-        "bytes": m.bytes_sent,
-    }
+    plans = {name: plan_sp_attention(sh.spec, g, dims, schedule=name) for name in SCHEDULES}
+    runs: dict[str, list[SPMetrics]] = {name: [] for name in SCHEDULES}
+    for i in range(repeats + 1):
+        for name, plan in plans.items():
+            dist.barrier(group=g.group)
+            m = sp_attention(q, k, v, plan, g).metrics
+            if i > 0:  # the first round is the warm-up
+                runs[name].append(m)
+    out = {}
+    for name, ms in runs.items():
+        ms.sort(key=lambda m: m.total_s)
+        m = ms[len(ms) // 2]
+        out[f"{s.name}/{name}"] = {
+            "total_s": m.total_s,
+            "compute_s": m.compute_s,
+            "comm_s": m.comm_s,
+            "exposed_s": m.exposed_comm_s,
+            "hidden": m.hidden_fraction,
+            "steps": len(m.steps),
+            "bytes": m.bytes_sent,
+        }
+    return out
 
 
 def _ping(g: SPGroup) -> tuple[float, float]:
@@ -127,8 +133,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_d
     g = SPGroup(timeout_s=300)
     res: dict[str, Any] = {"runs": {}}
     for s in shapes(args.length):
-        for sched in SCHEDULES:
-            res["runs"][f"{s.name}/{sched}"] = _run_shape(g, s, sched, args.repeats)
+        res["runs"].update(_run_shape(g, s, args.repeats))
     if world > 1:
         dist.barrier()
         res["ping"] = _ping(g)
@@ -174,6 +179,7 @@ def main() -> None:
     base = 1 if 1 in recs else worlds[0]
 
     def slowest(n: int, key: str, field: str = "total_s") -> float:
+        """The slowest rank's figure for one shape/schedule at group size n."""
         return max(r["runs"][key][field] for r in recs[n])
 
     print("\n| shape | schedule | " + " | ".join(f"N={n}" for n in worlds) + " |")
@@ -182,6 +188,16 @@ def main() -> None:
         single = slowest(base, f"{s.name}/ring")
         for sched in SCHEDULES:
             cells = [f"{slowest(n, f'{s.name}/{sched}') / single:.2f}" for n in worlds]
+            print(f"| {s.name} | {sched} | " + " | ".join(cells) + " |")
+    print(
+        "\nslowest rank's compute alone (sum over its steps), as a fraction of the single-rank compute:"
+    )
+    print("\n| shape | schedule | " + " | ".join(f"N={n}" for n in worlds) + " |")
+    print("|---|---|" + "---|" * len(worlds))
+    for s in shapes(args.length):
+        single = slowest(base, f"{s.name}/ring", "compute_s")
+        for sched in SCHEDULES:
+            cells = [f"{slowest(n, f'{s.name}/{sched}', 'compute_s') / single:.2f}" for n in worlds]
             print(f"| {s.name} | {sched} | " + " | ".join(cells) + " |")
     print(f"\nsingle-rank attention time (N={base}, ring): ", end="")
     print(

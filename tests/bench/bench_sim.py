@@ -127,7 +127,7 @@ def engine(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     eng = Engine.from_model("demo", device="cpu", enable_prefix_caching=False)
-    points = [(p, 1) for p in (16, 32, 64, 128, 256, 512, 1024, 2048)]
+    points = [(p, 1) for p in (16, 32, 64, 128, 256, 512, 1024, 2000)]
     points += [(128, b) for b in (2, 4, 8, 16)]  # at most 2048 tokens: one step each
     rows = profile_engine(eng, "demo", "cpu", points, 8, 3)
     table = Path(args.table)

@@ -43,9 +43,11 @@ class CacheRow:
     same_logits: bool
 
 
-def runner() -> ModelRunner:
+def runner(num_kv_blocks: int = 256) -> ModelRunner:
     """A fresh demo-moe runner (fp16 checkpoint dtype, CPU)."""
-    return ModelRunner(MODEL, EngineConfig(device="cpu", num_kv_blocks=64, block_size=16))
+    return ModelRunner(
+        MODEL, EngineConfig(device="cpu", num_kv_blocks=num_kv_blocks, block_size=16)
+    )
 
 
 def decode_all(r: ModelRunner, prompts: list[list[int]], new: int) -> list[DecodeResult]:
@@ -169,3 +171,51 @@ def disk_key():  # type: ignore[no-untyped-def]
     from batonserve.workers.expert_store import ExpertKey
 
     return ExpertKey(0, 0)
+
+
+def run_memory(prompts: list[list[int]], new: int, fractions: list[float]) -> dict[str, object]:
+    """Decode time per token, all-resident vs store (predictive + prefetch), interleaved per prompt.
+
+    The runs take turns prompt by prompt (rotating who goes first), so machine load drifts hit all
+    of them alike; each keeps its own cache across prompts.
+    """
+    pred = RoutingPredictor.load(default_predictor_path(MODEL))
+    base = runner()
+    attach_resident(base.model)
+    mc = base.model_config
+    ctx = PolicyContext(mc.num_layers, mc.num_local_experts, pred.popularity_counts(), None)
+    expert_bytes = DiskTier(base.model_dir, "float16").read(disk_key()).nbytes
+    runs: dict[str, ModelRunner] = {"resident": base}
+    stores: dict[str, ExpertStore] = {}
+    for frac in fractions:
+        cap = max(1, int(frac * mc.num_layers * mc.num_local_experts))
+        cfg = StoreConfig(cap * expert_bytes, "predictive", prefetch=True, drop_page_cache=True)
+        rs = runner()
+        stores[f"{frac:.0%}"] = store = ExpertStore(rs.model_dir, cfg, ctx)
+        store.disk.drop_all()
+        attach_store(rs.model, store, pred)
+        runs[f"{frac:.0%}"] = rs
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    outs: dict[str, list[DecodeResult]] = {n: [] for n in names}
+    for i, p in enumerate(prompts):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            res = greedy_decode(runs[name], [p], new, keep_logits=True)
+            times[name] += res.decode_s
+            outs[name].append(res)
+    for store in stores.values():
+        store.close()
+    total = expert_bytes * mc.num_layers * mc.num_local_experts
+    out: dict[str, object] = {"resident_ms": 1e3 * statistics.median(times["resident"])}
+    for name, store in stores.items():
+        toks, logits = same(outs[name], outs["resident"])
+        out[name] = {
+            "ms": 1e3 * statistics.median(times[name]),
+            "ratio": statistics.median(times[name]) / statistics.median(times["resident"]),
+            "saved": 1 - store.stats.peak_resident_bytes / total,
+            "hit_rate": store.stats.hit_rate,
+            "same_tokens": toks,
+            "same_logits": logits,
+        }
+    return out

@@ -172,3 +172,17 @@ def test_first_token_ends_request_without_handoff(pair: tuple[Worker, Worker]) -
     assert [t for _, x in deltas for t in x.token_ids] == reference(prompt, one)
     d.abort("f#1")  # the owner drops the useless staging
     idle(p, d)
+
+
+def test_refused_request_ends_alone(pair: tuple[Worker, Worker]) -> None:
+    p, d = pair
+    prompt = list(range(30, 40))
+    d.submit("dup", prompt, GREEDY)
+    d.submit("dup", prompt, GREEDY)  # the engine refuses a duplicate id: only that submit fails
+    deltas, _ = drain((d,), 3.0, lambda ds, _: sum(x.finished for _, x in ds) >= 2)
+    errors = [x for _, x in deltas if x.error]
+    assert len(errors) == 1 and "already in use" in errors[0].error
+    assert errors[0].finish_reason == "abort"
+    assert [t for _, x in deltas for t in x.token_ids] == reference(prompt, GREEDY)
+    assert d.health()
+    idle(p, d)

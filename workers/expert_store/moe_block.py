@@ -175,11 +175,15 @@ def attach_store(
     model: nn.Module,
     store: ExpertStore,
     predictor: RoutingPredictor | None = None,
-    top_m: int = 2,
     record: bool = False,
 ) -> MoEController:
-    """Serve the experts of `model` from `store`; the stacked expert weights are released."""
+    """Serve the experts of `model` from `store`; the stacked expert weights are released.
+
+    With a predictor, its top `store.config.prefetch_top_m` experts per token and later layer
+    are forecast to the store's policy (and prefetched when the store prefetches).
+    """
     layers = sparse_moe_layers(model)
+    top_m = store.config.prefetch_top_m
     ctl = MoEController(store, len(layers), store, predictor, top_m, record=record)
     _install(model, ctl)  # the SparseMoE modules (and their expert tensors) are now unreferenced
     return ctl

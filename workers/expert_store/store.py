@@ -9,6 +9,7 @@ Whatever the tiers hold, the weights returned are the checkpoint's, so outputs n
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -36,7 +37,7 @@ class ExpertStore:
         self.config = config
         self.ctx = ctx
         self.device = torch.device(config.device)
-        self.disk = DiskTier(model_dir, config.dtype, config.drop_page_cache)
+        self.disk = DiskTier(model_dir, config.dtype, config.drop_page_cache, config.disk_reader)
         self.stats = ExpertStoreStats(ctx.num_layers, ctx.num_experts)
         self.expert_bytes = self.disk.read(ExpertKey(0, 0)).nbytes  # equal-size experts
         self.disk.bytes_read = self.disk.reads = 0
@@ -210,12 +211,18 @@ class ExpertStore:
         self.stats.resident_bytes = self.fast.used_bytes
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.fast.used_bytes)
 
+    def snapshot_stats(self) -> ExpertStoreStats:
+        """A consistent copy of the stats (safe to hand to another thread or the metrics module)."""
+        with self._lock:
+            return copy.deepcopy(self.stats)
+
     def drain(self) -> None:
         """Wait for queued prefetches (end of a measured run)."""
         if self.prefetcher is not None:
             self.prefetcher.drain()
 
     def close(self) -> None:
-        """Stop the prefetch worker."""
+        """Stop the prefetch worker and close the checkpoint files."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+        self.disk.close()

@@ -43,9 +43,8 @@ class StoreConfig:
     prefetch_top_m: int = 2  # experts prefetched per token and forecast layer
     prefetch_bandwidth_bytes_per_s: float = 0.0  # 0 = unlimited (demand loads always preempt)
     ram_budget_bytes: int = 0  # second-level RAM tier when the compute tier is a GPU (0 = none)
-    drop_page_cache: bool = (
-        False  # posix_fadvise(DONTNEED) each read range: every disk read is cold
-    )
+    drop_page_cache: bool = False  # fadvise(DONTNEED) after each read: every disk read is cold
+    disk_reader: str = "pread"  # "pread" (byte ranges) or "safe_open" (safetensors slices)
     device: str = "cpu"
     dtype: str = "float16"
 

@@ -50,15 +50,15 @@ def exchange_meta(spec: ShardSpec, g: SPGroup) -> GroupMeta:
     """All-gather every rank's positions (collective; int64 metadata only)."""
     if g.world_size == 1:
         return GroupMeta((spec,))
-    counts = torch.tensor([[spec.num_q, spec.num_kv]], dtype=torch.long)
+    counts = torch.tensor([[spec.num_q, spec.num_kv]], dtype=torch.long, device=g.device)
     all_counts = all_gather_padded(g, counts, [1] * g.world_size, "metadata exchange", None)
     sizes = [(int(c[0, 0]), int(c[0, 1])) for c in all_counts]
-    flat = torch.cat([spec.q_pos, spec.q_seq, spec.kv_pos, spec.kv_seq]).long()
+    flat = torch.cat([spec.q_pos, spec.q_seq, spec.kv_pos, spec.kv_seq]).long().to(g.device)
     parts = all_gather_padded(g, flat, [2 * a + 2 * b for a, b in sizes], "metadata exchange", None)
     shards = []
     for (nq, nkv), p in zip(sizes, parts, strict=True):
         q_pos, q_seq, kv_pos, kv_seq = p.split([nq, nq, nkv, nkv])
-        shards.append(ShardSpec(q_pos.clone(), q_seq.clone(), kv_pos.clone(), kv_seq.clone()))
+        shards.append(ShardSpec(q_pos.cpu(), q_seq.cpu(), kv_pos.cpu(), kv_seq.cpu()))
     return GroupMeta(tuple(shards))
 
 

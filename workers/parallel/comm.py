@@ -42,7 +42,17 @@ class SPGroup:
         self.world_size: int = dist.get_world_size(pg)
         self.ranks: list[int] = list(dist.get_process_group_ranks(pg))
         self.timeout = timedelta(seconds=timeout_s)
-        back = dist.new_group(self.ranks, timeout=self.timeout) if self.world_size > 1 else pg
+        # NCCL moves only CUDA tensors; metadata and buffers the schedules allocate live here.
+        nccl = dist.get_backend(pg) == "nccl"
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        )
+        # Local synchronisation: only the members build it, so a ring inside a larger world works.
+        back = (
+            dist.new_group(self.ranks, timeout=self.timeout, use_local_synchronization=True)
+            if self.world_size > 1
+            else pg
+        )
         assert back is not None
         self.back: dist.ProcessGroup = back
 
@@ -89,11 +99,27 @@ class Pending:
         self._error: BaseException | None = None
         self._finished = threading.Event()
         self._waited = False
-        if works:
-            t = threading.Thread(target=self._watch, args=(works, g.timeout), daemon=True)
-            t.start()
+        self._thread: threading.Thread | None = None
+        # NCCL's wait orders the *calling thread's* CUDA stream after the transfer, so on CUDA
+        # the caller waits itself (comm_s is then post-to-wait, an upper bound).
+        self._direct = works if g.device.type != "cpu" else []
+        if works and not self._direct:
+            self._thread = threading.Thread(
+                target=self._watch, args=(works, g.timeout), daemon=True
+            )
+            self._thread.start()
         else:
             self._finished.set()
+
+    def _wait_direct(self, timeout: timedelta) -> None:
+        """Caller-thread wait (CUDA): the same error handling as the helper's."""
+        try:
+            for w in self._direct:
+                w.wait(timeout)
+        except BaseException as e:
+            self._error = e
+        self._done_at = time.perf_counter()
+        self._direct = []
 
     def _watch(self, works: list[dist.Work], timeout: timedelta) -> None:
         """Helper thread: block in each work's wait (bounded by the group timeout)."""
@@ -103,6 +129,7 @@ class Pending:
         except BaseException as e:  # handed to the caller's wait()
             self._error = e
         self._done_at = time.perf_counter()
+        works.clear()  # drop the Work handles here, not in a thread that outlives its wait
         self._finished.set()
 
     def wait(self, g: SPGroup) -> None:
@@ -110,6 +137,8 @@ class Pending:
         if self._waited:
             return
         t0 = time.perf_counter()
+        if self._direct:
+            self._wait_direct(g.timeout)
         # The helper's own wait is bounded by the timeout; the slack covers thread scheduling.
         finished = self._finished.wait(g.timeout.total_seconds() + 5.0)
         if not finished or self._error is not None:
@@ -119,6 +148,9 @@ class Pending:
                 f"{self._error if self._error is not None else 'no completion'}"
             ) from self._error
         self._waited = True
+        if self._thread is not None:
+            # Already past its wait: joining keeps no helper alive into teardown or interpreter exit.
+            self._thread.join(g.timeout.total_seconds())
         if self.rec is not None:
             self.rec.exposed_comm_s += max(0.0, self._done_at - t0)
             self.rec.comm_s += self._done_at - self.posted

@@ -56,6 +56,7 @@ class ExpertParallelMoE(nn.Module):
         self.settings = settings or EPSettings()
         self.last_settings = self.settings
         self._prev_ns = 0  # this rank's previous forward time, sent with the next counts
+        self._prev_tuned = False
 
     def forward(self, x: torch.Tensor, settings: EPSettings | None = None) -> torch.Tensor:
         """x [T, D] (this rank's tokens) -> [T, D]."""
@@ -65,10 +66,13 @@ class ExpertParallelMoE(nn.Module):
         weights, ids = topk_routing(logits, self.top_k)  # [T, k]
         permuted, perm = permute_by_expert(x, ids, e_total)  # [T*k, D] sorted by expert
         counts, prev_ns = self._exchange_counts(perm.counts)  # [W, E], [W]
-        if settings is None and self.tuner is not None:
-            if int(prev_ns.max()) > 0:
+        tuned = settings is None and self.tuner is not None
+        if tuned:
+            assert self.tuner is not None
+            if self._prev_tuned and int(prev_ns.max()) > 0:
                 self.tuner.observe(int(prev_ns.max()) / 1e9)
             settings = self.tuner.choose(int(counts.sum()) // self.top_k)
+        self._prev_tuned = tuned  # only a tuner-chosen forward's time is fed back to the tuner
         settings = settings or self.settings
         self.last_settings = settings
         rounds = plan_rounds(self.shape, counts, settings.overlap, settings.capacity_factor)

@@ -130,6 +130,7 @@ def shard_batch(
     empty = torch.zeros(0, dtype=torch.long)
 
     def cat(xs: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate, or an empty int64 vector for an empty batch."""
         return torch.cat(xs) if xs else empty
 
     spec = ShardSpec(

@@ -13,10 +13,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/ (hf_tiny.py)
 sys.path.insert(0, str(HERE.parent / "router"))  # router_harness.py
 
-from router_harness import CONTEXT_LENGTH, RouterHarness, write_tiny_model
+from router_harness import CONTEXT_LENGTH, RouterHarness, write_tiny_model  # noqa: E402
 
-from batonserve.cluster.api import ModelInfo
-from batonserve.workers.tokenizer import Tokenizer
+from batonserve.cluster.api import ModelInfo  # noqa: E402
+from batonserve.workers.tokenizer import Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

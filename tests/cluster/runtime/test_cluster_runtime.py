@@ -17,7 +17,7 @@ from runtime_helpers import LoopThread
 
 from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
-from batonserve.cluster.metrics_inputs import HandoffRecord
+from batonserve.cluster.metrics_inputs import HandoffRecord, PoolChange
 from batonserve.cluster.runtime import Cluster, start_cluster
 from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
 from batonserve.workers.config import EngineConfig
@@ -43,6 +43,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.handoffs: list[HandoffRecord] = []
+        self.pool_changes: list[PoolChange] = []
 
     def worker_snapshot(self, snap: Any) -> None:
         pass
@@ -53,8 +54,8 @@ class Recorder:
     def kv_handoff(self, rec: HandoffRecord) -> None:
         self.handoffs.append(rec)
 
-    def pool_change(self, change: Any) -> None:
-        pass
+    def pool_change(self, change: PoolChange) -> None:
+        self.pool_changes.append(change)
 
     def outcomes(self) -> list[str]:
         return [r.outcome for r in self.handoffs]
@@ -237,7 +238,9 @@ def test_prefill_killed_mid_prefill(
         toks: list[int] = []
         gen = cluster.generate(GenerateRequest("kill-p", tuple(prompt), GREEDY))
         first = asyncio.ensure_future(gen.__anext__())
+        deadline = time.monotonic() + 30
         while not (victim.stats and victim.stats.pending_prefill_tokens > 0):
+            assert time.monotonic() < deadline, "the prefill never showed up"
             await asyncio.sleep(0.001)
         ray.kill(victim.actor)
         killed_after = 0 if not first.done() else 1
@@ -337,6 +340,71 @@ def test_conditional_disaggregation(
 
         assert loop_thread.run(run()) == [reference(p) for p in short + long]
         assert rec.outcomes() == ["ok"] * len(long)
+        wait_idle(cluster)
+        # The decode worker now caches the long prompts it imported: a prompt sharing one of
+        # them as prefix has little left to compute there, so it is prefilled in place.
+        time.sleep(0.6)  # the workers' cached-prefix reports refresh every 0.25 s
+        again = [*long[0], 5, 6, 7]
+
+        async def cached() -> tuple[list[int], int]:
+            toks: list[int] = []
+            usage = None
+            async for d in cluster.generate(GenerateRequest("c-again", tuple(again), GREEDY)):
+                toks += d.token_ids
+                usage = d.usage or usage
+            assert usage is not None
+            return toks, usage.cached_tokens
+
+        toks, cached_tokens = loop_thread.run(cached())
+        assert toks == reference(again)
+        assert cached_tokens >= 40 and rec.outcomes() == ["ok"] * len(long)  # no new handoff
+        wait_idle(cluster)
+    finally:
+        loop_thread.run(cluster.shutdown())
+
+
+def test_mixed_pool_borrows_and_returns(
+    ray_cluster: str, loop_thread: LoopThread, model: str, reference: Any
+) -> None:
+    decode2 = PoolConfig(
+        name="decode", role="decode", replicas=2, num_cpus=0.5, resources={"decode_node": 1}
+    )
+    sched = SchedulerConfig(
+        conditional_disaggregation=False,
+        mixed_pool=MixedPoolConfig(
+            borrow_prefill_tokens=300, return_prefill_tokens=50, cooldown_s=0
+        ),
+    )
+    cluster, rec = make(
+        ray_cluster, loop_thread, model=model, pools=(PREFILL, decode2), scheduler=sched
+    )
+    try:
+        prompts = [prompt_of(90 + i, 150) for i in range(8)]  # 1200 prompt tokens at once
+
+        async def run() -> list[list[int]]:
+            first = [
+                asyncio.ensure_future(collect(cluster, f"x{i}", p))
+                for i, p in enumerate(prompts[:4])
+            ]
+            # Prefill pressure: the pool lends a decode worker to the mixed pool...
+            while not any(c.change == "borrow" for c in rec.pool_changes):
+                await asyncio.sleep(0.01)
+            # ...which takes new prompts itself (in place, no handoff).
+            rest = [
+                asyncio.ensure_future(collect(cluster, f"y{i}", p))
+                for i, p in enumerate(prompts[4:])
+            ]
+            return list(await asyncio.gather(*first, *rest))
+
+        assert loop_thread.run(run()) == [reference(p) for p in prompts]
+        deadline = time.monotonic() + 10
+        while not any(c.change == "return" for c in rec.pool_changes):
+            assert time.monotonic() < deadline, rec.pool_changes
+            time.sleep(0.05)
+        borrow = next(c for c in rec.pool_changes if c.change == "borrow")
+        assert (borrow.pool, borrow.from_role, borrow.to_role) == ("decode", "decode", "mixed")
+        assert len(rec.handoffs) < len(prompts)  # the borrowed worker prefilled some in place
+        assert {w.role for w in cluster.server_info().workers} == {"prefill", "decode"}
         wait_idle(cluster)
     finally:
         loop_thread.run(cluster.shutdown())

@@ -140,3 +140,28 @@ def test_simulator_pairs_exactly_as_the_cluster_scheduler_does() -> None:
             d.mode,
         )
     assert dataclasses.is_dataclass(seen[0][2])
+
+
+def test_cached_prefix_on_a_decode_worker_pulls_a_long_prompt_in_place() -> None:
+    design = Design(
+        "pair", (PoolSpec("prefill", "prefill", "m", 1), PoolSpec("decode", "decode", "m", 2))
+    )
+    cfg = SimConfig(
+        scheduler=SchedulerConfig(in_place_max_tokens=64),
+        limits=dataclasses.replace(SimConfig().limits, enable_prefix_caching=True),
+    )
+    reqs = [
+        TraceRequest("first", 0.0, 1000, 4, shared_prefix_group=7, shared_prefix_tokens=992),
+        TraceRequest("other", 0.5, 1000, 4),  # no shared prefix: disaggregated
+        TraceRequest("second", 5.0, 1010, 4, shared_prefix_group=7, shared_prefix_tokens=992),
+    ]
+    perf = {"m": ConstantPerfModel(0.2, 0.05)}
+    sim = Simulator(design, TOY, {"m": TOY_MACHINE}, perf, cfg)
+    res = {r.request_id: r for r in sim.run(reqs).records}
+    assert res["first"].mode == "disaggregated" and res["other"].mode == "disaggregated"
+    # The first request's KV was imported into its decode worker, whose block pool still caches
+    # the 62 shared blocks: the second prompt has 18 tokens left to compute, so it runs there.
+    assert res["second"].mode == "in_place"
+    assert res["second"].prefill_worker == res["first"].decode_worker
+    # The engine's own scheduler found the hit too (it admitted the prompt from the cache).
+    assert sim.workers[res["first"].decode_worker].blocks.prefix_cache_stats().hits == 992

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TypeVar
+
 import pytest
 import torch
 
-from batonserve.kernels.attention import decode_attention as ref_decode
 from batonserve.kernels.attention import (
+    DecodePlan,
+    PrefillPlan,
     merge_attention_states_many,
     plan_decode,
     plan_prefill,
     prefill_attention,
 )
+from batonserve.kernels.attention import decode_attention as ref_decode
 from batonserve.kernels.triton.decode_attention import decode_attention_triton, lean_num_splits
 from batonserve.kernels.triton.merge import merge_attention_states_many_triton
 from batonserve.kernels.triton.prefill_attention import prefill_attention_triton
 
 torch.set_num_threads(1)
+
+PlanT = TypeVar("PlanT", PrefillPlan, DecodePlan)
 
 # (atol, rtol) per dtype: fp32 tight; half types round inputs/outputs differently from the reference.
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
@@ -106,18 +113,14 @@ def test_prefill_flat_matches_reference(
     torch.testing.assert_close(out2, out)
 
 
-def _cpu_plan(plan):  # type: ignore[no-untyped-def]
-    """The same plan on CPU (the reference runs there)."""
-    import dataclasses
-
-    return dataclasses.replace(
-        plan,
-        **{
-            f.name: getattr(plan, f.name).cpu()
-            for f in dataclasses.fields(plan)
-            if isinstance(getattr(plan, f.name), torch.Tensor)
-        },
-    )
+def _cpu_plan(plan: PlanT) -> PlanT:
+    """The same plan with its tensors on CPU (the reference runs there)."""
+    moved = {
+        f.name: getattr(plan, f.name).cpu()
+        for f in dataclasses.fields(plan)  # type: ignore[arg-type]
+        if isinstance(getattr(plan, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(plan, **moved)  # type: ignore[type-var]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -206,6 +209,17 @@ def test_lean_num_splits_off_gpu() -> None:
     assert lean_num_splits(1, 8, 100, cpu) == 1
     assert lean_num_splits(1, 8, 1000, cpu) == 4
     assert lean_num_splits(4, 8, 100_000, cpu) == 8
+
+
+def test_lean_num_splits_fills_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA (132 SMs faked): one long sequence splits to ~2 waves; a big batch needs no split."""
+    import batonserve.kernels.triton.decode_attention as dec
+
+    monkeypatch.setattr(dec, "_num_sms", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    assert lean_num_splits(1, 8, 131072, gpu) == 33  # 8 KV heads x 33 splits >= 2 x 132 programs
+    assert lean_num_splits(1, 8, 1000, gpu) == 16  # capped: each split keeps >= 64 keys
+    assert lean_num_splits(256, 8, 4096, gpu) == 1  # 2048 programs already fill the GPU
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -58,14 +58,14 @@ def resident_run(prompts: tuple[list[int], ...], max_new_tokens: int) -> Residen
 
 
 def store_run(
-    ref: ResidentRun, prompts: tuple[list[int], ...], config: StoreConfig, top_m: int = 2
+    ref: ResidentRun, prompts: tuple[list[int], ...], config: StoreConfig
 ) -> tuple[DecodeResult, ExpertStore]:
     """Decode with experts served by an ExpertStore (predictor attached when prefetching)."""
     r = runner()
     store = ExpertStore(r.model_dir, config, ref.ctx)
     pred = RoutingPredictor.load(default_predictor_path(MODEL))
     use_pred = config.prefetch or config.policy == "predictive"
-    attach_store(r.model, store, pred if use_pred else None, top_m=top_m)
+    attach_store(r.model, store, pred if use_pred else None)
     try:
         res = greedy_decode(r, prompts, len(ref.result.tokens[0]), keep_logits=True)
         store.drain()

@@ -148,10 +148,28 @@ def _run_schedule(
     }
 
 
-def rank_all_cases(rank: int, world: int, tmp: Path) -> list[dict[str, Any]]:
-    """Every case under every schedule on one process group (reused across cases)."""
+def rank_all_cases(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    """Every case under every schedule on one process group (reused across cases), then the
+    cost model's own pick (schedule=None) and a shape error."""
     g = SPGroup(timeout_s=30.0)
-    return [r for c in cases() for r in run_case(c, g)]
+    results = [r for c in cases() for r in run_case(c, g)]
+    sh = shard_batch([40], [300], world, rank)
+    dims = AttentionDims(4, 4, 8, 4)
+    plan = plan_sp_attention(sh.spec, g, dims)  # the cost model picks, from group-wide counts
+    q = torch.randn(sh.spec.num_q, 4, 8)
+    kv = torch.randn(sh.spec.num_kv, 4, 8)
+    try:
+        sp_attention(q[:, :2], kv, kv, plan, g)
+        shape_error = ""
+    except ValueError as e:
+        shape_error = str(e)
+    picked_out = sp_attention(q, kv, kv, plan, g).out
+    return {
+        "cases": results,
+        "picked": plan.schedule,
+        "picked_finite": bool(torch.isfinite(picked_out).all()),
+        "shape_error": shape_error,
+    }
 
 
 def rank_killed_peer(rank: int, world: int, tmp: Path) -> dict[str, Any]:

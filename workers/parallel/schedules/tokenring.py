@@ -108,7 +108,7 @@ class TokenRingSchedule(Schedule):
             res_in = None
             if s >= 1:
                 # Own queries' result over rank (r + s)'s KV, computed there at its step s.
-                res_in = torch.empty((n_q[r], row_bytes), dtype=torch.uint8)
+                res_in = torch.empty((n_q[r], row_bytes), dtype=torch.uint8, device=q.device)
                 back_ops = [P2P("recv", res_in, (r + s) % n, back=True)]
                 late.append((post(g, back_ops, f"tokenring step {s} (result recv)", rec), res_in))
             t0 = time.perf_counter()
