@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from dataclasses import replace
 from typing import Any
 
 from batonserve.cluster.config import PoolConfig, ServeConfig, load_config
+from batonserve.cluster.env import environ
 from batonserve.cluster.router.app import ClusterFactory, serve
 from batonserve.cluster.schema import ConfigError
 
@@ -89,4 +89,4 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(serve(config, real_cluster(), os.environ))
+    return asyncio.run(serve(config, real_cluster(), environ()))

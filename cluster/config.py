@@ -55,6 +55,8 @@ class RayConfig:
     address: str = ""
     namespace: str = "batonserve"
     num_cpus: int = 0  # for a local instance; 0 lets Ray count them
+    include_dashboard: bool = True  # the Ray dashboard of a local instance, on 127.0.0.1
+    dashboard_port: int = 8265
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from batonserve.cluster.api import (
 )
 from batonserve.cluster.config import ServeConfig
 from batonserve.cluster.controller import Controller, WorkerHandle
+from batonserve.cluster.env import keep_ray_on_loopback
 from batonserve.cluster.handoff import Handoff, HandoffLedger
 from batonserve.cluster.observer import ClusterObserver, NullObserver, handoff_record
 from batonserve.cluster.request_state import RequestState
@@ -83,6 +83,10 @@ class Cluster(WorkerEvents):
 
     # ---- ClusterAPI ---------------------------------------------------------------------------
 
+    def attach_metrics(self, observer: ClusterObserver) -> None:
+        """Send worker stats, handoffs, pool changes and restarts to `observer` from now on."""
+        self.observer = observer
+
     def model_info(self) -> ModelInfo:
         """The served model."""
         return self._model_info
@@ -127,7 +131,9 @@ class Cluster(WorkerEvents):
         if isinstance(pairing, Rejection):
             if pairing.reason is RejectReason.NO_HEALTHY_WORKER:
                 raise ClusterUnavailable(pairing.message)
-            raise AdmissionRejected(f"{pairing.reason.value}: {pairing.message}")
+            raise AdmissionRejected(
+                f"{pairing.reason.value}: {pairing.message}", pairing.reason.value
+            )
         # Before registering: a stop string without a tokenizer is the caller's error.
         self.processor.add_request(request.request_id, request.prompt_token_ids, request.sampling)
         self.requests[request.request_id] = st
@@ -340,7 +346,7 @@ async def start_cluster(
     model_info, processor = load_model_meta(config, scripted)
     started = False
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        keep_ray_on_loopback()
         if config.ray.address:
             progress(f"joining Ray at {config.ray.address}")
             ray.init(
@@ -351,9 +357,12 @@ async def start_cluster(
         else:
             progress("starting a local Ray instance on 127.0.0.1")
             ray.init(
+                address="local",  # a new instance, never whatever cluster happens to run here
                 num_cpus=config.ray.num_cpus or None,
                 namespace=config.ray.namespace,
-                include_dashboard=bool(getattr(config.ray, "include_dashboard", False)),
+                include_dashboard=config.ray.include_dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=config.ray.dashboard_port,
                 logging_level=logging.WARNING,
                 _node_ip_address="127.0.0.1",
             )

@@ -10,6 +10,7 @@ the request imported into the engine, so a partial or aborted handoff is never d
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class _Export:
     spec: HandoffSpec
     sent_upto: int = 0  # prompt positions whose KV (all layers) is queued
     nbytes: int = 0
+    prefilled_at: float = 0.0  # monotonic time the first token went out (0: still prefilling)
 
 
 class KVExporter:
@@ -87,6 +89,7 @@ class KVExporter:
             return None
         if out.prefilled and out.new_token_ids:
             assert ex.sent_upto == ex.spec.prompt_len, "every prompt position went out"
+            ex.prefilled_at = time.monotonic()
             marker = KVChunk(
                 ex.spec.handoff_id, FINAL_LAYER, ex.spec.prompt_len, None, out.new_token_ids[-1]
             )
@@ -104,6 +107,16 @@ class KVExporter:
         """Every export to `peer` has failed."""
         return [self._fail(ex, detail) for ex in list(self.exports.values()) if ex.spec.dst == peer]
 
+    def stale(self, older_than_s: float) -> list[HandoffEvent]:
+        """Fail exports prefilled longer ago than `older_than_s` and still not released.
+
+        A backstop only: the cluster's ledger ends leases first; this frees pinned blocks even
+        if the cluster that owned the handoff is gone.
+        """
+        cut = time.monotonic() - older_than_s
+        old = [ex for ex in self.exports.values() if 0 < ex.prefilled_at < cut]
+        return [self._fail(ex, "lease backstop: never released") for ex in old]
+
     def _fail(self, ex: _Export, detail: str) -> HandoffEvent:
         self.exports.pop(ex.spec.request_id, None)
         return HandoffEvent(ex.spec.handoff_id, ex.spec.request_id, "failed", ex.nbytes, detail)
@@ -117,6 +130,7 @@ class _Import:
     first_token: int = -1
     nbytes: int = 0
     queued: bool = False
+    created: float = field(default_factory=time.monotonic)
 
     @property
     def complete(self) -> bool:
@@ -198,6 +212,18 @@ class KVImporter:
         return [
             HandoffEvent(i.spec.handoff_id, i.spec.request_id, "failed", i.nbytes, detail)
             for i in dead
+        ]
+
+    def stale(self, older_than_s: float) -> list[HandoffEvent]:
+        """Drop staged handoffs begun longer ago than `older_than_s` (backstop, as above)."""
+        cut = time.monotonic() - older_than_s
+        with self._lock:
+            old = [i for i in self.imports.values() if i.created < cut and not i.queued]
+            for i in old:
+                del self.imports[i.spec.handoff_id]
+        return [
+            HandoffEvent(i.spec.handoff_id, i.spec.request_id, "failed", i.nbytes, "lease backstop")
+            for i in old
         ]
 
     def __len__(self) -> int:

@@ -33,6 +33,7 @@ from batonserve.workers.worker_types import (
 )
 
 ABORTED_MEMORY = 65536  # aborted request ids remembered, to refuse late submits
+BACKSTOP_LEASES = 2.0  # a worker frees an unfinished handoff itself after this many leases
 PREFIX_REFRESH_S = 0.25  # how stale the cached-prefix report to the cluster may be
 
 
@@ -141,6 +142,7 @@ class Worker:
             if handoff.request_id in self._aborted:
                 return
             self.importer.begin(handoff)
+        self._enqueue(lambda: None)  # refresh stats
 
     def release(self, request_id: str) -> None:
         """The decode side acknowledged: free the prefilled request's blocks."""
@@ -249,6 +251,7 @@ class Worker:
                 if stepped:
                     outputs = self.engine.step()
                     self._steps += 1
+                self._backstop()
                 self._publish(outputs, wake=stepped)
             except Exception:
                 self._error = traceback.format_exc()
@@ -256,6 +259,16 @@ class Worker:
                 with self._cv:
                     self._cv.notify_all()
                 return
+
+    def _backstop(self) -> None:
+        """Free handoffs whose owner never ended them (BACKSTOP_LEASES leases later)."""
+        limit = BACKSTOP_LEASES * self.spec.kv.lease_s
+        events = self.exporter.stale(limit) + self.importer.stale(limit)
+        for ev in events:
+            self.engine.abort_request(ev.request_id)
+        if events:
+            with self._cv:
+                self._events.extend(events)
 
     def _busy(self) -> bool:
         return bool(self.engine.has_unfinished())

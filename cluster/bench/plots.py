@@ -59,10 +59,18 @@ def write_plots(
         ax.plot(rates, rates, ":", color="grey", label="offered")
         ax.set_xlabel("offered rate (req/s)")
         ax.set_ylabel("req/s")
-        ax2 = ax.twinx()
-        ax2.plot(rates, [r.output_token_rate for r in rated], "^-", color="tab:red")
+        ax2 = ax.twinx()  # tokens/s on its own axis (right)
+        ax2.plot(
+            rates,
+            [r.output_token_rate for r in rated],
+            "^-.",
+            color="tab:red",
+            label="output tok/s",
+        )
         ax2.set_ylabel("output tokens/s", color="tab:red")
-        ax.legend(fontsize="small", loc="upper left")
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize="small", loc="upper left")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / "throughput_vs_rate.png"

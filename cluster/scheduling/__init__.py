@@ -8,6 +8,12 @@ from batonserve.cluster.scheduling.config import (
     MixedPoolConfig,
     SchedulerConfig,
 )
+from batonserve.cluster.scheduling.decision_log import (
+    DecisionLog,
+    DecisionRecord,
+    DecisionRecorder,
+    replay,
+)
 from batonserve.cluster.scheduling.policies import (
     PairingPolicy,
     available_policies,
@@ -32,6 +38,9 @@ __all__ = [
     "AdmissionConfig",
     "ClusterScheduler",
     "Decision",
+    "DecisionLog",
+    "DecisionRecord",
+    "DecisionRecorder",
     "MixedPoolConfig",
     "NoPrefixCache",
     "Pairing",
@@ -50,4 +59,5 @@ __all__ = [
     "available_policies",
     "make_policy",
     "register_policy",
+    "replay",
 ]

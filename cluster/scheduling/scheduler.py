@@ -15,6 +15,7 @@ from batonserve.cluster.scheduling.admission import (
     prefill_fits,
 )
 from batonserve.cluster.scheduling.config import SchedulerConfig
+from batonserve.cluster.scheduling.decision_log import DecisionRecord, DecisionRecorder
 from batonserve.cluster.scheduling.mixed_pool import MixedPool
 from batonserve.cluster.scheduling.policies import make_policy
 from batonserve.cluster.scheduling.prefix import NoPrefixCache, PrefixLookup
@@ -43,6 +44,8 @@ class ClusterScheduler:
         self.policy = make_policy(config.policy)
         self.prefix_lookup: PrefixLookup = prefix_lookup or NoPrefixCache()
         self.mixed_pool = MixedPool(config.mixed_pool)
+        # Set by whoever wants every decision (tests comparing the live cluster and simulator).
+        self.recorder: DecisionRecorder | None = None
 
     def rebalance(self, workers: Sequence[WorkerView], now: float) -> list[RoleChange]:
         """Mixed-pool role changes due now (apply them before taking the next snapshot)."""
@@ -50,6 +53,12 @@ class ClusterScheduler:
 
     def schedule(self, request: RequestView, workers: Sequence[WorkerView]) -> Decision:
         """A Pairing, or a Rejection naming the limit no pair could respect."""
+        decision = self._decide(request, workers)
+        if self.recorder is not None:
+            self.recorder.record(DecisionRecord(request, tuple(workers), decision))
+        return decision
+
+    def _decide(self, request: RequestView, workers: Sequence[WorkerView]) -> Decision:
         adm = self.config.admission
         rid = request.request_id
         if adm.max_prompt_tokens and request.prompt_len > adm.max_prompt_tokens:

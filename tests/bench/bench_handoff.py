@@ -94,13 +94,14 @@ def handoff_cost(p: Worker, d: Worker, probe: Probe, lengths: list[int]) -> None
     """Visible handoff cost vs prefill time, and second-token latency vs mixed (in place on d)."""
     print("\n## visible handoff cost and second-token latency")
     print(
-        "| prompt | prefill ms | visible handoff ms | visible / prefill | 2nd token disagg ms | 2nd token mixed ms | disagg / mixed |"
+        "| prompt | prefill ms | visible handoff ms | visible / prefill | 2nd token disagg ms "
+        "| 2nd token mixed ms | disagg / mixed | 1st->2nd disagg ms | 1st->2nd mixed ms |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     hid = 0
     for n in lengths:
         rows = []
-        for rep in range(5):  # disaggregated and mixed interleaved: the machine is shared
+        for rep in range(7):  # disaggregated and mixed interleaved: the machine is shared
             prompt = [3 + (rep * 131 + i * 7) % 380 for i in range(n)]
             hid += 1
             rid = f"h{hid}"
@@ -111,17 +112,17 @@ def handoff_cost(p: Worker, d: Worker, probe: Probe, lengths: list[int]) -> None
             tt = token_times([p, d], {rid}, t0 + 120)[rid]
             prefill = probe.prefill_done[rid] - t0
             visible = probe.commit_done[hid] - probe.prefill_done[rid]
-            second_disagg = tt[1] - t0
+            second_disagg, gap_disagg = tt[1] - t0, tt[1] - tt[0]
             mid = f"m{hid}"
             prompt[0] = 3 + (prompt[0] + 1) % 380  # no prefix-cache hit on the mixed run
             t0 = time.perf_counter()
             d.submit(mid, prompt, GREEDY)
-            second_mixed = token_times([d], {mid}, t0 + 120)[mid][1] - t0
-            rows.append((prefill, visible, second_disagg, second_mixed))
-        pre, vis, s2d, s2m = (statistics.median(c) for c in zip(*rows, strict=True))
+            tm = token_times([d], {mid}, t0 + 120)[mid]
+            rows.append((prefill, visible, second_disagg, tm[1] - t0, gap_disagg, tm[1] - tm[0]))
+        pre, vis, s2d, s2m, gd, gm = (statistics.median(c) for c in zip(*rows, strict=True))
         print(
             f"| {n} | {pre * 1e3:.1f} | {vis * 1e3:.2f} | {vis / pre:.1%} | {s2d * 1e3:.1f} "
-            f"| {s2m * 1e3:.1f} | {s2d / s2m:.3f} |"
+            f"| {s2m * 1e3:.1f} | {s2d / s2m:.3f} | {gd * 1e3:.1f} | {gm * 1e3:.1f} |"
         )
 
 

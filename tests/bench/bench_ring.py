@@ -3,9 +3,10 @@
     python3 tests/bench/bench_ring.py [--worlds 1,2,3,4] [--length 3072] [--repeats 3] [--threads 1]
 
 Each N runs as N processes joined by gloo on 127.0.0.1 (one process group reused for every shape
-and schedule). Per shape: the slowest rank's attention time as a fraction of the single-rank time,
-per-step compute and communication time and the hidden fraction; then the cost model, calibrated
-in the same run (flop rate from N = 1, link bandwidth from a gloo ping), against the measured
+and schedule). Per shape: the slowest rank's attention time as a fraction of the single-rank time
+(rank 0 attending the whole request alone, measured in the same rounds, side by side), per-step
+compute and communication time and the hidden fraction; then the cost model, calibrated in each
+run (flop rate from that single-rank time, link bandwidth from a gloo ping), against the measured
 fastest; then the longest prompt under a fixed per-rank KV budget, computed from the layout and
 run for real at small scale. Prints markdown tables.
 """
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from batonserve.kernels.ring import block_attention, plan_block
 from batonserve.workers.parallel import (
     AttentionDims,
     HardwareModel,
@@ -77,13 +79,28 @@ def _run_shape(g: SPGroup, s: Shape, repeats: int) -> dict[str, dict[str, Any]]:
     dims = AttentionDims(s.heads, s.kv_heads, s.head_dim, 4)
     plans = {name: plan_sp_attention(sh.spec, g, dims, schedule=name) for name in SCHEDULES}
     runs: dict[str, list[SPMetrics]] = {name: [] for name in SCHEDULES}
+    # The single-rank baseline, measured in the same rounds: rank 0 attends the whole request
+    # alone while the others wait in a barrier (the machine's load drifts from run to run).
+    full = shard_batch([s.new], [s.cached], 1, 0).spec
+    fq = torch.randn(full.num_q, s.heads, s.head_dim, generator=gen)
+    fk = torch.randn(full.num_kv, s.kv_heads, s.head_dim, generator=gen)
+    fplan = plan_block(full.q_pos, full.q_seq, full.kv_pos, full.kv_seq)
+    alone: list[float] = []
     for i in range(repeats + 1):
+        dist.barrier(group=g.group)
+        if g.rank == 0:
+            t0 = time.perf_counter()
+            block_attention(fq, fk, fk, fplan)
+            if i > 0:
+                alone.append(time.perf_counter() - t0)
         for name, plan in plans.items():
             dist.barrier(group=g.group)
             m = sp_attention(q, k, v, plan, g).metrics
             if i > 0:  # the first round is the warm-up
                 runs[name].append(m)
-    out = {}
+    out: dict[str, dict[str, Any]] = {
+        f"{s.name}/alone": {"total_s": statistics.median(alone) if alone else 0.0}
+    }
     for name, ms in runs.items():
         ms.sort(key=lambda m: m.total_s)
         m = ms[len(ms) // 2]
@@ -176,18 +193,20 @@ def main() -> None:
     worlds = [int(x) for x in args.worlds.split(",")]
     print(f"# cores={os.cpu_count()} threads/rank={args.threads} torch={torch.__version__}")
     recs = {n: _spawn(n, args) for n in worlds}
-    base = 1 if 1 in recs else worlds[0]
 
     def slowest(n: int, key: str, field: str = "total_s") -> float:
         """The slowest rank's figure for one shape/schedule at group size n."""
         return max(r["runs"][key][field] for r in recs[n])
 
+    def alone(n: int, shape: str) -> float:
+        """Rank 0's single-rank time for `shape`, measured inside the N = n run."""
+        return float(recs[n][0]["runs"][f"{shape}/alone"]["total_s"])
+
     print("\n| shape | schedule | " + " | ".join(f"N={n}" for n in worlds) + " |")
     print("|---|---|" + "---|" * len(worlds))
     for s in shapes(args.length):
-        single = slowest(base, f"{s.name}/ring")
         for sched in SCHEDULES:
-            cells = [f"{slowest(n, f'{s.name}/{sched}') / single:.2f}" for n in worlds]
+            cells = [f"{slowest(n, f'{s.name}/{sched}') / alone(n, s.name):.2f}" for n in worlds]
             print(f"| {s.name} | {sched} | " + " | ".join(cells) + " |")
     print(
         "\nslowest rank's compute alone (sum over its steps), as a fraction of the single-rank compute:"
@@ -195,16 +214,18 @@ def main() -> None:
     print("\n| shape | schedule | " + " | ".join(f"N={n}" for n in worlds) + " |")
     print("|---|---|" + "---|" * len(worlds))
     for s in shapes(args.length):
-        single = slowest(base, f"{s.name}/ring", "compute_s")
         for sched in SCHEDULES:
-            cells = [f"{slowest(n, f'{s.name}/{sched}', 'compute_s') / single:.2f}" for n in worlds]
+            cells = [
+                f"{slowest(n, f'{s.name}/{sched}', 'compute_s') / alone(n, s.name):.2f}"
+                for n in worlds
+            ]
             print(f"| {s.name} | {sched} | " + " | ".join(cells) + " |")
-    print(f"\nsingle-rank attention time (N={base}, ring): ", end="")
-    print(
-        ", ".join(
-            f"{s.name} {slowest(base, f'{s.name}/ring') * 1e3:.0f} ms" for s in shapes(args.length)
+    print("\nsingle-rank time measured inside each run (ms): ")
+    for n in worlds:
+        print(
+            f"N={n}: "
+            + ", ".join(f"{s.name} {alone(n, s.name) * 1e3:.0f}" for s in shapes(args.length))
         )
-    )
 
     print(
         "\n| shape | N | schedule | steps | compute ms/step | comm ms/step | exposed ms/step | hidden |"
@@ -228,17 +249,23 @@ def main() -> None:
                     + f" | {hid:.2f} |"
                 )
 
-    # Calibrate the cost model on this machine: flop rate from the single-rank MHA run.
+    # Calibrate the cost model in each run: flop rate from its single-rank MHA time, link from its
+    # ping (the load on this machine drifts between runs).
     mha = shapes(args.length)[0]
     pairs = mha.new * (mha.new + 1) / 2
-    flops = 4 * mha.heads * mha.head_dim * pairs / recs[base][0]["runs"]["mha/ring"]["compute_s"]
-    pings = [recs[n][0]["ping"] for n in worlds if n > 1]
-    bw = statistics.median(p[0] for p in pings) if pings else 1e9
-    lat = statistics.median(p[1] for p in pings) if pings else 1e-4
-    hw = HardwareModel(flops_per_s=flops, link_bytes_per_s=bw, step_latency_s=lat)
-    print(
-        f"\ncalibration: {flops / 1e9:.1f} GFLOP/s per rank, link {bw / 1e9:.2f} GB/s, latency {lat * 1e6:.0f} us"
-    )
+    hws: dict[int, HardwareModel] = {}
+    for n in worlds:
+        if n == 1:
+            continue
+        flops = 4 * mha.heads * mha.head_dim * pairs / alone(n, mha.name)
+        bw, lat = recs[n][0]["ping"]
+        hws[n] = HardwareModel(flops_per_s=flops, link_bytes_per_s=bw, step_latency_s=lat)
+        print(
+            f"\ncalibration N={n}: {flops / 1e9:.1f} GFLOP/s per rank, link {bw / 1e9:.2f} GB/s, "
+            f"latency {lat * 1e6:.0f} us",
+            end="",
+        )
+    print()
     print("\n| shape | N | cost model picks | measured fastest | measured times (ms) |")
     print("|---|---|---|---|---|")
     agree = total = 0
@@ -247,7 +274,7 @@ def main() -> None:
             continue
         for s in shapes(args.length):
             shape = SPShape(s.heads, s.kv_heads, s.head_dim, s.new, s.cached, n, 4)
-            pick = choose_schedule(shape, hw)
+            pick = choose_schedule(shape, hws[n])
             times = {sched: slowest(n, f"{s.name}/{sched}") for sched in SCHEDULES}
             best = min(times, key=lambda k: times[k])
             agree += pick == best

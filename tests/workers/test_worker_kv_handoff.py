@@ -186,3 +186,33 @@ def test_refused_request_ends_alone(pair: tuple[Worker, Worker]) -> None:
     assert [t for _, x in deltas for t in x.token_ids] == reference(prompt, GREEDY)
     assert d.health()
     idle(p, d)
+
+
+def test_workers_free_handoffs_whose_owner_vanished() -> None:
+    """Backstop: with no cluster left to end the lease, each side frees its part after 2 leases."""
+    kv = KVTransferConfig(lease_s=0.2, send_timeout_s=5, connect_timeout_s=20)
+    p = Worker(WorkerSpec("prefill-1", "prefill", "prefill", "scripted", kv=kv, scripted=SC))
+    d = Worker(WorkerSpec("decode-1", "decode", "decode", "scripted", kv=kv, scripted=SC))
+    try:
+        addr = p.kv_listen("decode-1")
+        t = threading.Thread(target=d.kv_connect, args=("prefill-1", addr, False))
+        t.start()
+        p.kv_connect("decode-1", addr, True)
+        t.join()
+        prompt = list(range(60, 80))
+        # The prefill side's chunks go to a decode side that was never told (dropped there);
+        # the decode side stages a handoff whose prefill never starts.
+        p.submit_prefill(HandoffSpec(1, "x#1", "prefill-1", "decode-1", tuple(prompt), GREEDY))
+        d.begin_import(HandoffSpec(2, "y#1", "prefill-1", "decode-1", tuple(prompt), GREEDY))
+        _, events = drain((p, d), 0.2)
+        assert events == [] and p.stats().pinned == 1 and d.stats().imports == 1
+        _, events = drain((p, d), 2.0, lambda _, ev: len(ev) == 2)
+        assert sorted((n, e.handoff_id, e.kind) for n, e in events) == [
+            ("decode-1", 2, "failed"),
+            ("prefill-1", 1, "failed"),
+        ]
+        assert all("lease backstop" in e.detail for _, e in events)
+        idle(p, d)
+    finally:
+        p.shutdown()
+        d.shutdown()

@@ -36,7 +36,11 @@ REPO_ROOT = BUNDLED_DIR.parents[2]
 SEED = 1234
 SEQ_LEN = 256
 MAX_POS = 2048
-SAMPLE_PROMPTS = ("import os\n", "def ", "class Config:\n    def __init__(self")
+SAMPLE_PROMPTS = (
+    "import os\n",
+    "    for i in range(",
+    "class Point:\n    def __init__(self, x, y):\n",
+)
 ROUTING_TEXT_TOKENS = 4096  # held-out tokens for the final routing table
 
 
