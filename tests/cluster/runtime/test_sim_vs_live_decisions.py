@@ -27,6 +27,7 @@ role changes are timed by the live housekeeping clock, not by arrivals).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Sequence
@@ -67,8 +68,8 @@ LIMITS = EngineLimits(BLOCK, BUDGET, SCRIPTED.max_num_seqs, False)
 BURSTS: tuple[tuple[tuple[int, int], ...], ...] = (
     ((8, 3), (40, 4), (30, 2), (36, 5), (50, 3)),
     ((60, 2), (12, 4), (20, 3), (130, 2), (44, 3), (24, 2)),
-    ((28, 3), (28, 3), (28, 3), (16, 5), (28, 3), (10, 2)),
-    ((64, 2), (250, 2), (6, 6), (64, 3), (8, 2), (33, 4)),
+    ((28, 3), (28, 3), (28, 3), (16, 5), (28, 3), (20, 2)),
+    ((64, 2), (250, 2), (6, 6), (64, 3), (40, 2), (33, 4)),
 )
 GAP_S = 1000.0  # simulated seconds between bursts: far more than a burst takes
 
@@ -123,12 +124,10 @@ async def run_burst(cluster: Cluster, burst: Sequence[tuple[int, int]], first: i
     for k, (plen, out) in enumerate(burst):
         i = first + k
         params = SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)
-        try:
+        with contextlib.suppress(AdmissionRejected):  # a rejection is a recorded decision too
             streams.append(
                 cluster.generate(GenerateRequest(f"r{i}", tuple(prompt_of(i, plen)), params))
             )
-        except AdmissionRejected:
-            pass
 
     async def drain(s):  # type: ignore[no-untyped-def]
         async for _ in s:
