@@ -13,6 +13,7 @@ from batonserve.cluster.scheduling.config import SchedulerConfig
 from batonserve.cluster.schema import ConfigError, from_dict, to_dict
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.kv_transfer.config import KVTransferConfig
+from batonserve.workers.sp_serving.config import SequenceParallelConfig
 
 Role = Literal["prefill", "decode", "mixed"]
 
@@ -92,6 +93,7 @@ class ServeConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)  # Helm only
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    sequence_parallel: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
     # Sections owned by later parts (scheduler, kv transfer, sequence parallel, MoE, Kubernetes)
     # are added here as their own dataclasses.
 

@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from batonserve.cluster.config import PoolConfig, ServeConfig
+from batonserve.cluster.ring import RingGroup, ring_members
 from batonserve.workers.kv_transfer.base import KVSpec
 from batonserve.workers.kv_transfer.config import KVTransferConfig
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
@@ -63,6 +64,14 @@ def actor_options(pool: PoolConfig, name: str, namespace: str) -> dict[str, Any]
     return opts
 
 
+def _head_ip() -> str:
+    """This (the head's) address for the ring group's TCPStore; 127.0.0.1 in local clusters."""
+    try:
+        return str(ray.util.get_node_ip_address())
+    except Exception:
+        return "127.0.0.1"
+
+
 class Controller:
     """Owns the worker actors of every pool."""
 
@@ -83,6 +92,10 @@ class Controller:
         self._channels: set[tuple[str, str]] = set()
         self._channel_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._remote = ray.remote(Worker)
+        self.ring: RingGroup | None = None  # the sequence-parallel group over the prefill pool
+        self._ring_tasks: set[asyncio.Task[bool]] = set()
+        if config.sequence_parallel.enabled and ring_members(config):
+            self.ring = RingGroup(self, config, _head_ip())
         for pool in config.pools:
             for i in range(pool.replicas):
                 spec = WorkerSpec(
@@ -100,6 +113,8 @@ class Controller:
     async def start(self) -> None:
         """Create every actor and wait until each has built its engine."""
         await asyncio.gather(*(self._launch(h) for h in self.workers.values()))
+        if self.ring is not None and not await self.ring.build():
+            log.warning("the ring group could not be built: long prompts take the normal path")
 
     async def _launch(self, h: WorkerHandle) -> None:
         pool = self._pools[h.spec.pool]
@@ -115,6 +130,8 @@ class Controller:
         h = self.workers[name]
         h.healthy = False
         self.forget_channels(name)
+        if self.ring is not None and name in self.ring.members:
+            self.ring.invalidate(f"{name} replaced")
         if h.actor is not None:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(h.actor, no_restart=True)
@@ -127,6 +144,10 @@ class Controller:
             await asyncio.sleep(0.05)
         h.incarnation += 1
         await self._launch(h)
+        if self.ring is not None and name in self.ring.members:
+            task = asyncio.ensure_future(self.ring.build())  # survivors rejoin with the new one
+            self._ring_tasks.add(task)
+            task.add_done_callback(self._ring_tasks.discard)
         return h
 
     async def set_role(self, name: str, role: WorkerRole) -> None:
@@ -163,6 +184,10 @@ class Controller:
 
     async def shutdown(self) -> None:
         """Stop every actor."""
+        for task in list(self._ring_tasks):
+            task.cancel()
+        if self.ring is not None:
+            await self.ring.shutdown()
         for h in self.workers.values():
             if h.actor is None:
                 continue

@@ -34,6 +34,7 @@ from batonserve.cluster.metrics_series import (
     build_series,
     token_buckets,
 )
+from batonserve.workers.sp_serving.report import SPStepReport
 
 
 @dataclass
@@ -249,6 +250,18 @@ class Metrics:
             "to_role": change.to_role,
         }
         self._inc("batonserve_pool_changes_total", labels)
+
+    def sequence_parallel(self, report: SPStepReport) -> None:
+        """One ring member's figures for one sequence-parallel prefill."""
+        for value in (report.compute_s, report.comm_s, report.exposed_comm_s):
+            _check_seconds("sequence_parallel", value)
+        req = self._req
+        self._observe("batonserve_sp_compute_seconds", req, report.compute_s)
+        self._observe("batonserve_sp_comm_seconds", req, report.comm_s)
+        self._observe("batonserve_sp_exposed_comm_seconds", req, report.exposed_comm_s)
+        self._set("batonserve_sp_comm_hidden_ratio", req, report.hidden_fraction)
+        if report.rank == 0:  # every member reports; count the prefill once
+            self._inc("batonserve_sp_prefills_total", req)
 
     # --- internals ---
 

@@ -221,6 +221,40 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             "KV handoffs aborted because their lease expired unacknowledged.",
             _HANDOFF,
         ),
+        # Sequence-parallel (ring) prefill: one observation per member per ring prefill.
+        s(
+            "batonserve_sp_compute_seconds",
+            "histogram",
+            "Attention compute time of one ring member in one sequence-parallel prefill.",
+            _REQ,
+            KV_HANDOFF_BUCKETS,
+        ),
+        s(
+            "batonserve_sp_comm_seconds",
+            "histogram",
+            "Ring communication time (post to completion) of one member in one SP prefill.",
+            _REQ,
+            KV_HANDOFF_BUCKETS,
+        ),
+        s(
+            "batonserve_sp_exposed_comm_seconds",
+            "histogram",
+            "Ring communication time not hidden behind compute, per member and SP prefill.",
+            _REQ,
+            KV_HANDOFF_BUCKETS,
+        ),
+        s(
+            "batonserve_sp_comm_hidden_ratio",
+            "gauge",
+            "Share of ring communication hidden behind compute in the latest SP prefill (0-1).",
+            _REQ,
+        ),
+        s(
+            "batonserve_sp_prefills_total",
+            "counter",
+            "Prompts prefilled by a sequence-parallel ring group.",
+            _REQ,
+        ),
         s(
             "batonserve_pool_changes_total",
             "counter",

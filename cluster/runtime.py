@@ -30,6 +30,7 @@ from batonserve.cluster.env import keep_ray_on_loopback
 from batonserve.cluster.handoff import Handoff, HandoffLedger
 from batonserve.cluster.observer import ClusterObserver, NullObserver, handoff_record
 from batonserve.cluster.request_state import RequestState
+from batonserve.cluster.ring import RingRouting
 from batonserve.cluster.scheduling import (
     ClusterScheduler,
     Pairing,
@@ -51,7 +52,7 @@ log = logging.getLogger("batonserve.cluster")
 MAX_ATTEMPTS = 8
 
 
-class Cluster(WorkerEvents):
+class Cluster(WorkerEvents, RingRouting):
     """ClusterAPI over Ray worker pools (see module docstring)."""
 
     def __init__(
@@ -80,6 +81,7 @@ class Cluster(WorkerEvents):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._loop = asyncio.get_running_loop()
+        self.ring_init()
 
     # ---- ClusterAPI ---------------------------------------------------------------------------
 
@@ -231,9 +233,15 @@ class Cluster(WorkerEvents):
         return decision
 
     def _start_attempt(self, st: RequestState, pairing: Pairing) -> None:
-        a = st.next_attempt(pairing.prefill_worker, pairing.decode_worker)
+        # A long prompt goes to the ring group (its leader is the attempt's prefill worker).
+        ring = self.ring_choice(len(st.resume_prompt), pairing.decode_worker)
+        prefill = ring.leader if ring is not None else pairing.prefill_worker
+        a = st.next_attempt(prefill, pairing.decode_worker)
         self.by_worker_rid[a.worker_request_id] = st
-        self.spawn(self._launch(st, a.number))
+        if ring is not None:
+            self.spawn(self.launch_ring(st, a, ring))
+        else:
+            self.spawn(self._launch(st, a.number))
 
     async def _launch(self, st: RequestState, number: int) -> None:
         a = st.attempt
@@ -267,6 +275,7 @@ class Cluster(WorkerEvents):
         """Abandon the current attempt and resume from prompt + tokens already sent."""
         if st.done or self._closing:
             return
+        self.ring_failed(st)
         self._drop_attempt(st)
         if st.attempts >= MAX_ATTEMPTS:
             st.fail(ClusterUnavailable(f"request failed after {st.attempts} attempts: {reason}"))
@@ -308,9 +317,10 @@ class Cluster(WorkerEvents):
 
     def abort_on(self, worker: str, worker_request_id: str) -> None:
         """Fire-and-forget abort on a worker (a dead one is simply skipped)."""
-        h = self.controller.workers.get(worker)
-        if h is not None and h.healthy and h.actor is not None:
-            self.spawn(self._quiet(h.actor.abort.remote(worker_request_id)))
+        for name in self.ring_targets(worker, worker_request_id):
+            h = self.controller.workers.get(name)
+            if h is not None and h.healthy and h.actor is not None:
+                self.spawn(self._quiet(h.actor.abort.remote(worker_request_id)))
 
     def _finish(self, st: RequestState) -> None:
         """Forget a request that ended (its workers are told to drop it)."""

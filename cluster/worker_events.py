@@ -60,6 +60,7 @@ class WorkerEvents:
             self._on_event(name, ev)
         for d in r.deltas:
             self._on_delta(name, d)
+        self.ring_reports(name, r.stats)
         now = time.monotonic()
         if now - self._last_snapshot.get(name, 0.0) >= SNAPSHOT_S:
             self._last_snapshot[name] = now
@@ -129,9 +130,10 @@ class WorkerEvents:
 
     def abort_on_release(self: Cluster, worker: str, worker_request_id: str) -> None:
         """Tell the prefill side its blocks are no longer needed."""
-        h = self.controller.workers.get(worker)
-        if h is not None and h.healthy:
-            self.spawn(self._quiet(h.actor.release.remote(worker_request_id)))
+        for name in self.ring_targets(worker, worker_request_id):
+            h = self.controller.workers.get(name)
+            if h is not None and h.healthy:
+                self.spawn(self._quiet(h.actor.release.remote(worker_request_id)))
 
     def worker_died(self: Cluster, name: str, incarnation: int, why: str) -> None:
         """Resume everything that depended on `name`, then replace it."""

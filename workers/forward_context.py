@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -108,6 +109,16 @@ class AttentionMetadata:
         return out
 
 
+class SPAttend(Protocol):
+    """Sequence-parallel attention of one rank's rows (workers.sp_serving.forward.SPForward)."""
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
+        """q [n, H, d], this rank's k/v [n, Hkv, d] -> [n, H, d] over every rank's keys."""
+        ...
+
+
 @dataclass
 class ForwardContext:
     """What every layer of the current forward may read."""
@@ -118,6 +129,8 @@ class ForwardContext:
     layer_hook: Callable[[int], None] | None = None
     rope_cos: torch.Tensor | None = None  # [num_tokens, head_dim] at batch.positions
     rope_sin: torch.Tensor | None = None
+    # Set: a sequence-parallel prefill; attention runs over the group, not the paged cache.
+    sp: SPAttend | None = None
 
 
 class _State(threading.local):

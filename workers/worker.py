@@ -22,6 +22,8 @@ from batonserve.workers.outputs import CoreOutput
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import StepPlan
 from batonserve.workers.scripted_engine import ScriptedEngine
+from batonserve.workers.sp_serving.member import RingMember
+from batonserve.workers.sp_serving.types import RingJob, RingSetup
 from batonserve.workers.worker_types import (
     HandoffEvent,
     HandoffSpec,
@@ -79,6 +81,7 @@ class Worker:
         self.exporter = KVExporter(self.engine, self.transport, self.kv_spec)
         self.importer = KVImporter(self.engine, self.kv_spec, device)
         self.engine.layer_hook = self._on_layer
+        self.ring: RingMember | None = None  # set when the controller makes this a ring member
         self._cv = threading.Condition()
         self._aborted: dict[str, None] = {}  # insertion-ordered set of recently aborted ids
         self._cmds: list[Callable[[], None]] = []
@@ -136,6 +139,41 @@ class Worker:
 
         self._enqueue(run)
 
+    def ring_join(self, setup: RingSetup) -> str:
+        """Join the ring group (collective with the other members); "" or the error text."""
+        done = threading.Event()
+        error: list[str] = []
+
+        def run() -> None:
+            try:
+                if self.ring is None:
+                    self.ring = RingMember(self.engine, self.transport)
+                self.ring.join(setup)
+            except Exception as e:
+                error.append(f"{type(e).__name__}: {e}")
+            finally:
+                done.set()
+
+        self._enqueue(run)
+        if not done.wait(setup.timeout_s + 30.0):
+            return "ring join did not finish in time"
+        return error[0] if error else ""
+
+    def submit_ring(self, job: RingJob) -> None:
+        """Prefill this member's shard of a ring job (in job order) and hand its KV rows over."""
+
+        def run() -> None:
+            if self.ring is None:
+                return
+            deltas, events = self.ring.offer(job, lambda rid: rid in self._aborted)
+            with self._cv:
+                self._deltas.extend(deltas)
+                self._events.extend(events)
+                self._stats = self._make_stats()
+                self._cv.notify_all()
+
+        self._enqueue(run)
+
     def begin_import(self, handoff: HandoffSpec) -> None:
         """Expect a handoff's KV (called before the prefill side starts sending)."""
         with self._cv:
@@ -149,6 +187,8 @@ class Worker:
 
         def run() -> None:
             self.exporter.drop(request_id)
+            if self.ring is not None:
+                self.ring.free(request_id)
             if request_id in self._pinned():
                 self.engine.release(request_id)
 
@@ -168,6 +208,8 @@ class Worker:
         def run() -> None:
             self.exporter.drop(request_id)
             self.importer.drop_request(request_id)
+            if self.ring is not None:
+                self.ring.free(request_id)
             self.engine.abort_request(request_id)
 
         self._enqueue(run)
@@ -264,6 +306,8 @@ class Worker:
         """Free handoffs whose owner never ended them (BACKSTOP_LEASES leases later)."""
         limit = BACKSTOP_LEASES * self.spec.kv.lease_s
         events = self.exporter.stale(limit) + self.importer.stale(limit)
+        if self.ring is not None:
+            self.ring.stale(limit)
         for ev in events:
             self.engine.abort_request(ev.request_id)
         if events:
@@ -363,9 +407,10 @@ class Worker:
             prefix_queries=s.prefix_queries,
             prefix_hits=s.prefix_hits,
             steps=self._steps,
-            exports=len(self.exporter.exports),
+            exports=len(self.exporter.exports) + (len(self.ring.held) if self.ring else 0),
             imports=len(self.importer),
             error=self._error[-2000:],
             cached_block_hashes=hashes,
             prefix_epoch=self._prefix_epoch,
+            sp_reports=tuple(self.ring.reports) if self.ring else (),
         )

@@ -9,6 +9,7 @@ from batonserve.workers.config import EngineConfig
 from batonserve.workers.kv_transfer.config import KVTransferConfig
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
+from batonserve.workers.sp_serving.report import SPStepReport
 
 WorkerRole = Literal["prefill", "decode", "mixed"]
 HandoffEventKind = Literal["committed", "failed"]
@@ -97,6 +98,8 @@ class WorkerStats:
     # bumps on each refresh (conditional disaggregation sends a cached prompt here).
     cached_block_hashes: tuple[int, ...] = ()
     prefix_epoch: int = 0
+    # Recent ring prefills of this worker (sequence parallel), newest last; seq increases.
+    sp_reports: tuple[SPStepReport, ...] = ()
 
 
 @dataclass(frozen=True)

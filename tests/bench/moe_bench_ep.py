@@ -54,7 +54,9 @@ def _worker(rank: int, port: int, data: str, out: str, cfg: dict) -> None:  # ty
             for o in overlaps:
                 times[o].append(_timed(block, x, EPSettings(o)))
         res[str(tokens)] = {str(o): statistics.median(t) for o, t in times.items()}
-        tuner = EPTuner([EPSettings(o) for o in overlaps], samples_per_candidate=5, probe_every=8)
+        tuner = EPTuner(
+            [EPSettings(o) for o in overlaps], samples_per_candidate=7, probe_every=8, window=11
+        )
         tuned = ExpertParallelMoE(gate, wgu, wd, top_k=2, tuner=tuner)
         for _ in range(cfg["tuner_forwards"]):
             _timed(tuned, x, None)
@@ -63,6 +65,7 @@ def _worker(rank: int, port: int, data: str, out: str, cfg: dict) -> None:  # ty
             "overlap": bucket.current.overlap,
             "switches": bucket.switches,
             "decisions": len(tuner.stats.decisions),
+            "medians_ms": {str(c.overlap): 1e3 * m for c, m in bucket.medians_s.items()},
         }
     dist.destroy_process_group()
     if rank == 0:
@@ -98,6 +101,6 @@ def run_ep(
     data = tmp / "ep_layer.pt"
     torch.save(weights, data)
     out = tmp / "ep_result.json"
-    cfg = {"tokens": tokens, "overlaps": overlaps, "warmup": 3, "reps": 15, "tuner_forwards": 80}
+    cfg = {"tokens": tokens, "overlaps": overlaps, "warmup": 3, "reps": 25, "tuner_forwards": 140}
     mp.spawn(_worker, args=(_free_port(), str(data), str(out), cfg), nprocs=2, join=True)
     return json.loads(out.read_text())

@@ -95,34 +95,54 @@ class DiskTier:
         missing = [n for n in names if n not in self.files]
         if missing:
             raise KeyError(f"expert {tuple(key)}: checkpoint has no tensor {missing[0]!r}")
-        parts: list[torch.Tensor] = []
-        nbytes = 0
-        for name in names:
-            path, loc = self.files[name], self._locs[name]
-            if self.reader == "pread":
-                parts.append(self._pread(path, loc).to(self.dtype))
-            else:
-                with safe_open(str(path), framework="pt") as f:
-                    parts.append(f.get_slice(name)[:].to(self.dtype))
-            nbytes += loc.end - loc.start
+        locs = [self._locs[n] for n in names]
+        paths = {self.files[n] for n in names}
+        nbytes = sum(loc.end - loc.start for loc in locs)
+        span = (min(loc.start for loc in locs), max(loc.end for loc in locs))
+        if self.reader == "pread" and len(paths) == 1 and span[1] - span[0] == nbytes:
+            # the expert's three tensors are adjacent (safetensors sorts names): one read, one drop
+            path = paths.pop()
+            whole = self._pread(path, span[0], span[1])
+            parts = [self._view(path, whole, loc, span[0]).to(self.dtype) for loc in locs]
             if self.drop_page_cache:
-                os.posix_fadvise(
-                    self._fds[path], loc.start, loc.end - loc.start, os.POSIX_FADV_DONTNEED
-                )
+                os.posix_fadvise(self._fds[path], span[0], nbytes, os.POSIX_FADV_DONTNEED)
+        else:
+            parts = []
+            for name, loc in zip(names, locs, strict=True):
+                path = self.files[name]
+                if self.reader == "pread":
+                    raw = self._pread(path, loc.start, loc.end)
+                    parts.append(self._view(path, raw, loc, loc.start).to(self.dtype))
+                else:
+                    with safe_open(str(path), framework="pt") as f:
+                        parts.append(f.get_slice(name)[:].to(self.dtype))
+                if self.drop_page_cache:
+                    os.posix_fadvise(
+                        self._fds[path], loc.start, loc.end - loc.start, os.POSIX_FADV_DONTNEED
+                    )
         with self._lock:
             self.bytes_read += nbytes
             self.reads += 1
         w1, w3, w2 = parts
-        return ExpertWeights(torch.cat([w1, w3], dim=0).contiguous(), w2.contiguous())
+        # cat and clone copy out of the read buffer, so it is freed (budgets count these bytes)
+        return ExpertWeights(
+            torch.cat([w1, w3], dim=0), w2.clone(memory_format=torch.contiguous_format)
+        )
 
-    def _pread(self, path: Path, loc: TensorLoc) -> torch.Tensor:
-        """One tensor straight from its byte range."""
+    def _pread(self, path: Path, start: int, end: int) -> bytearray:
+        """Bytes [start, end) of a checkpoint file."""
+        raw = bytearray(os.pread(self._fds[path], end - start, start))
+        if len(raw) != end - start:
+            raise ValueError(f"checkpoint {str(path)!r}: short read (file truncated?)")
+        return raw
+
+    @staticmethod
+    def _view(path: Path, raw: bytearray, loc: TensorLoc, base: int) -> torch.Tensor:
+        """The tensor at `loc` inside `raw`, which holds the file from offset `base`."""
         if loc.dtype not in _ST_DTYPES:
             raise ValueError(f"checkpoint {str(path)!r}: unsupported expert dtype {loc.dtype!r}")
-        raw = bytearray(os.pread(self._fds[path], loc.end - loc.start, loc.start))
-        if len(raw) != loc.end - loc.start:
-            raise ValueError(f"checkpoint {str(path)!r}: short read (file truncated?)")
-        return torch.frombuffer(raw, dtype=_ST_DTYPES[loc.dtype]).view(loc.shape)
+        flat = torch.frombuffer(raw, dtype=torch.uint8)[loc.start - base : loc.end - base]
+        return flat.view(_ST_DTYPES[loc.dtype]).view(loc.shape)
 
     def drop_all(self) -> None:
         """Drop every checkpoint file from the page cache (before a measured run)."""

@@ -111,11 +111,13 @@ class MoEController:
     def _forecast(self, source: int, feature: torch.Tensor) -> None:
         """Send the predictor's top-m experts per later layer to the store (policy + prefetch)."""
         assert self.store is not None and self.predictor is not None
-        forecasts: dict[int, list[ExpertKey]] = {}
-        for target, top in self.predictor.top_m(source, feature, self.top_m).items():
-            experts = torch.unique(top).tolist()
-            forecasts[self.store.tick_of(target)] = [ExpertKey(target, int(e)) for e in experts]
-        self.store.forecast(forecasts)
+        sets = self.predictor.forecast_sets(source, feature, self.top_m)
+        self.store.forecast(
+            {
+                self.store.tick_of(target): [ExpertKey(target, e) for e in sorted(experts)]
+                for target, experts in sets.items()
+            }
+        )
 
 
 class RoutedMoE(nn.Module):

@@ -62,6 +62,18 @@ class RoutingPredictor:
             for t, s in self.scores(source, feature).items()
         }
 
+    def forecast_sets(self, source: int, feature: torch.Tensor, m: int) -> dict[int, set[int]]:
+        """Union over tokens of each later layer's top-m experts: {target: expert ids}.
+
+        One matmul, one topk and one host copy for every target (this runs before every layer).
+        """
+        w, b = self._stacked(source)
+        logits = torch.addmm(b, normalise(feature), w.T)  # [T, n_t * E]
+        n_t = self.num_layers - source - 1
+        top = logits.view(-1, n_t, self.num_experts).topk(min(m, self.num_experts), dim=-1)
+        ids = top.indices.transpose(0, 1).reshape(n_t, -1).tolist()  # [n_t][T * m]
+        return {source + 1 + i: set(row) for i, row in enumerate(ids)}
+
     def save(self, path: Path) -> None:
         """Write the probes and popularity counts as safetensors."""
         tensors = {"popularity": self.popularity.contiguous()}

@@ -45,13 +45,16 @@ class Prefetcher:
     def submit(self, tick: int, keys: list[ExpertKey]) -> None:
         """Queue `keys` forecast for layer tick `tick` (duplicates already queued are ignored)."""
         with self._cv:
+            added = False
             for key in keys:
                 if key in self._queued:
                     continue
                 self._queued.add(key)
                 heapq.heappush(self._queue, (tick, self._seq, key))
                 self._seq += 1
-            self._cv.notify_all()
+                added = True
+            if added:  # waking the worker for nothing costs the forward a GIL hand-off
+                self._cv.notify_all()
 
     def demand_begin(self) -> None:
         """A demand load starts: hold back new prefetch reads."""
@@ -62,7 +65,8 @@ class Prefetcher:
         """A demand load finished."""
         with self._cv:
             self._demand_pending -= 1
-            self._cv.notify_all()
+            if self._demand_pending == 0 and self._queue:
+                self._cv.notify_all()
 
     def drain(self, timeout_s: float = 10.0) -> None:
         """Wait until the queue is empty and no read is in flight (tests, end of a run)."""

@@ -91,7 +91,7 @@ class ExpertStoreStats:
     prefetch_used: int = 0  # of those, demanded before eviction (precision numerator)
     prefetch_dropped: int = 0  # forecasts not loaded (stale, not admitted, or over budget)
     demand_accesses: int = 0  # (forward, layer, expert) demands
-    demand_hits_from_prefetch: int = 0  # demands that hit an entry a prefetch brought (recall num.)
+    demand_hits_from_prefetch: int = 0  # first demand hits on prefetched entries (recall numerator)
     stall_seconds: float = 0.0  # time forwards waited for expert loads
     tokens: int = 0  # tokens that went through layer 0 (for per-token rates)
     forwards: int = 0
@@ -120,10 +120,13 @@ class ExpertStoreStats:
 
     @property
     def prefetch_recall(self) -> float:
-        """Demands served by a prefetched entry / demand accesses."""
-        if not self.demand_accesses:
-            return 0.0
-        return self.demand_hits_from_prefetch / self.demand_accesses
+        """Of the demands the cache did not hold on its own, the share a prefetch had brought in.
+
+        hits on prefetched entries / (hits on prefetched entries + misses).
+        """
+        misses = sum(map(sum, self.expert_misses))
+        covered = self.demand_hits_from_prefetch
+        return covered / (covered + misses) if covered + misses else 0.0
 
     @property
     def stall_per_token_s(self) -> float:

@@ -96,7 +96,10 @@ class Attention(nn.Module):
         v_cache.view(-1, kvh, d).index_copy_(0, slots, v)
         if ctx.layer_hook is not None:
             ctx.layer_hook(self.layer)
-        out = ctx.attn.attend(q, k_cache, v_cache, self.window)  # [T, H, d]
+        if ctx.sp is not None:  # this rank's rows only; the group supplies the other keys
+            out = ctx.sp.attend(q, k, v, self.window)  # [T, H, d]
+        else:
+            out = ctx.attn.attend(q, k_cache, v_cache, self.window)  # [T, H, d]
         return F.linear(out.reshape(t, self.q_size), self.o_weight)
 
 

@@ -19,10 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_server import PrometheusServer
+
+from batonserve.cluster.metrics import TTFT_BUCKETS
 
 pytestmark = pytest.mark.cluster
 
 PROMPT = "def main("
+REQUESTS = 6
 CONFIG = """
 model: demo
 ray:
@@ -120,6 +124,56 @@ def test_streamed_greedy_output_equals_offline_engine(server: Server) -> None:
     ]
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in ok) == 1.0, ok
     assert "batonserve_kv_cache_usage_ratio{" in body and 'worker="decode-0"' in body
+
+
+def test_prometheus_scrapes_the_served_router(server: Server, tmp_path: Path) -> None:
+    """A real Prometheus scrapes `/metrics` while requests stream; PromQL sees the true counts."""
+    import grpc
+
+    from batonserve.proto import generation_pb2 as pb
+    from batonserve.proto import generation_pb2_grpc as pb_grpc
+
+    target, metrics_url = _ports(server)
+    prom = PrometheusServer(tmp_path, int(metrics_url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        ok = 'sum(batonserve_requests_total{code="OK"})'
+        prom.wait_for(ok, _ok_count(metrics_url))  # Prometheus is up and has scraped once
+        before = _ok_count(metrics_url)
+        ttfts = []
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            for i in range(REQUESTS):
+                req = pb.GenerateRequest(
+                    text=f"import os{i}", sampling=pb.SamplingParams(max_tokens=8, temperature=0)
+                )
+                t0 = time.monotonic()
+                stream = stub.Generate(req, timeout=60)
+                next(stream)
+                ttfts.append(time.monotonic() - t0)
+                list(stream)
+        prom.wait_for(ok, before + REQUESTS)
+        p50 = prom.scalar(
+            "histogram_quantile(0.5, sum by (le) (batonserve_time_to_first_token_seconds_bucket))"
+        )
+        assert p50 is not None and 0 < p50 <= _bucket_above(max(ttfts))
+        tokens = prom.scalar("sum(batonserve_generation_tokens_total)")
+        assert tokens is not None and tokens >= 8 * REQUESTS
+    finally:
+        prom.stop()
+
+
+def _ok_count(metrics_url: str) -> float:
+    body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return sum(
+        float(ln.rsplit(" ", 1)[1])
+        for ln in body.splitlines()
+        if ln.startswith("batonserve_requests_total{") and 'code="OK"' in ln
+    )
+
+
+def _bucket_above(seconds: float) -> float:
+    """The TTFT histogram bucket bound a quantile of values up to `seconds` cannot exceed."""
+    return min(b for b in (*TTFT_BUCKETS, float("inf")) if b >= seconds)
 
 
 def test_sigterm_shuts_down_cleanly(server: Server) -> None:

@@ -174,10 +174,13 @@ def test_worker_killed_under_load(
     killed_at: list[int] = []
 
     def kill(received: int) -> None:
-        busy = victim.stats is not None and (
-            victim.stats.pending_prefill_tokens > 0 if role == "prefill" else True
-        )
-        if not killed_at and received >= STREAMS and busy:
+        # Decode: once every stream is under way. Prefill: as soon as tokens flow, while it
+        # still has prompts queued (32 prompts take many 16-token chunks).
+        if role == "prefill":
+            ready = received >= 1 and bool(victim.stats and victim.stats.pending_prefill_tokens)
+        else:
+            ready = received >= STREAMS
+        if not killed_at and ready:
             killed_at.append(received)
             ray.kill(victim.actor)
 

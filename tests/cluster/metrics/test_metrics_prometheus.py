@@ -1,23 +1,19 @@
 """A real Prometheus server scrapes the metrics endpoint while requests run; PromQL sees the truth.
 
 Needs Debian's `prometheus` binary (tests/install-tools.sh installs it). The synthetic load drives
-the Metrics API directly; the router's own test will point the same checks at a served router.
+the Metrics API directly; tests/cluster/e2e/test_serve_cli.py points Prometheus at `batonserve serve`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_server import PrometheusServer
 
 from batonserve.cluster.metrics import (
     TTFT_BUCKETS,
@@ -40,88 +36,12 @@ REJECTED = 5
 DEADLINE_S = 20.0  # for Prometheus to start, and to ingest the final scrape
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return bytes(resp.read())
-
-
-class _Prometheus:
-    """A prometheus server process on 127.0.0.1 with a temp config and storage dir."""
-
-    def __init__(self, tmp: Path, target_port: int) -> None:
-        self.port = _free_port()
-        config = tmp / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: batonserve\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
-        )
-        self.log = tmp / "prometheus.log"
-        binary = shutil.which("prometheus")
-        assert binary, "prometheus is not installed: run tests/install-tools.sh"
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--log.level=warn",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def query(self, promql: str) -> list[tuple[dict[str, str], float]]:
-        """Instant query over the HTTP API: [(labels, value)]."""
-        q = urllib.parse.urlencode({"query": promql})
-        body = json.loads(_get(f"http://127.0.0.1:{self.port}/api/v1/query?{q}"))
-        assert body["status"] == "success", body
-        return [(r["metric"], float(r["value"][1])) for r in body["data"]["result"]]
-
-    def scalar(self, promql: str) -> float | None:
-        """The single value of a query, or None when it has no result yet."""
-        res = self.query(promql)
-        assert len(res) <= 1, res
-        return res[0][1] if res else None
-
-    def wait_for(self, promql: str, want: float) -> None:
-        """Poll until the query returns `want` (the last scrape may still be in flight)."""
-        deadline = time.monotonic() + DEADLINE_S
-        got = None
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                got = self.scalar(promql)
-            except OSError:
-                got = None  # not listening yet
-            if got == want:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"{promql} = {got}, want {want}\n{self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        """Stop the process we started, by its pid."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Metrics, _Prometheus]]:
+def served(tmp_path: Path) -> Iterator[tuple[Metrics, PrometheusServer]]:
     """Metrics served on a free loopback port, and a Prometheus scraping it every second."""
     metrics = Metrics("demo", ray_mirror=False)
     port = metrics.start_http_server("127.0.0.1", 0)
-    prom = _Prometheus(tmp_path, port)
+    prom = PrometheusServer(tmp_path, port)
     try:
         yield metrics, prom
     finally:
@@ -171,7 +91,9 @@ def _ttft(i: int) -> float:
 
 
 @pytest.mark.slow
-def test_prometheus_scrapes_counts_and_ttft_quantile(served: tuple[Metrics, _Prometheus]) -> None:
+def test_prometheus_scrapes_counts_and_ttft_quantile(
+    served: tuple[Metrics, PrometheusServer],
+) -> None:
     metrics, prom = served
     prom.wait_for('up{job="batonserve"}', 1.0)  # at least one scrape before the load
 

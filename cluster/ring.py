@@ -1,0 +1,253 @@
+"""Sequence-parallel prefill in the live cluster: the ring group over the prefill pool, and the
+path of a long prompt through it.
+
+The controller's `RingGroup` joins the first `max_group_size` workers of the first prefill pool
+into one torch.distributed group (TCPStore in this process; gloo on CPU, NCCL on CUDA), once, and
+again after a member is replaced or a ring prefill failed. A prompt of at least `threshold_tokens`
+takes the ring of N = min(group, ceil(len / tokens_per_rank)) members: each prefills its shard and
+sends its K/V rows straight to the decode worker under one handoff whose `src` is the leader (the
+member holding the last position, which samples and streams the first token). The decode side
+commits when every row of every layer is there; release and abort fan out to every member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from batonserve.cluster.config import ServeConfig
+from batonserve.workers.sp_serving.config import SequenceParallelConfig
+from batonserve.workers.sp_serving.types import RingJob, RingSetup, last_position_rank
+from batonserve.workers.worker_types import HandoffSpec, WorkerStats
+
+if TYPE_CHECKING:
+    from batonserve.cluster.controller import Controller
+    from batonserve.cluster.request_state import Attempt, RequestState
+    from batonserve.cluster.runtime import Cluster
+
+log = logging.getLogger("batonserve.ring")
+
+BUILD_TRIES = 5
+
+
+@dataclass(frozen=True)
+class RingChoice:
+    """The ring a request takes: its size, members (by group rank) and leader's name."""
+
+    size: int
+    members: tuple[str, ...]
+    leader: str
+
+
+def ring_members(config: ServeConfig) -> tuple[str, ...]:
+    """Worker names of the ring group: the first prefill pool, up to max_group_size."""
+    sp = config.sequence_parallel
+    for pool in config.pools:
+        if pool.role == "prefill":
+            n = min(pool.replicas, sp.max_group_size)
+            return tuple(f"{pool.name}-{i}" for i in range(n)) if n >= 2 else ()
+    return ()
+
+
+def ring_backend(config: ServeConfig) -> str:
+    """NCCL when the members run on CUDA, else gloo."""
+    dev = config.engine.device
+    gpus = any(p.num_gpus > 0 for p in config.pools if p.role == "prefill")
+    return "nccl" if dev.startswith("cuda") or (dev == "auto" and gpus) else "gloo"
+
+
+class RingGroup:
+    """The controller's ring group: membership, epochs, job sequence numbers, (re)builds."""
+
+    def __init__(self, controller: Controller, config: ServeConfig, host: str) -> None:
+        self.controller = controller
+        self.sp: SequenceParallelConfig = config.sequence_parallel
+        self.members = ring_members(config)
+        self.backend = ring_backend(config)
+        self.host = host
+        self.epoch = 0
+        self.ready = False
+        self._seq = 0
+        self._lock = asyncio.Lock()
+        self._store: Any = None  # the TCPStore server, alive as long as the group
+
+    def available(self) -> int:
+        """Members usable now (0 while building or when a member is unhealthy)."""
+        ws = self.controller.workers
+        if not self.ready or not all(ws[m].healthy for m in self.members):
+            return 0
+        return len(self.members)
+
+    def invalidate(self, why: str) -> None:
+        """The group must be rebuilt before its next use."""
+        if self.ready:
+            log.warning("ring group epoch %d invalid: %s", self.epoch, why)
+        self.ready = False
+
+    async def build(self) -> bool:
+        """(Re)join every member into a fresh group; True when the ring is usable."""
+        async with self._lock:
+            for attempt in range(BUILD_TRIES):
+                if self.ready:
+                    return True
+                if await self._build_once():
+                    return True
+                await asyncio.sleep(0.5 * (attempt + 1))
+            return False
+
+    async def _build_once(self) -> bool:
+        ws = self.controller.workers
+        for _ in range(600):  # members being replaced come back first
+            if all(ws[m].healthy and ws[m].actor is not None for m in self.members):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            return False
+        if self._store is None:
+            self._store = dist.TCPStore(
+                self.host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+            )
+        self.epoch += 1
+        self._seq = 0
+        setups = [
+            RingSetup(
+                self.epoch,
+                self.host,
+                int(self._store.port),
+                rank,
+                self.members,
+                self.backend,
+                self.sp.timeout_s,
+                self.sp.schedule,
+                self.sp.layout,
+            )
+            for rank in range(len(self.members))
+        ]
+        try:
+            errors = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        ws[m].actor.ring_join.remote(s)
+                        for m, s in zip(self.members, setups, strict=True)
+                    )
+                ),
+                timeout=self.sp.timeout_s + 60,
+            )
+        except Exception as e:
+            log.warning("ring group epoch %d: join failed: %s", self.epoch, e)
+            return False
+        bad = [f"{m}: {e}" for m, e in zip(self.members, errors, strict=True) if e]
+        if bad:
+            log.warning("ring group epoch %d: join failed: %s", self.epoch, "; ".join(bad))
+            return False
+        self.ready = True
+        log.info("ring group epoch %d ready: %s (%s)", self.epoch, self.members, self.backend)
+        return True
+
+    def choose(self, prompt_len: int, decode: str) -> RingChoice | None:
+        """The ring for a prompt, or None for the normal path."""
+        size = self.sp.group_size(prompt_len, self.available())
+        if size < 2:
+            return None
+        members = self.members[:size]
+        if decode in members:  # the decode side must be another worker (its own KV channel)
+            return None
+        leader = members[last_position_rank(prompt_len, size, self.sp.layout)]
+        return RingChoice(size, members, leader)
+
+    def submit(self, choice: RingChoice, spec: HandoffSpec) -> None:
+        """Send one job to every member (in one go: no await between numbering and sending)."""
+        job = RingJob(self.epoch, self._seq, choice.size, choice.members.index(choice.leader), spec)
+        self._seq += 1
+        for m in self.members:  # non-participants only advance their sequence number
+            self.controller.workers[m].actor.submit_ring.remote(job)
+
+    async def shutdown(self) -> None:
+        """Forget the group (actors are stopped by the controller)."""
+        self.ready = False
+        self._store = None
+
+
+class RingRouting:
+    """Mixin of Cluster: ring attempts, their launch, fan-out of release/abort, SP reports."""
+
+    def ring_init(self: Cluster) -> None:
+        """Per-cluster ring state (called once the controller is up)."""
+        self.ring_attempts: dict[str, RingChoice] = {}  # by worker request id
+        self._sp_seen: dict[str, int] = {}  # worker -> last report seq passed on
+
+    def ring_choice(self: Cluster, prompt_len: int, decode: str) -> RingChoice | None:
+        """The ring for a new attempt, or None."""
+        ring = self.controller.ring
+        return ring.choose(prompt_len, decode) if ring is not None else None
+
+    async def launch_ring(self: Cluster, st: RequestState, a: Attempt, choice: RingChoice) -> None:
+        """Start a ring attempt: channels from every member, import on the decode side, jobs."""
+        ring = self.controller.ring
+        assert ring is not None
+        prompt, params = st.resume_prompt, st.resume_params
+        workers = self.controller.workers
+        try:
+            d = workers[a.decode]
+            for m in choice.members:
+                p = workers[m]
+                if p.kv_spec is not None and d.kv_spec is not None:
+                    p.kv_spec.check_compatible(d.kv_spec)
+            await asyncio.gather(
+                *(self.controller.ensure_channel(m, a.decode) for m in choice.members)
+            )
+            if st.attempt is not a or st.done:
+                return
+            h = self.ledger.open(a.worker_request_id, a.prefill, a.decode)
+            a.handoff_id = h.handoff_id
+            spec = HandoffSpec(
+                h.handoff_id, a.worker_request_id, a.prefill, a.decode, tuple(prompt), params
+            )
+            self.ring_attempts[a.worker_request_id] = choice
+            await d.actor.begin_import.remote(spec)
+            if st.attempt is not a or st.done or ring.available() < choice.size:
+                raise RuntimeError("the ring group changed before the job was sent")
+            ring.submit(choice, spec)
+        except Exception as e:
+            log.warning("ring attempt %s of %s failed to start: %s", a.number, st.request_id, e)
+            if st.attempt is a:
+                self.restart(st, f"ring launch failed: {e}")
+
+    def ring_targets(self: Cluster, worker: str, worker_request_id: str) -> tuple[str, ...]:
+        """Where a release/abort for `worker` goes: every member when it is a ring's leader."""
+        choice = self.ring_attempts.get(worker_request_id)
+        if choice is None or worker != choice.leader:
+            return (worker,)
+        del self.ring_attempts[worker_request_id]  # sent once to all; later ones to the leader
+        return choice.members
+
+    def ring_failed(self: Cluster, st: RequestState) -> None:
+        """A ring attempt is being abandoned before its commit: rebuild the group."""
+        a = st.attempt
+        ring = self.controller.ring
+        if a is None or ring is None or a.phase != "prefill":
+            return
+        if a.worker_request_id in self.ring_attempts:
+            ring.invalidate(f"ring attempt {a.worker_request_id} failed")
+            self.spawn(ring.build())
+
+    def ring_reports(self: Cluster, name: str, stats: WorkerStats) -> None:
+        """Pass each new SP report of a worker to the observer (typed, once)."""
+        seen = self._sp_seen.get(name, 0)
+        fresh = [r for r in stats.sp_reports if r.seq > seen]
+        if not fresh:
+            if stats.sp_reports and stats.sp_reports[-1].seq < seen:
+                self._sp_seen[name] = 0  # a restarted worker counts from 1 again
+            return
+        self._sp_seen[name] = fresh[-1].seq
+        report = getattr(self.observer, "sequence_parallel", None)
+        if report is not None:
+            for r in fresh:
+                with contextlib.suppress(Exception):
+                    report(r)

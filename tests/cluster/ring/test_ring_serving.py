@@ -1,0 +1,200 @@
+"""Long prompts served through a ring group of 2 and 3 prefill workers on a two-node Ray cluster
+(127.0.0.1), tiny random Llama: greedy output identical to the in-process Engine, decoding
+continues from the delivered KV, short prompts take the normal path, a killed member gives a
+bounded-time failure and the request is retried; KV block pools empty afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+from hf_tiny import make_tiny_model
+from runtime_helpers import LoopThread
+
+from batonserve.cluster.api import GenerateRequest
+from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
+from batonserve.cluster.metrics_inputs import HandoffRecord
+from batonserve.cluster.runtime import Cluster, start_cluster
+from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
+from batonserve.workers.config import EngineConfig
+from batonserve.workers.engine import Engine
+from batonserve.workers.sampling_params import SamplingParams
+from batonserve.workers.sp_serving.config import SequenceParallelConfig
+from batonserve.workers.sp_serving.report import SPStepReport
+
+pytestmark = pytest.mark.cluster
+
+ENGINE = EngineConfig(
+    dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_num_batched_tokens=32
+)
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+# Prompts of >= 48 tokens take the ring: N = 2 up to 64 tokens, 3 above.
+SP = SequenceParallelConfig(
+    enabled=True, threshold_tokens=48, tokens_per_rank=32, max_group_size=3, timeout_s=8.0
+)
+PREFILL = PoolConfig(
+    name="prefill", role="prefill", replicas=3, num_cpus=0.5, resources={"prefill_node": 1}
+)
+DECODE = PoolConfig(name="decode", role="decode", num_cpus=0.5, resources={"decode_node": 1})
+
+
+class Recorder:
+    """ClusterObserver keeping handoff records and SP reports."""
+
+    def __init__(self) -> None:
+        self.handoffs: list[HandoffRecord] = []
+        self.sp: list[SPStepReport] = []
+
+    def worker_snapshot(self, snap: Any) -> None:
+        pass
+
+    def worker_restarted(self, pool: str, worker: str) -> None:
+        pass
+
+    def kv_handoff(self, rec: HandoffRecord) -> None:
+        self.handoffs.append(rec)
+
+    def pool_change(self, change: Any) -> None:
+        pass
+
+    def sequence_parallel(self, report: SPStepReport) -> None:
+        self.sp.append(report)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def reference(model: str) -> Any:
+    """Greedy completions of the in-process Engine (one worker prefilled everything)."""
+    engine = Engine(model, ENGINE)
+    return lambda prompt: engine.generate([prompt], GREEDY)[0].token_ids
+
+
+@pytest.fixture(scope="module")
+def ring(
+    ray_cluster: str, loop_thread: LoopThread, model: str
+) -> Iterator[tuple[Cluster, Recorder]]:
+    cfg = ServeConfig(
+        model=model,
+        ray=RayConfig(address=ray_cluster, namespace="batonserve-ring"),
+        engine=ENGINE,
+        pools=(PREFILL, DECODE),
+        scheduler=SchedulerConfig(
+            conditional_disaggregation=False, mixed_pool=MixedPoolConfig(enabled=False)
+        ),
+        sequence_parallel=SP,
+    )
+    rec = Recorder()
+    cluster = loop_thread.run(start_cluster(cfg, lambda _: None, observer=rec), timeout=180)
+    assert cluster.controller.ring is not None and cluster.controller.ring.ready
+    yield cluster, rec
+    loop_thread.run(cluster.shutdown())
+
+
+def prompt_of(i: int, n: int) -> list[int]:
+    return [3 + (i * 37 + j * 11) % 300 for j in range(n)]
+
+
+async def collect(cluster: Cluster, rid: str, prompt: list[int]) -> list[int]:
+    toks: list[int] = []
+    last = None
+    async for d in cluster.generate(GenerateRequest(rid, tuple(prompt), GREEDY)):
+        toks += d.token_ids
+        last = d
+    assert last is not None and last.finish_reason == "length"
+    return toks
+
+
+def wait_idle(cluster: Cluster, timeout: float = 20) -> None:
+    """Every worker healthy, all KV blocks free, no handoff or ring rows held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ws = list(cluster.controller.workers.values())
+        if (
+            all(
+                w.healthy
+                and w.stats is not None
+                and w.stats.num_free_blocks == w.stats.num_blocks
+                and not (w.stats.pinned or w.stats.imports or w.stats.exports or w.stats.running)
+                for w in ws
+            )
+            and not cluster.ledger.live()
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not idle: {[w.stats for w in cluster.controller.workers.values()]}")
+
+
+def wait_reports(rec: Recorder, count: int, timeout: float = 10) -> list[SPStepReport]:
+    deadline = time.monotonic() + timeout
+    while len(rec.sp) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return list(rec.sp)
+
+
+@pytest.mark.parametrize(("length", "size"), [(60, 2), (101, 3)])
+def test_long_prompt_through_ring_matches_single_worker(
+    ring: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any, length: int, size: int
+) -> None:
+    cluster, rec = ring
+    rec.sp.clear()
+    rec.handoffs.clear()
+    prompts = [prompt_of(i, length + i) for i in range(2)]
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(
+            *(collect(cluster, f"ring{length}-{i}", p) for i, p in enumerate(prompts))
+        )
+
+    assert loop_thread.run(run()) == [reference(p) for p in prompts]
+    reports = wait_reports(rec, 2 * size)
+    assert sorted((r.world_size, r.rank) for r in reports) == sorted(
+        (size, r) for r in range(size) for _ in prompts
+    )
+    assert all(r.schedule in ("ring", "tokenring", "allgather") for r in reports)
+    assert all(r.compute_s > 0 and 0.0 <= r.hidden_fraction <= 1.0 for r in reports)
+    assert [h.outcome for h in rec.handoffs] == ["ok"] * len(prompts)
+    wait_idle(cluster)
+
+
+def test_short_prompt_takes_normal_path(
+    ring: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
+) -> None:
+    cluster, rec = ring
+    rec.sp.clear()
+    prompt = prompt_of(5, 30)
+    assert loop_thread.run(collect(cluster, "short", prompt)) == reference(prompt)
+    time.sleep(0.6)  # a poll round: a ring prefill would have reported by now
+    assert rec.sp == []
+    wait_idle(cluster)
+
+
+def test_killed_member_fails_in_bounded_time_and_request_retries(
+    ring: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
+) -> None:
+    cluster, rec = ring
+    prompt = prompt_of(9, 70)  # N = 3: every member takes part
+    victim = cluster.controller.workers["prefill-2"]
+    ray.kill(victim.actor, no_restart=True)
+    t0 = time.monotonic()
+    assert loop_thread.run(collect(cluster, "killed", prompt), timeout=90) == reference(prompt)
+    assert time.monotonic() - t0 < 60
+    # The group is rebuilt with the replacement; long prompts take the ring again.
+    ring_group = cluster.controller.ring
+    assert ring_group is not None
+    deadline = time.monotonic() + 60
+    while ring_group.available() < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ring_group.available() == 3
+    rec.sp.clear()
+    again = prompt_of(10, 90)
+    assert loop_thread.run(collect(cluster, "again", again)) == reference(again)
+    assert {r.world_size for r in wait_reports(rec, 3)} == {3}
+    wait_idle(cluster, timeout=30)

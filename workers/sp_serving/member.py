@@ -1,0 +1,247 @@
+"""A worker's part in a ring group: join the group, prefill its shard of a prompt, hand its KV rows
+to the decode worker, hold its blocks until released.
+
+Runs on the worker's step-loop thread only (the worker queues every call), so it needs no locks.
+Jobs run strictly in their sequence order: every collective must be entered in the same order on
+every rank, and Ray may deliver two submits out of order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from batonserve.workers.kv_transfer.base import FINAL_LAYER, KVChunk, KVTransport
+from batonserve.workers.parallel import SPGroup, shard_batch
+from batonserve.workers.sampler import make_generator
+from batonserve.workers.sp_serving.forward import SPForward, attention_dims, sp_prefill_forward
+from batonserve.workers.sp_serving.report import SPStepReport
+from batonserve.workers.sp_serving.types import RingJob, RingSetup, contiguous_runs
+from batonserve.workers.worker_types import HandoffEvent, RequestDelta
+
+log = logging.getLogger("batonserve.ring")
+
+MAX_REPORTS = 64  # recent reports kept in the stats (the cluster reads each once by seq)
+
+
+class RingMember:
+    """This worker's membership of the ring group (see module docstring)."""
+
+    def __init__(self, engine: Any, transport: KVTransport) -> None:
+        self.engine = engine  # a RealEngine: runner, pool, core.sampler, engine._request
+        self.transport = transport
+        self.setup: RingSetup | None = None
+        self.groups: dict[int, SPGroup] = {}  # ring size -> the SPGroup of ranks 0..size-1
+        self.broken = False  # a collective failed: wait for the controller's rebuild
+        self._jobs: dict[int, RingJob] = {}
+        self._next_seq = 0
+        self.held: dict[str, tuple[list[int], float]] = {}  # request id -> (blocks, since)
+        self.reports: deque[SPStepReport] = deque(maxlen=MAX_REPORTS)
+        self._report_seq = 0
+
+    # ---- group -------------------------------------------------------------------------------
+
+    def join(self, setup: RingSetup) -> None:
+        """(Re)build the process groups for `setup` (collective among the members)."""
+        self.leave()
+        store = dist.TCPStore(
+            setup.host,
+            setup.port,
+            is_master=False,
+            timeout=timedelta(seconds=setup.timeout_s),
+        )
+        prefixed = dist.PrefixStore(f"ring-{setup.epoch}", store)
+        dist.init_process_group(
+            setup.backend,
+            store=prefixed,
+            rank=setup.rank,
+            world_size=setup.world_size,
+            timeout=timedelta(seconds=setup.timeout_s),
+        )
+        # One group per ring size N (ranks 0..N-1), largest first, each built only by its
+        # members: torch names such groups after how many groups the process already has, so
+        # every member of the next (smaller) group must have built exactly the same ones.
+        timeout = timedelta(seconds=setup.timeout_s)
+        for size in range(setup.world_size, 1, -1):
+            if setup.rank >= size:
+                break
+            pg = (
+                None
+                if size == setup.world_size
+                else dist.new_group(
+                    list(range(size)), timeout=timeout, use_local_synchronization=True
+                )
+            )
+            self.groups[size] = SPGroup(pg, timeout_s=setup.timeout_s)
+        self.setup = setup
+        self._jobs.clear()
+        self._next_seq = 0
+        self.broken = False
+
+    def leave(self) -> None:
+        """Drop the current group (a member died, or the group is being rebuilt)."""
+        self.groups.clear()
+        self.setup = None
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # a dead peer's group may fail to tear down cleanly
+                log.warning("ring: destroying the old process group failed: %s", e)
+
+    # ---- jobs --------------------------------------------------------------------------------
+
+    def offer(
+        self, job: RingJob, aborted: Callable[[str], bool]
+    ) -> tuple[list[RequestDelta], list[HandoffEvent]]:
+        """Queue a job and run every job whose turn has come."""
+        deltas: list[RequestDelta] = []
+        events: list[HandoffEvent] = []
+        if self.setup is None or job.epoch != self.setup.epoch:
+            deltas += self._refuse(job, "the ring group was rebuilt")
+            return deltas, events
+        self._jobs[job.seq] = job
+        while self._next_seq in self._jobs:
+            j = self._jobs.pop(self._next_seq)
+            self._next_seq += 1
+            d, e = self._run(j, aborted)
+            deltas += d
+            events += e
+        return deltas, events
+
+    def _refuse(self, job: RingJob, why: str) -> list[RequestDelta]:
+        """The leader ends the attempt (the cluster retries it); others stay silent."""
+        if self.setup is None or self.setup.rank != job.leader:
+            return []
+        h = job.handoff
+        return [RequestDelta(h.request_id, (), True, "abort", False, h.prompt_len, 0, "")]
+
+    def _run(
+        self, job: RingJob, aborted: Callable[[str], bool]
+    ) -> tuple[list[RequestDelta], list[HandoffEvent]]:
+        assert self.setup is not None
+        rank = self.setup.rank
+        if rank >= job.size:
+            return [], []  # not in this ring; only the sequence number advances
+        if self.broken:
+            return self._refuse(job, "broken group"), []
+        h = job.handoff
+        runner = self.engine.runner
+        bs = runner.block_size
+        shard = shard_batch([h.prompt_len], None, job.size, rank, layout=self.setup.layout)
+        pos = shard.spec.q_pos  # [n] global positions of this rank's rows
+        n = int(pos.shape[0])
+        blocks = self.engine.pool.allocate(math.ceil(n / bs))
+        if blocks is None:
+            self.broken = True  # the others will time out in the first collective
+            log.warning("ring: no KV blocks for %d rows of %s", n, h.request_id)
+            return self._refuse(job, "no KV blocks"), []
+        self.held[h.request_id] = (blocks, time.monotonic())
+        rows = torch.arange(n, dtype=torch.int64)
+        slots = torch.tensor(blocks, dtype=torch.int64)[rows // bs] * bs + rows % bs  # [n]
+        runs = contiguous_runs(pos)
+        send_error: list[str] = []
+        nbytes = [0]
+
+        def hook(layer: int) -> None:
+            # This layer's rows are in the cache: queue them while the next layer computes.
+            if send_error:
+                return
+            k, v = runner.read_kv(layer, slots)  # [n, Hkv, d] each
+            for a, b, start in runs:
+                kv = torch.stack((k[a:b], v[a:b])).contiguous()  # [2, b - a, Hkv, d]
+                try:
+                    self.transport.send(h.dst, KVChunk(h.handoff_id, layer, start, kv))
+                except Exception as e:
+                    send_error.append(str(e))
+                    return
+                nbytes[0] += kv.numel() * kv.element_size()
+
+        schedule = None if self.setup.schedule == "auto" else self.setup.schedule
+        sp = SPForward(self.groups[job.size], shard.spec, attention_dims(runner), schedule)
+        last = (pos == h.prompt_len - 1).nonzero()[:, 0]
+        tokens = torch.tensor(h.prompt_token_ids, dtype=torch.int64)[pos]
+        t0 = time.perf_counter()
+        try:
+            logits = sp_prefill_forward(runner, tokens, pos, slots, sp, last, hook)
+        except Exception as e:  # SPCommError from a dead peer, or anything else: retry elsewhere
+            self.broken = True
+            self.free(h.request_id)
+            log.warning("ring prefill of %s failed on rank %d: %s", h.request_id, rank, e)
+            return self._refuse(job, str(e)), []
+        self._report(job, sp, time.perf_counter() - t0)
+        if aborted(h.request_id):
+            self.free(h.request_id)
+            return [], []
+        if send_error:
+            self.free(h.request_id)
+            return [], [
+                HandoffEvent(h.handoff_id, h.request_id, "failed", nbytes[0], send_error[0])
+            ]
+        if rank != job.leader:
+            return [], []
+        return self._first_token(job, logits, nbytes[0])
+
+    def _first_token(
+        self, job: RingJob, logits: torch.Tensor, nbytes: int
+    ) -> tuple[list[RequestDelta], list[HandoffEvent]]:
+        """Leader: sample the first token, stream it, and send the handoff's final marker."""
+        h = job.handoff
+        p = h.params
+        device = self.engine.runner.device
+        gen = make_generator(p.seed, device) if p.seed is not None else None
+        tok = int(self.engine.core.sampler.sample(logits, [p], [gen]).token_ids[0])
+        req = self.engine.engine._request(h.request_id, list(h.prompt_token_ids), p)
+        req.output_token_ids.append(tok)
+        reason = req.check_stop()
+        if reason is not None:  # ended at its first token: nothing to hand off
+            self.free(h.request_id)
+            return [RequestDelta(h.request_id, (tok,), True, reason, True, h.prompt_len, 0)], []
+        try:
+            self.transport.send(h.dst, KVChunk(h.handoff_id, FINAL_LAYER, h.prompt_len, None, tok))
+        except Exception as e:
+            self.free(h.request_id)
+            return [], [HandoffEvent(h.handoff_id, h.request_id, "failed", nbytes, str(e))]
+        return [RequestDelta(h.request_id, (tok,), False, None, True, h.prompt_len, 0)], []
+
+    def _report(self, job: RingJob, sp: SPForward, total_s: float) -> None:
+        assert self.setup is not None
+        self._report_seq += 1
+        self.reports.append(
+            SPStepReport(
+                seq=self._report_seq,
+                request_id=job.handoff.request_id,
+                schedule=sp.schedule_used,
+                world_size=job.size,
+                rank=self.setup.rank,
+                prompt_tokens=job.handoff.prompt_len,
+                compute_s=sum(m.compute_s for m in sp.metrics),
+                comm_s=sum(m.comm_s for m in sp.metrics),
+                exposed_comm_s=sum(m.exposed_comm_s for m in sp.metrics),
+                total_s=total_s,
+                bytes_sent=sum(m.bytes_sent for m in sp.metrics),
+            )
+        )
+
+    # ---- blocks ------------------------------------------------------------------------------
+
+    def free(self, request_id: str) -> None:
+        """Free a request's rows (released after the decode side's ack, or aborted); idempotent."""
+        held = self.held.pop(request_id, None)
+        if held is not None:
+            self.engine.pool.free(held[0])
+
+    def stale(self, older_than_s: float) -> list[str]:
+        """Free rows held longer than `older_than_s` (a backstop: the cluster releases first)."""
+        cut = time.monotonic() - older_than_s
+        old = [r for r, (_, since) in self.held.items() if since < cut]
+        for r in old:
+            self.free(r)
+        return old
