@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,13 +20,17 @@ from batonserve.workers.sampling_params import SamplingParams
 
 Phase = Literal["prefill", "decode"]
 
+# Process-wide, so a client that reuses a finished request_id never meets a worker id the workers
+# still remember (they drop late submits of ids they aborted).
+_WORKER_IDS = itertools.count(1)
+
 
 @dataclass
 class Attempt:
     """One try at (the rest of) a request on one pair of workers."""
 
     number: int
-    worker_request_id: str  # "<request_id>#<number>"
+    worker_request_id: str  # "<request_id>#<process-wide sequence number>"
     prefill: str  # equals decode when in place
     decode: str
     handoff_id: int | None = None
@@ -61,7 +66,7 @@ class RequestState:
     def next_attempt(self, prefill: str, decode: str) -> Attempt:
         """Start a new attempt on the given pair (forgetting the previous one)."""
         self.attempts += 1
-        wid = f"{self.request_id}#{self.attempts}"
+        wid = f"{self.request_id}#{next(_WORKER_IDS)}"
         self.attempt = Attempt(self.attempts, wid, prefill, decode)
         return self.attempt
 

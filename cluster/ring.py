@@ -76,6 +76,7 @@ class RingGroup:
         self._seq = 0
         self._lock = asyncio.Lock()
         self._store: Any = None  # the TCPStore server, alive as long as the group
+        self._unsupported = False  # the model cannot run sequence-parallel
 
     def available(self) -> int:
         """Members usable now (0 while building or when a member is unhealthy)."""
@@ -96,6 +97,8 @@ class RingGroup:
             for attempt in range(BUILD_TRIES):
                 if self.ready:
                     return True
+                if self._unsupported:
+                    return False
                 if await self._build_once():
                     return True
                 await asyncio.sleep(0.5 * (attempt + 1))
@@ -143,6 +146,8 @@ class RingGroup:
             log.warning("ring group epoch %d: join failed: %s", self.epoch, e)
             return False
         bad = [f"{m}: {e}" for m, e in zip(self.members, errors, strict=True) if e]
+        if any("not supported" in e for e in errors):
+            self._unsupported = True  # no retry helps: long prompts always take the normal path
         if bad:
             log.warning("ring group epoch %d: join failed: %s", self.epoch, "; ".join(bad))
             return False

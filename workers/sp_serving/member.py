@@ -52,6 +52,12 @@ class RingMember:
     def join(self, setup: RingSetup) -> None:
         """(Re)build the process groups for `setup` (collective among the members)."""
         self.leave()
+        mc = self.engine.runner.model_config
+        if any(mc.layer_window(i) is not None for i in range(mc.num_layers)):
+            # Refused before any collective: the ring never forms, long prompts go the normal way.
+            raise ValueError(
+                "sequence_parallel: models with sliding-window layers are not supported"
+            )
         store = dist.TCPStore(
             setup.host,
             setup.port,

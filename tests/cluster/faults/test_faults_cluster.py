@@ -148,6 +148,7 @@ async def _streams(target: str, prompts: list[list[int]], hook: Hook | None = No
                     if hook is not None:
                         hook(received)
             except grpc.aio.AioRpcError as e:
+                print(f"stream {i}: {e.code().name} after {len(toks)} tokens: {e.details()}")
                 return e.code()
             return toks
 

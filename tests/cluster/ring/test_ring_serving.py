@@ -176,19 +176,35 @@ def test_short_prompt_takes_normal_path(
     wait_idle(cluster)
 
 
-def test_killed_member_fails_in_bounded_time_and_request_retries(
+def test_member_killed_mid_ring_fails_in_bounded_time_and_request_retries(
     ring: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
 ) -> None:
     cluster, rec = ring
-    prompt = prompt_of(9, 70)  # N = 3: every member takes part
-    victim = cluster.controller.workers["prefill-2"]
-    ray.kill(victim.actor, no_restart=True)
-    t0 = time.monotonic()
-    assert loop_thread.run(collect(cluster, "killed", prompt), timeout=90) == reference(prompt)
-    assert time.monotonic() - t0 < 60
-    # The group is rebuilt with the replacement; long prompts take the ring again.
+    rec.handoffs.clear()
     ring_group = cluster.controller.ring
     assert ring_group is not None
+    prompt = prompt_of(9, 70)  # N = 3: every member takes part; prefill-0 leads (zigzag)
+    victim = cluster.controller.workers["prefill-2"]
+    send = ring_group.submit
+
+    def kill_then_submit(choice: Any, spec: Any) -> None:
+        # The job is numbered and on its way; one member dies before it can take part, so
+        # the others block in the first collective until the group's timeout.
+        ray.kill(victim.actor, no_restart=True)
+        ring_group.submit = send  # type: ignore[method-assign]
+        send(choice, spec)
+
+    ring_group.submit = kill_then_submit  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    try:
+        out = loop_thread.run(collect(cluster, "killed", prompt), timeout=90)
+    finally:
+        ring_group.submit = send  # type: ignore[method-assign]
+    elapsed = time.monotonic() - t0
+    assert out == reference(prompt)
+    assert elapsed < SP.timeout_s + 30  # an error within the group timeout, never a hang
+    assert rec.handoffs[0].outcome == "failed" and rec.handoffs[-1].outcome == "ok"
+    # The group is rebuilt with the replacement; long prompts take the ring again.
     deadline = time.monotonic() + 60
     while ring_group.available() < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
