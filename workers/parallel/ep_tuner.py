@@ -3,8 +3,9 @@
 Every rank feeds it the same numbers (the max over ranks of the previous forward's MoE time, carried
 in the forward's own count all-gather), so every rank makes the same choice with no extra message.
 Per bucket (global tokens rounded up to a power of two) it first tries each candidate a few times,
-then keeps the fastest by median (candidates explored round-robin), re-measures one other candidate every `probe_every` forwards, and
-switches only when another is faster by more than `hysteresis`. Choices are logged and kept in
+then keeps the fastest by median (candidates explored round-robin), re-measures one other candidate
+every `probe_every` forwards against the current choice's neighbouring times, and switches only when
+another is faster by more than `hysteresis` over several probes. Choices are logged and kept in
 `stats` (typed) for the metrics module.
 """
 
@@ -79,6 +80,7 @@ class EPTuner:
         hysteresis: float = 0.05,
         probe_every: int = 16,
         window: int = 5,
+        min_probes: int = 3,
     ) -> None:
         if not candidates:
             raise ValueError("candidates: need at least one EPSettings")
@@ -91,11 +93,14 @@ class EPTuner:
         self.hysteresis = hysteresis
         self.probe_every = probe_every
         self.window = max(window, samples_per_candidate)
+        self.min_probes = max(1, min_probes)
         self.stats = EPTunerStats()
         self._times: dict[int, dict[EPSettings, deque[float]]] = {}
         self._seen: dict[int, int] = {}
         self._probe_next: dict[int, int] = {}
         self._pending: tuple[int, EPSettings] | None = None
+        self._recent: dict[int, deque[float]] = {}  # per bucket: the current choice's last times
+        self._ratios: dict[int, dict[EPSettings, deque[float]]] = {}  # probe / current times
 
     def choose(self, num_tokens: int) -> EPSettings:
         """The settings for a forward of `num_tokens` global tokens (its time comes to `observe`)."""
@@ -119,27 +124,44 @@ class EPTuner:
         return pick
 
     def observe(self, elapsed_s: float) -> None:
-        """The time of the forward last chosen (max over ranks); updates the bucket's choice."""
+        """The time of the forward last chosen (max over ranks); updates the bucket's choice.
+
+        After exploration, a probe is compared with the current choice's latest times (its
+        neighbours), not with samples taken minutes apart, so drifting machine load cannot fake a
+        winner; a switch needs the median of a candidate's last probe ratios below 1 - hysteresis.
+        """
         if self._pending is None:
             return
         b, used = self._pending
         self._pending = None
+        t = float(elapsed_s)
         times = self._times[b]
-        times[used].append(float(elapsed_s))
+        times[used].append(t)
         bs = self.stats.buckets[b]
         bs.samples[used] = bs.samples.get(used, 0) + 1
-        bs.medians_s = {c: statistics.median(t) for c, t in times.items() if t}
-        if any(len(t) < self.samples_per_candidate for t in times.values()):
-            return
-        best = min(bs.medians_s, key=lambda c: (bs.medians_s[c], self.candidates.index(c)))
+        bs.medians_s = {c: statistics.median(v) for c, v in times.items() if v}
         if not bs.explored:
+            if any(len(v) < self.samples_per_candidate for v in times.values()):
+                return
             bs.explored = True
+            best = min(bs.medians_s, key=lambda c: (bs.medians_s[c], self.candidates.index(c)))
             self._set(b, bs, best, "explored")
-        elif best != bs.current and bs.medians_s[best] < bs.medians_s[bs.current] * (
-            1 - self.hysteresis
-        ):
+            return
+        recent = self._recent.setdefault(b, deque(maxlen=3))
+        ratios = self._ratios.setdefault(b, {})
+        if used == bs.current:
+            recent.append(t)
+            return
+        if not recent:
+            return
+        r = ratios.setdefault(used, deque(maxlen=self.window))
+        r.append(t / statistics.median(recent))
+        if len(r) >= self.min_probes and statistics.median(r) < 1 - self.hysteresis:
             bs.switches += 1
-            self._set(b, bs, best, "switch")
+            self._set(b, bs, used, "switch")
+            ratios.clear()  # every ratio was against the old choice
+            recent.clear()
+            recent.append(t)
 
     def _set(self, b: int, bs: BucketStats, choice: EPSettings, reason: str) -> None:
         """Record and log a bucket's new choice."""
