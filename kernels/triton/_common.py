@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: interpreter detection, block sizes, the portable dot."""
+"""Helpers shared by the Triton kernels: interpreter detection, block sizes, the portable dot,
+the online softmax of the attention kernels."""
 
 from __future__ import annotations
 
@@ -49,3 +50,27 @@ def to_dtype(x, DT: tl.constexpr, RNE: tl.constexpr):
             return x.to(DT)
     else:
         return x.to(DT)
+
+
+@triton.jit
+def online_softmax(sc, m_i, l_i):
+    """Fold one key block's scores sc [M, N] fp32 (-inf where masked) into the running row max
+    m_i [M] and sum l_i [M]: -> (p [M, N] unnormalised weights, alpha [M] to rescale the running
+    output by, new m_i, new l_i). Exps use max 0 while a row has seen only -inf (no inf - inf)."""
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.exp(sc - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def softmax_result(acc, m_i, l_i):
+    """(out [M, D] = acc / l_i, lse [M]) after the last key block; a row that saw no key gives
+    out 0 and lse -inf, as the torch references."""
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    m_fin = tl.where(m_i == -float("inf"), 0.0, m_i)
+    lse = tl.where(has, m_fin + tl.log(tl.where(has, l_i, 1.0)), -float("inf"))
+    return out, lse

@@ -90,13 +90,9 @@ def _specs(dt: str) -> list[tuple[object, dict[str, str], dict[str, object]]]:
     }
     topk = {"logits_ptr": f"*{t}", "w_ptr": "*fp32", "ids_ptr": i64, "E": i32, "stride_t": i32}
     ffn = {
-        **dict.fromkeys(["x_ptr", "w_ptr", "act_ptr"], f"*{t}"),
+        **dict.fromkeys(["a_ptr", "w_ptr", "out_ptr"], f"*{t}"),
         **dict.fromkeys(["tile_end_ptr", "row_start_ptr", "counts_ptr"], i64),
-        **dict.fromkeys(["E", "D", "INTER", "stride_we", "stride_wn"], i32),
-    }
-    down = {
-        **dict.fromkeys(["act_ptr", "w_ptr", "out_ptr"], f"*{t}"),
-        **{k: v for k, v in ffn.items() if not k.startswith(("x_", "w_", "act_"))},
+        **dict.fromkeys(["E", "K", "NOUT", "stride_we", "stride_wn"], i32),
     }
     cap = 32 if dt == "float32" else 64  # the wrappers' tile caps
     tiles = {"BLOCK_E": 8, "BLOCK_M": cap, "BLOCK_N": cap, "BLOCK_K": cap, **attn_flags}
@@ -119,8 +115,8 @@ def _specs(dt: str) -> list[tuple[object, dict[str, str], dict[str, object]]]:
             {"HAS_RES": True, "ROUND_NORMED": dt != "float32", "BLOCK_D": 4096, "RNE": False},
         ),
         (topk_routing._topk_kernel, topk, {"TOP_K": 2, "RENORM": True, "BLOCK_E": 8, "BLOCK_K": 2}),
-        (grouped_swiglu._gate_up_kernel, ffn, tiles),
-        (grouped_swiglu._down_kernel, down, tiles),
+        (grouped_swiglu._grouped_matmul_kernel, ffn, {"SWIGLU": True, **tiles}),  # gate/up
+        (grouped_swiglu._grouped_matmul_kernel, dict(ffn), {"SWIGLU": False, **tiles}),  # down
     ]
 
 

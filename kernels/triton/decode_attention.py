@@ -15,7 +15,15 @@ import triton
 import triton.language as tl
 
 from batonserve.kernels.attention import DecodePlan
-from batonserve.kernels.triton._common import dot_flags, mma, pow2, rne_flag, to_dtype
+from batonserve.kernels.triton._common import (
+    dot_flags,
+    mma,
+    online_softmax,
+    pow2,
+    rne_flag,
+    softmax_result,
+    to_dtype,
+)
 from batonserve.kernels.triton.merge import merge_states_flat
 
 
@@ -91,11 +99,7 @@ def _decode_split_kernel(
         )  # [BLOCK_N, BLOCK_D]
         sc = mma(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), UPCAST, PREC) * scale
         sc = tl.where(ok[None, :], sc, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(sc - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = online_softmax(sc, m_i, l_i)
         v = tl.load(
             v_ptr
             + blk[:, None] * stride_vb
@@ -106,11 +110,7 @@ def _decode_split_kernel(
             other=0.0,
         )
         acc = mma(to_dtype(p, v.dtype, RNE), v, acc * alpha[:, None], UPCAST, PREC)
-        m_i = m_new
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    m_fin = tl.where(m_i == -float("inf"), 0.0, m_i)
-    lse = tl.where(has, m_fin + tl.log(tl.where(has, l_i, 1.0)), -float("inf"))
+    out, lse = softmax_result(acc, m_i, l_i)
     row = b * (G * tl.num_programs(1)) + heads  # [BLOCK_G] flat (b, h)
     tl.store(
         part_out_ptr + (row[:, None] * S + s) * D + offs_d[None, :],

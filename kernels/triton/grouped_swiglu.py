@@ -3,7 +3,8 @@
 Rows of expert e are contiguous (counts[e] of them). The grid's first axis walks "tiles": expert
 e owns ceil(counts[e] / BLOCK_M) of them; a program finds its expert from the cumulative tile
 counts, so no host sync is needed (the grid is an upper bound; surplus programs exit at once).
-Kernel 1: act = silu(x @ Wg^T) * (x @ Wu^T) [N, INTER]; kernel 2: out = act @ Wd^T [N, D].
+One kernel, run twice: act = silu(x @ Wg^T) * (x @ Wu^T) [N, INTER] (SWIGLU), then
+out = act @ Wd^T [N, D].
 """
 
 from __future__ import annotations
@@ -32,18 +33,19 @@ def _tile_rows(
 
 
 @triton.jit
-def _gate_up_kernel(
-    x_ptr,  # [N, D]
-    w_ptr,  # [E, 2I, D] gate rows then up rows
-    act_ptr,  # [N, INTER]
+def _grouped_matmul_kernel(
+    a_ptr,  # [N, K] rows grouped by expert
+    w_ptr,  # [E, NOUT, K]; with SWIGLU [E, 2 * NOUT, K], gate rows then up rows
+    out_ptr,  # [N, NOUT]
     tile_end_ptr,  # [E] int64 inclusive cumsum of tiles per expert
     row_start_ptr,  # [E] int64 first row of each expert
     counts_ptr,  # [E] int64
     E,
-    D,
-    INTER,
+    K,
+    NOUT,
     stride_we,
     stride_wn,
+    SWIGLU: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -52,6 +54,7 @@ def _gate_up_kernel(
     PREC: tl.constexpr,
     RNE: tl.constexpr,
 ):
+    """One tile of out = a @ W[e]^T, or with SWIGLU silu(a @ Wg[e]^T) * (a @ Wu[e]^T)."""
     tile = tl.program_id(0).to(tl.int64)
     e, start, end = _tile_rows(tile, tile_end_ptr, row_start_ptr, counts_ptr, E, BLOCK_E, BLOCK_M)
     if e >= E:
@@ -59,82 +62,34 @@ def _gate_up_kernel(
     offs_m = start + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < end
-    n_ok = offs_n < INTER
+    n_ok = offs_n < NOUT
     w_base = w_ptr + e.to(tl.int64) * stride_we
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # the gate's with SWIGLU
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # SWIGLU only: the up projection's
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < D
-        x = tl.load(
-            x_ptr + offs_m[:, None] * D + offs_k[None, :],
+        k_ok = offs_k < K
+        a = tl.load(
+            a_ptr + offs_m[:, None] * K + offs_k[None, :],
             mask=m_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
         wmask = k_ok[:, None] & n_ok[None, :]
-        wg = tl.load(
+        w = tl.load(
             w_base + offs_n[None, :] * stride_wn + offs_k[:, None], mask=wmask, other=0.0
         )  # [K, N]
-        wu = tl.load(
-            w_base + (offs_n[None, :] + INTER) * stride_wn + offs_k[:, None], mask=wmask, other=0.0
-        )
-        acc_g = mma(x, wg, acc_g, UPCAST, PREC)
-        acc_u = mma(x, wu, acc_u, UPCAST, PREC)
-    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
-    tl.store(
-        act_ptr + offs_m[:, None] * INTER + offs_n[None, :],
-        to_dtype(act, act_ptr.dtype.element_ty, RNE),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
-
-
-@triton.jit
-def _down_kernel(
-    act_ptr,  # [N, INTER]
-    w_ptr,  # [E, D, INTER]
-    out_ptr,  # [N, D]
-    tile_end_ptr,
-    row_start_ptr,
-    counts_ptr,
-    E,
-    D,
-    INTER,
-    stride_we,
-    stride_wn,
-    BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PREC: tl.constexpr,
-    RNE: tl.constexpr,
-):
-    tile = tl.program_id(0).to(tl.int64)
-    e, start, end = _tile_rows(tile, tile_end_ptr, row_start_ptr, counts_ptr, E, BLOCK_E, BLOCK_M)
-    if e >= E:
-        return
-    offs_m = start + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < end
-    n_ok = offs_n < D
-    w_base = w_ptr + e.to(tl.int64) * stride_we
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, INTER, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < INTER
-        a = tl.load(
-            act_ptr + offs_m[:, None] * INTER + offs_k[None, :],
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
-            mask=k_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
         acc = mma(a, w, acc, UPCAST, PREC)
+        if SWIGLU:
+            wu = tl.load(
+                w_base + (offs_n[None, :] + NOUT) * stride_wn + offs_k[:, None],
+                mask=wmask,
+                other=0.0,
+            )
+            acc_u = mma(a, wu, acc_u, UPCAST, PREC)
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_u  # silu(gate) * up
     tl.store(
-        out_ptr + offs_m[:, None] * D + offs_n[None, :],
+        out_ptr + offs_m[:, None] * NOUT + offs_n[None, :],
         to_dtype(acc, out_ptr.dtype.element_ty, RNE),
         mask=m_ok[:, None] & n_ok[None, :],
     )
@@ -170,13 +125,15 @@ def grouped_swiglu_triton(
         "RNE": rne_flag(),
     }
     block_n, block_k = pow2(inter, hi=cap), pow2(dim, hi=cap)
-    _gate_up_kernel[(max_tiles, triton.cdiv(inter, block_n))](
+    _grouped_matmul_kernel[(max_tiles, triton.cdiv(inter, block_n))](
         x, w_gate_up, act, tile_end, row_start, counts, num_experts, dim, inter,
-        w_gate_up.stride(0), w_gate_up.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        w_gate_up.stride(0), w_gate_up.stride(1), SWIGLU=True, BLOCK_N=block_n, BLOCK_K=block_k,
+        **common,
     )  # fmt: skip
     block_n, block_k = pow2(dim, hi=cap), pow2(inter, hi=cap)
-    _down_kernel[(max_tiles, triton.cdiv(dim, block_n))](
-        act, w_down, out, tile_end, row_start, counts, num_experts, dim, inter,
-        w_down.stride(0), w_down.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, **common,
+    _grouped_matmul_kernel[(max_tiles, triton.cdiv(dim, block_n))](
+        act, w_down, out, tile_end, row_start, counts, num_experts, inter, dim,
+        w_down.stride(0), w_down.stride(1), SWIGLU=False, BLOCK_N=block_n, BLOCK_K=block_k,
+        **common,
     )  # fmt: skip
     return out

@@ -14,7 +14,15 @@ import triton
 import triton.language as tl
 
 from batonserve.kernels.attention import PrefillPlan
-from batonserve.kernels.triton._common import dot_flags, mma, pow2, rne_flag, to_dtype
+from batonserve.kernels.triton._common import (
+    dot_flags,
+    mma,
+    online_softmax,
+    pow2,
+    rne_flag,
+    softmax_result,
+    to_dtype,
+)
 
 
 @triton.jit
@@ -97,20 +105,14 @@ def _prefill_kernel(
             if HAS_WINDOW:
                 ok = ok & (offs_n[None, :] > q_pos[:, None] - window)
         sc = tl.where(ok, sc, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(sc - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = online_softmax(sc, m_i, l_i)
         v = tl.load(
             v_ptr + k_rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
             mask=kv_mask,
             other=0.0,
         )
         acc = mma(to_dtype(p, v.dtype, RNE), v, acc * alpha[:, None], UPCAST, PREC)
-        m_i = m_new
-    has = l_i > 0  # a row that saw no key: out 0, lse -inf (as the reference)
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out, lse = softmax_result(acc, m_i, l_i)
     out_rows = tl.load(out_start_ptr + b) + offs_m  # [BLOCK_M]
     tl.store(
         out_ptr + (out_rows[:, None] * H + h) * D + offs_d[None, :],
@@ -118,8 +120,6 @@ def _prefill_kernel(
         mask=m_ok[:, None] & d_ok[None, :],
     )
     if WRITE_LSE:
-        m_fin = tl.where(m_i == -float("inf"), 0.0, m_i)
-        lse = tl.where(has, m_fin + tl.log(tl.where(has, l_i, 1.0)), -float("inf"))
         tl.store(lse_ptr + out_rows * H + h, lse, mask=m_ok)
 
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 # tests/ holds shared helpers (hf_tiny.py); test dirs have no __init__.py, so put it on the path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from hf_tiny import build_tokenizer
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (hf_tiny, paged_batch)
-
 from hf_tiny import make_tiny_model
 from paged_batch import PagedSeqs
 

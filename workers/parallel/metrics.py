@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -76,6 +79,15 @@ class StepRecorder:
     exposed_comm_s: float = 0.0
     bytes_sent: int = 0
     bytes_recv: int = 0
+
+    @contextmanager
+    def computing(self) -> Iterator[None]:
+        """Add the wall time of the `with` body to this step's compute time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.compute_s += time.perf_counter() - t0
 
     def freeze(self) -> StepMetrics:
         """The finished step."""

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))  # tests/ (hf_tiny.py)
 sys.path.insert(0, str(HERE.parent / "router"))  # router_harness.py
 
 from router_harness import CONTEXT_LENGTH, RouterHarness, write_tiny_model  # noqa: E402

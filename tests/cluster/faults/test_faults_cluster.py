@@ -8,14 +8,11 @@ the module takes about a minute on the 2-core CI machine, most of it starting Ra
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: bind loopback
 
 import grpc
 import pytest
@@ -49,39 +46,16 @@ SCHEDULER = SchedulerConfig(
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    """A head node (prefill) and a second node (decode), both on 127.0.0.1."""
-    from ray.cluster_utils import Cluster as RayCluster
-
-    cluster = RayCluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "resources": {"prefill_node": 8},
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-        },
-    )
-    cluster.add_node(num_cpus=2, resources={"decode_node": 8}, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", logging_level="WARNING")
-    try:
-        yield cluster.address
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Llama with its tokenizer."""
     return make_tiny_model("llama", tmp_path_factory.mktemp("fault-llama"))
 
 
-def _router(ray_address: str, model_dir: Path, name: str, **sched: Any) -> RouterHarness:
+def _router(ray_cluster: str, model_dir: Path, name: str, **sched: Any) -> RouterHarness:
     tokenizer = Tokenizer(model_dir / "tokenizer.json")
     cfg = ServeConfig(
         model=str(model_dir),
-        ray=RayConfig(address=ray_address, namespace=f"faults-{name}"),
+        ray=RayConfig(address=ray_cluster, namespace=f"faults-{name}"),
         engine=ENGINE,
         pools=(PREFILL, DECODE),
         scheduler=sched.get("scheduler", SCHEDULER),
@@ -91,9 +65,9 @@ def _router(ray_address: str, model_dir: Path, name: str, **sched: Any) -> Route
 
 
 @pytest.fixture(scope="module")
-def router(ray_address: str, model_dir: Path) -> Iterator[RouterHarness]:
+def router(ray_cluster: str, model_dir: Path) -> Iterator[RouterHarness]:
     """The router in front of one prefill and one decode worker."""
-    h = _router(ray_address, model_dir, "main")
+    h = _router(ray_cluster, model_dir, "main")
     yield h
     h.close()
 
@@ -270,14 +244,14 @@ def test_thousand_cancellations_and_deadlines(router: RouterHarness) -> None:
     wait_idle(router.cluster, timeout=60)  # every block pool back at its baseline (all free)
 
 
-def test_overload_at_ten_times_capacity(ray_address: str, model_dir: Path) -> None:
+def test_overload_at_ten_times_capacity(ray_cluster: str, model_dir: Path) -> None:
     # Capacity: 4 requests queued per prefill worker; 10x that arrives at once.
     sched = SchedulerConfig(
         conditional_disaggregation=False,
         mixed_pool=MixedPoolConfig(enabled=False),
         admission=AdmissionConfig(max_queue_len=4),
     )
-    h = _router(ray_address, model_dir, "overload", scheduler=sched)
+    h = _router(ray_cluster, model_dir, "overload", scheduler=sched)
     try:
         prompts = [prompt_of(i, 8 + i % 20) for i in range(40)]
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import ray
 from hf_tiny import make_tiny_model
-from runtime_helpers import LoopThread
+from loop_thread import LoopThread
 
 from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig

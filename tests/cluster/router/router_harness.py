@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import sys
-import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from loop_thread import LoopThread
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -91,25 +90,6 @@ def eventually(cond: Callable[[], bool], timeout: float = 5.0, every: float = 0.
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(every)
-
-
-class LoopThread:
-    """An asyncio loop in a daemon thread; tests submit coroutines to it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        """Run `coro` on the loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        """Stop the loop and join its thread."""
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 class RouterHarness:

@@ -7,14 +7,10 @@ lengths, dtype and device checks, output layouts) on prefill, mixed prefill+deco
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (hf_tiny, paged_batch)
-
 from hf_tiny import make_tiny_model
 from paged_batch import PagedSeqs
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from batonserve.kernels.ring import BlockPlan, block_attention, plan_block
@@ -15,6 +13,7 @@ from batonserve.workers.parallel.schedules.base import (
     LinkBytes,
     Schedule,
     ScheduleResult,
+    merged_result,
     register,
 )
 
@@ -36,9 +35,7 @@ class AllGatherSchedule(Schedule):
         self, n_q: list[int], n_kv: list[int], rank: int, dims: AttentionDims
     ) -> list[LinkBytes]:
         """A ring all-gather forwards N - 1 blocks padded to the largest."""
-        n = len(n_kv)
-        row = 2 * dims.num_kv_heads * dims.head_dim * dims.elem_bytes
-        return [LinkBytes((n - 1) * max(n_kv) * row, 0)]
+        return [LinkBytes((len(n_kv) - 1) * max(n_kv) * dims.kv_row_bytes, 0)]
 
     def run(
         self,
@@ -57,7 +54,6 @@ class AllGatherSchedule(Schedule):
         vs = all_gather_padded(g, v, meta.n_kv, "allgather step 0 (V)", rec)
         k_all = torch.cat(ks) if len(ks) > 1 else ks[0]  # [sum n_kv, Hkv, d] in rank order
         v_all = torch.cat(vs) if len(vs) > 1 else vs[0]
-        t0 = time.perf_counter()
-        out, lse = block_attention(q, k_all, v_all, blocks[0], scale=scale)
-        rec.compute_s += time.perf_counter() - t0
-        return ScheduleResult(out.to(q.dtype), lse, (rec.freeze(),))
+        with rec.computing():
+            out, lse = block_attention(q, k_all, v_all, blocks[0], scale=scale)
+        return merged_result(q, out, lse, [rec])

@@ -11,7 +11,7 @@ import torch
 from batonserve.kernels.ring import BlockPlan, plan_block
 from batonserve.workers.parallel.comm import SPGroup
 from batonserve.workers.parallel.layout import ShardSpec
-from batonserve.workers.parallel.metrics import StepMetrics
+from batonserve.workers.parallel.metrics import StepMetrics, StepRecorder
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,11 @@ class AttentionDims:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+
+    @property
+    def kv_row_bytes(self) -> int:
+        """Bytes of one KV row on the wire: its K and its V (all KV heads)."""
+        return 2 * self.num_kv_heads * self.head_dim * self.elem_bytes
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,17 @@ class ScheduleResult:
 def plan_pair(q: ShardSpec, kv: ShardSpec, tile: int) -> BlockPlan:
     """The block plan of q's queries over kv's keys."""
     return plan_block(q.q_pos, q.q_seq, kv.kv_pos, kv.kv_seq, tile=tile)
+
+
+def merged_result(
+    q: torch.Tensor,
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    recs: list[StepRecorder],
+) -> ScheduleResult:
+    """The merged result (out cast to q's dtype) and the frozen metrics of every step."""
+    assert out is not None and lse is not None
+    return ScheduleResult(out.to(q.dtype), lse, tuple(r.freeze() for r in recs))
 
 
 class Schedule(ABC):

@@ -7,8 +7,6 @@ waited after it, so the transfer hides behind the block's attention). N steps, N
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from batonserve.kernels.attention import merge_attention_states
@@ -21,6 +19,7 @@ from batonserve.workers.parallel.schedules.base import (
     LinkBytes,
     Schedule,
     ScheduleResult,
+    merged_result,
     plan_pair,
     register,
 )
@@ -42,8 +41,7 @@ class RingSchedule(Schedule):
         self, n_q: list[int], n_kv: list[int], rank: int, dims: AttentionDims
     ) -> list[LinkBytes]:
         """Step s < N-1 forwards the held KV block (K and V) of rank (rank - s)."""
-        n = len(n_kv)
-        row = 2 * dims.num_kv_heads * dims.head_dim * dims.elem_bytes
+        n, row = len(n_kv), dims.kv_row_bytes
         return [LinkBytes(n_kv[(rank - s) % n] * row if s < n - 1 else 0, 0) for s in range(n)]
 
     def run(
@@ -59,10 +57,8 @@ class RingSchedule(Schedule):
         """Rotate KV, attend, merge."""
         n, r = g.world_size, g.rank
         n_kv = meta.n_kv
-        cur_k, cur_v = (
-            k,
-            v,
-        )  # [n_kv_src, Hkv, d] each, contiguous: sent as two messages, no packing copy
+        # [n_kv_src, Hkv, d] each, contiguous: sent as two messages, no packing copy.
+        cur_k, cur_v = k, v
         out: torch.Tensor | None = None
         lse: torch.Tensor | None = None
         recs: list[StepRecorder] = []
@@ -83,15 +79,13 @@ class RingSchedule(Schedule):
                     P2P("recv", nxt_v, g.prev_rank),
                 ]
                 pending = post(g, ops, f"ring step {s}", rec)
-            t0 = time.perf_counter()
-            o, lo = block_attention(q, cur_k, cur_v, blocks[s], scale=scale)
-            if out is None or lse is None:
-                out, lse = o, lo
-            else:
-                out, lse = merge_attention_states(out, lse, o, lo)  # float32, -inf guarded
-            rec.compute_s += time.perf_counter() - t0
+            with rec.computing():
+                o, lo = block_attention(q, cur_k, cur_v, blocks[s], scale=scale)
+                if out is None or lse is None:
+                    out, lse = o, lo
+                else:
+                    out, lse = merge_attention_states(out, lse, o, lo)  # float32, -inf guarded
             if pending is not None:
                 pending.wait(g)
             cur_k, cur_v = nxt_k, nxt_v
-        assert out is not None and lse is not None
-        return ScheduleResult(out.to(q.dtype), lse, tuple(x.freeze() for x in recs))
+        return merged_result(q, out, lse, recs)

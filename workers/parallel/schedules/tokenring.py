@@ -9,8 +9,6 @@ so both carry data. Each rank merges the N partials of its queries by LSE in flo
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from batonserve.kernels.attention import merge_attention_states
@@ -23,6 +21,7 @@ from batonserve.workers.parallel.schedules.base import (
     LinkBytes,
     Schedule,
     ScheduleResult,
+    merged_result,
     plan_pair,
     register,
 )
@@ -111,9 +110,8 @@ class TokenRingSchedule(Schedule):
                 res_in = torch.empty((n_q[r], row_bytes), dtype=torch.uint8, device=q.device)
                 back_ops = [P2P("recv", res_in, (r + s) % n, back=True)]
                 late.append((post(g, back_ops, f"tokenring step {s} (result recv)", rec), res_in))
-            t0 = time.perf_counter()
-            o, lo = block_attention(cur, k, v, blocks[s], scale=scale)
-            rec.compute_s += time.perf_counter() - t0
+            with rec.computing():
+                o, lo = block_attention(cur, k, v, blocks[s], scale=scale)
             if s == 0:
                 out, lse = o, lo
             else:
@@ -132,8 +130,7 @@ class TokenRingSchedule(Schedule):
             late = keep
         for pending, buf in late:
             out, lse = self._finish(pending, buf, out, lse, g, heads, head_dim, q.dtype)
-        assert out is not None and lse is not None
-        return ScheduleResult(out.to(q.dtype), lse, tuple(x.freeze() for x in recs))
+        return merged_result(q, out, lse, recs)
 
     @staticmethod
     def _finish(

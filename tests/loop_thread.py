@@ -1,4 +1,4 @@
-"""Helpers of the cluster-runtime tests: a module-wide event loop in a thread."""
+"""An asyncio event loop in a daemon thread, so synchronous tests can drive async code on it."""
 
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ T = TypeVar("T")
 
 
 class LoopThread:
-    """One event loop for a whole module, so clusters outlive single tests."""
+    """One event loop (e.g. per test module, so clusters outlive single tests)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
         """Run `coro` on the loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        """Stop the loop and join its thread."""
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self._thread.join(10)
+        self.loop.close()
