@@ -24,6 +24,7 @@ import grpc
 
 ROUTER_TESTS = Path(__file__).resolve().parents[1] / "cluster" / "router"
 sys.path.insert(0, str(ROUTER_TESTS))
+sys.path.insert(0, str(ROUTER_TESTS.parents[1]))  # tests/ (loop_thread.py)
 
 from router_harness import REPLY, fakes, reply_script, write_tiny_model  # noqa: E402
 
