@@ -9,6 +9,7 @@ inside a Ray driver. Histogram buckets follow vLLM's so dashboards translate.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from batonserve.cluster.metrics_series import (
     build_series,
     token_buckets,
 )
+from batonserve.workers.expert_store.types import ExpertStoreStats
 from batonserve.workers.sp_serving.report import SPStepReport
 
 
@@ -74,6 +76,8 @@ class Metrics:
         self._waiting = 0
         self._running = 0
         self._workers: dict[str, _WorkerState] = {}
+        # Per worker: the last MoE totals seen, {(series, label values): total}, for deltas.
+        self._moe_totals: dict[str, dict[tuple[str, tuple[str, ...]], float]] = {}
         self._server: Any = None
         for spec in self.specs:
             if spec.labels == ("model",):
@@ -224,6 +228,7 @@ class Metrics:
             state = self._workers.get(worker)
             if state is not None:
                 state.totals = (0, 0, 0)
+            self._moe_totals.pop(worker, None)
         self._inc("batonserve_worker_restarts_total", _wl(pool, worker))
 
     def kv_handoff(self, rec: HandoffRecord) -> None:
@@ -263,6 +268,50 @@ class Metrics:
         if report.rank == 0:  # every member reports; count the prefill once
             self._inc("batonserve_sp_prefills_total", req)
 
+    def moe(self, worker: str, pool: str, stats: ExpertStoreStats) -> None:
+        """A worker's expert-store totals (monotonic since it started) become counter increments."""
+        for owner, value in (("worker", worker), ("pool", pool)):
+            if not value:
+                raise ValueError(f"moe.{owner}: must be a non-empty string")
+        wl = _wl(pool, worker)
+        totals: dict[tuple[str, tuple[str, ...]], float] = {}
+
+        def put(name: str, labels: tuple[str, ...], value: float) -> None:
+            totals[(name, labels)] = float(value)
+
+        for tier, ts in sorted(stats.tiers.items()):
+            put("batonserve_moe_expert_cache_hits_total", (tier,), ts.hits)
+            put("batonserve_moe_expert_cache_misses_total", (tier,), ts.misses)
+            put("batonserve_moe_expert_loaded_bytes_total", (tier,), ts.bytes_in)
+        put("batonserve_moe_prefetch_issued_total", (), stats.prefetch_issued)
+        put("batonserve_moe_prefetch_used_total", (), stats.prefetch_used)
+        put("batonserve_moe_stall_seconds_total", (), stats.stall_seconds)
+        put("batonserve_moe_tokens_total", (), stats.tokens)
+        put("batonserve_moe_layer_batches_total", (), stats.forwards * stats.num_layers)
+        put("batonserve_moe_distinct_experts_total", (), stats.distinct_experts)
+        for layer, row in enumerate(stats.expert_load):
+            for expert, n in enumerate(row):
+                put("batonserve_moe_expert_routed_tokens_total", (str(layer), str(expert)), n)
+        for v in totals.values():
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"moe.stats: totals must be finite numbers >= 0, got {v!r}")
+        with self._lock:
+            state = self._workers.get(worker)
+            if state is not None and state.pool != pool:
+                self._moe_totals.pop(worker, None)  # a new label set: its counters start over
+            last = self._moe_totals.get(worker, {})
+            self._moe_totals[worker] = totals
+        first = not last
+        for (name, values), total in totals.items():
+            labels = {**wl, **dict(zip(self._labels[name][2:], values, strict=True))}
+            prev = last.get((name, values), 0.0)
+            # A total below the last one means the engine restarted: all of it is new.
+            delta = total - prev if total >= prev else total
+            if first and name != "batonserve_moe_expert_routed_tokens_total":
+                self._series[name].labels(**labels)  # zeros, so rate() sees the first events
+            self._inc(name, labels, delta)
+        self._set("batonserve_moe_resident_bytes", wl, stats.resident_bytes)
+
     # --- internals ---
 
     @property
@@ -282,6 +331,7 @@ class Metrics:
             "batonserve_worker_running_batch_size",
             "batonserve_worker_waiting_requests",
             "batonserve_worker_pending_prefill_tokens",
+            "batonserve_moe_resident_bytes",
         ):
             self._remove(name, wl)
         self._remove("batonserve_worker_role", {**wl, "role": old.role})

@@ -51,6 +51,8 @@ class SeriesSpec:
 _REQ = ("model",)
 _WORKER = ("pool", "worker")
 _HANDOFF = ("from_pool", "to_pool")
+_TIER = (*_WORKER, "tier")  # gpu, ram or disk
+_EXPERT = (*_WORKER, "layer", "expert")  # bounded by the model: MoE layers x experts per layer
 
 
 def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
@@ -254,6 +256,73 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             "counter",
             "Prompts prefilled by a sequence-parallel ring group.",
             _REQ,
+        ),
+        # MoE experts served from the tiered expert store (workers/expert_store), per worker.
+        s(
+            "batonserve_moe_expert_cache_hits_total",
+            "counter",
+            "Expert demands found in a tier of the expert store (gpu, ram; disk = read from disk).",
+            _TIER,
+        ),
+        s(
+            "batonserve_moe_expert_cache_misses_total",
+            "counter",
+            "Expert demands not found in a tier of the expert store (loaded from the next one).",
+            _TIER,
+        ),
+        s(
+            "batonserve_moe_expert_loaded_bytes_total",
+            "counter",
+            "Expert weight bytes copied into a tier (disk: bytes read from the checkpoint).",
+            _TIER,
+        ),
+        s(
+            "batonserve_moe_prefetch_issued_total",
+            "counter",
+            "Experts the predictor's forecasts prefetched into the compute tier.",
+            _WORKER,
+        ),
+        s(
+            "batonserve_moe_prefetch_used_total",
+            "counter",
+            "Prefetched experts demanded before eviction (precision = used / issued).",
+            _WORKER,
+        ),
+        s(
+            "batonserve_moe_stall_seconds_total",
+            "counter",
+            "Time forwards waited for expert weights to load.",
+            _WORKER,
+        ),
+        s(
+            "batonserve_moe_tokens_total",
+            "counter",
+            "Tokens that went through the MoE layers (per-token stall = stall / tokens).",
+            _WORKER,
+        ),
+        s(
+            "batonserve_moe_layer_batches_total",
+            "counter",
+            "MoE layer executions (forwards x MoE layers).",
+            _WORKER,
+        ),
+        s(
+            "batonserve_moe_distinct_experts_total",
+            "counter",
+            "Distinct experts activated, summed over MoE layer executions (per batch: / batches).",
+            _WORKER,
+        ),
+        s(
+            "batonserve_moe_resident_bytes",
+            "gauge",
+            "Expert weight bytes resident in the compute tier now.",
+            _WORKER,
+        ),
+        s(
+            "batonserve_moe_expert_routed_tokens_total",
+            "counter",
+            "Token copies routed to each expert of each MoE layer (expert load).",
+            _EXPERT,
         ),
         s(
             "batonserve_pool_changes_total",

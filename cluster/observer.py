@@ -8,6 +8,7 @@ from typing import Protocol
 from batonserve.cluster.controller import Controller
 from batonserve.cluster.handoff import Handoff
 from batonserve.cluster.metrics_inputs import HandoffRecord, PoolChange, WorkerSnapshot
+from batonserve.workers.expert_store.types import ExpertStoreStats
 
 
 class ClusterObserver(Protocol):
@@ -29,6 +30,10 @@ class ClusterObserver(Protocol):
         """A worker was borrowed into or returned from the mixed pool."""
         ...
 
+    def moe(self, worker: str, pool: str, stats: ExpertStoreStats) -> None:
+        """A worker's expert-store totals (MoE models served from the tiered store)."""
+        ...
+
 
 class NullObserver:
     """Drops every record (no metrics wired)."""
@@ -43,6 +48,9 @@ class NullObserver:
         """Ignored."""
 
     def pool_change(self, change: PoolChange) -> None:
+        """Ignored."""
+
+    def moe(self, worker: str, pool: str, stats: ExpertStoreStats) -> None:
         """Ignored."""
 
 

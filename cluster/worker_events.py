@@ -77,6 +77,8 @@ class WorkerEvents:
                     s.prefix_hits,
                 )
             )
+            if s.moe is not None:
+                self.observer.moe(s.name, s.pool, s.moe)
 
     def _on_delta(self: Cluster, name: str, d: RequestDelta) -> None:
         st = self.by_worker_rid.get(d.request_id)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# Online cache policies of the tiered expert store (workers/expert_store/policies); "belady" is
+# offline only (it needs the future demand trace), so it cannot serve.
+EXPERT_CACHE_POLICIES = ("lru", "popularity", "predictive")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -20,3 +24,18 @@ class EngineConfig:
     max_model_len: int = 0  # 0 takes the model's context length
     enable_prefix_caching: bool = True
     seed: int = 0
+    # MoE models: "" keeps every expert resident; a policy name serves experts from the tiered
+    # store (disk -> RAM -> GPU) with a compute-tier budget of this fraction of expert bytes.
+    expert_cache_policy: Literal["", "lru", "popularity", "predictive"] = ""
+    expert_cache_fraction: float = 0.25
+    expert_prefetch: bool = True  # prefetch the routing predictor's forecasts in the background
+
+    def __post_init__(self) -> None:
+        if self.expert_cache_policy not in ("", *EXPERT_CACHE_POLICIES):
+            raise ValueError(
+                f"expert_cache_policy: unknown policy {self.expert_cache_policy!r}; use one of "
+                f"{list(EXPERT_CACHE_POLICIES)} (or '' to keep every expert resident)"
+            )
+        frac = self.expert_cache_fraction
+        if not isinstance(frac, int | float) or not 0.0 < frac <= 1.0:
+            raise ValueError(f"expert_cache_fraction: must be in (0, 1], got {frac!r}")

@@ -6,6 +6,7 @@ output processor on the router side.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -119,8 +120,12 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> SchedulerStats:
-        """Scheduler and KV-cache figures."""
-        return self.scheduler.stats()
+        """Scheduler and KV-cache figures, plus the expert store's totals when one serves experts."""
+        stats = self.scheduler.stats()
+        store = getattr(self.runner, "expert_store", None)  # only ModelRunner with a policy has one
+        if store is None:
+            return stats
+        return dataclasses.replace(stats, moe=store.snapshot_stats())
 
     def step(self, layer_hook: LayerHook | None = None) -> list[CoreOutput]:
         """Schedule, run one forward pass, sample; returns each touched request's progress."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from batonserve.workers.models.config import ModelConfig
 from batonserve.workers.models.loader import load_weights
 from batonserve.workers.models.paths import resolve_model_dir
 from batonserve.workers.models.registry import get_model_class
+
+if TYPE_CHECKING:
+    from batonserve.workers.expert_store import ExpertStore, MoEController
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +56,10 @@ class ModelRunner:
             self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device)
             load_weights(self.model_dir, self.model.weight_specs())
         self.model.eval()
+        self.expert_store: ExpertStore | None = None
+        self.moe_controller: MoEController | None = None
+        if config.expert_cache_policy:
+            self._attach_expert_store(dtype_name)
         self.num_blocks = self._num_blocks()
         # One allocation for the whole cache: [layers, 2 (k, v), blocks, block_size, kv_heads, d].
         self.kv_cache = torch.zeros(
@@ -65,6 +73,56 @@ class ModelRunner:
             device=self.device,
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(mc.num_layers)]
+
+    def _attach_expert_store(self, dtype_name: str) -> None:
+        """Serve the experts from the tiered store (config.expert_cache_*); frees the stacked ones."""
+        from batonserve.workers.expert_store import (
+            ExpertStore,
+            PolicyContext,
+            RoutingPredictor,
+            StoreConfig,
+            attach_store,
+            default_predictor_path,
+        )
+        from batonserve.workers.expert_store.moe_block import sparse_moe_layers
+
+        cfg = self.config
+        if not self.model_config.is_moe:
+            raise ValueError(
+                f"expert_cache_policy: {cfg.expert_cache_policy!r} is set but model "
+                f"{self.model_dir.name!r} has no MoE layers; leave it empty"
+            )
+        layers = sparse_moe_layers(self.model)
+        # Budget: a fraction of every expert's bytes (stacked w_gate_up [E, 2I, D] + w_down [E, D, I]).
+        total = sum(
+            t.numel() * t.element_size() for _, m in layers for t in (m.w_gate_up, m.w_down)
+        )
+        path = default_predictor_path(self.model_dir.name)
+        predictor = RoutingPredictor.load(path) if path.is_file() else None
+        if predictor is None and cfg.expert_cache_policy in ("popularity", "predictive"):
+            raise ValueError(
+                f"expert_cache_policy: {cfg.expert_cache_policy!r} needs a routing predictor "
+                f"trained for this model at {str(path)!r}; use 'lru' or train one"
+            )
+        ctx = PolicyContext(
+            len(layers),
+            self.model_config.num_local_experts,
+            popularity=predictor.popularity_counts() if predictor is not None else None,
+        )
+        store_cfg = StoreConfig(
+            fast_budget_bytes=int(cfg.expert_cache_fraction * total),
+            policy=cfg.expert_cache_policy,
+            prefetch=cfg.expert_prefetch and predictor is not None,
+            device=str(self.device),
+            dtype=dtype_name,
+        )
+        self.expert_store = ExpertStore(self.model_dir, store_cfg, ctx)
+        self.moe_controller = attach_store(self.model, self.expert_store, predictor)
+
+    def close(self) -> None:
+        """Stop the expert store's prefetch thread and close its files (when one is attached)."""
+        if self.expert_store is not None:
+            self.expert_store.close()
 
     @property
     def tokenizer_path(self) -> Path:

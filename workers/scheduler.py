@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from batonserve.workers.block_pool import BlockPool, hash_blocks
 from batonserve.workers.request import Request, RequestStatus
+
+if TYPE_CHECKING:  # annotation only: the scheduler itself stays torch-free
+    from batonserve.workers.expert_store.types import ExpertStoreStats
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class SchedulerStats:
     num_batched_tokens: int  # in the last plan
     num_preemptions: int  # cumulative
     pending_prefill_tokens: int  # prompt tokens not yet computed
+    moe: ExpertStoreStats | None = None  # the expert store's totals (set by the engine core)
 
 
 class Scheduler:

@@ -413,4 +413,5 @@ class Worker:
             cached_block_hashes=hashes,
             prefix_epoch=self._prefix_epoch,
             sp_reports=tuple(self.ring.reports) if self.ring else (),
+            moe=getattr(s, "moe", None),
         )

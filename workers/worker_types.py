@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from batonserve.workers.config import EngineConfig
+from batonserve.workers.expert_store.types import ExpertStoreStats
 from batonserve.workers.kv_transfer.config import KVTransferConfig
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
@@ -100,6 +101,8 @@ class WorkerStats:
     prefix_epoch: int = 0
     # Recent ring prefills of this worker (sequence parallel), newest last; seq increases.
     sp_reports: tuple[SPStepReport, ...] = ()
+    # The expert store's totals (monotonic since the worker started) when it serves MoE experts.
+    moe: ExpertStoreStats | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from batonserve.cluster.metrics import (
     build_series,
 )
 from batonserve.cluster.metrics_ray import RAY_KEY_SERIES
+from batonserve.workers.expert_store.types import ExpertStoreStats
 
 NAME = re.compile(r"^batonserve_[a-z0-9_]+$")
 LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -27,6 +28,7 @@ PER_REQUEST = re.compile(r"(^|_)(request|req|id|uuid|trace|span|prompt|user|sess
 ALLOWED_LABELS = {
     "model", "code", "finish_reason", "reason", "pool", "worker", "role",
     "from_pool", "to_pool", "change", "from_role", "to_role",
+    "tier", "layer", "expert",  # MoE: bounded by the tiers and the model's layers x experts
 }  # fmt: skip
 
 
@@ -44,6 +46,9 @@ def _exercised() -> Metrics:
     m.kv_handoff(HandoffRecord("prefill", "decode", 0.01, 100))
     m.kv_handoff(HandoffRecord("prefill", "decode", 0.01, 100, outcome="lease_expired"))
     m.pool_change(PoolChange("prefill", "borrow", "prefill", "mixed"))
+    moe = ExpertStoreStats(2, 4)
+    moe.expert_load[1][3] = 5
+    m.moe("decode-0", "decode", moe)
     return m
 
 
