@@ -29,7 +29,7 @@ from batonserve.workers.sp_serving.report import SPStepReport
 pytestmark = pytest.mark.cluster
 
 ENGINE = EngineConfig(
-    dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_num_batched_tokens=32
+    dtype="float32", device="cpu", block_size=4, num_kv_blocks=512, max_num_batched_tokens=32
 )
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 # Prompts of >= 48 tokens take the ring: N = 2 up to 64 tokens, 3 above.
@@ -214,3 +214,29 @@ def test_member_killed_mid_ring_fails_in_bounded_time_and_request_retries(
     assert loop_thread.run(collect(cluster, "again", again)) == reference(again)
     assert {r.world_size for r in wait_reports(rec, 3)} == {3}
     wait_idle(cluster, timeout=30)
+
+
+def test_ring_member_killed_under_load(
+    ring: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
+) -> None:
+    """32 concurrent streams, a quarter of them long enough for the ring; a ring member killed
+    while they run: every stream completes with exactly the undisturbed greedy tokens."""
+    cluster, _ = ring
+    ring_group = cluster.controller.ring
+    assert ring_group is not None
+    deadline = time.monotonic() + 60
+    while ring_group.available() < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    prompts = [prompt_of(20 + i, 70 + i if i % 4 == 0 else 12 + i) for i in range(32)]
+    victim = cluster.controller.workers["prefill-1"]
+
+    async def run() -> list[list[int]]:
+        tasks = [
+            asyncio.create_task(collect(cluster, f"load-{i}", p)) for i, p in enumerate(prompts)
+        ]
+        await asyncio.sleep(0.3)  # the streams are under way
+        ray.kill(victim.actor, no_restart=True)
+        return await asyncio.gather(*tasks)
+
+    assert loop_thread.run(run(), timeout=240) == [reference(p) for p in prompts]
+    wait_idle(cluster, timeout=60)
