@@ -9,6 +9,7 @@ from batonserve.cluster.controller import Controller
 from batonserve.cluster.handoff import Handoff
 from batonserve.cluster.metrics_inputs import HandoffRecord, PoolChange, WorkerSnapshot
 from batonserve.workers.expert_store.types import ExpertStoreStats
+from batonserve.workers.sp_serving.report import SPStepReport
 
 
 class ClusterObserver(Protocol):
@@ -30,6 +31,10 @@ class ClusterObserver(Protocol):
         """A worker was borrowed into or returned from the mixed pool."""
         ...
 
+    def sequence_parallel(self, report: SPStepReport) -> None:
+        """One rank's step of a ring prefill."""
+        ...
+
     def moe(self, worker: str, pool: str, stats: ExpertStoreStats) -> None:
         """A worker's expert-store totals (MoE models served from the tiered store)."""
         ...
@@ -48,6 +53,9 @@ class NullObserver:
         """Ignored."""
 
     def pool_change(self, change: PoolChange) -> None:
+        """Ignored."""
+
+    def sequence_parallel(self, report: SPStepReport) -> None:
         """Ignored."""
 
     def moe(self, worker: str, pool: str, stats: ExpertStoreStats) -> None:

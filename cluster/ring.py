@@ -13,7 +13,6 @@ commits when every row of every layer is there; release and abort fan out to eve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -251,8 +250,8 @@ class RingRouting:
                 self._sp_seen[name] = 0  # a restarted worker counts from 1 again
             return
         self._sp_seen[name] = fresh[-1].seq
-        report = getattr(self.observer, "sequence_parallel", None)
-        if report is not None:
-            for r in fresh:
-                with contextlib.suppress(Exception):
-                    report(r)
+        for r in fresh:
+            try:
+                self.observer.sequence_parallel(r)
+            except ValueError as e:  # a malformed report must not stop the poll loop
+                log.warning("dropped an SP report of %s: %s", name, e)

@@ -9,7 +9,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from batonserve.cluster.api import AdmissionRejected
 from batonserve.cluster.metrics_inputs import PoolChange, WorkerSnapshot
 from batonserve.cluster.observer import handoff_record
 from batonserve.workers.worker_types import HandoffEvent, PollResult, RequestDelta
@@ -95,9 +94,12 @@ class WorkerEvents:
             st.cached_tokens = d.num_cached_tokens
         if d.prefilled and a.handoff_id is not None:
             self.ledger.prefilled(a.handoff_id)
-        if d.error:  # the engine refused it (e.g. too long for its context): no retry helps
-            st.fail(AdmissionRejected(f"{name}: {d.error}"))
-            self._finish(st)
+        if d.error:
+            # The router and the CLS already checked the request against every limit, so a
+            # worker's refusal is an inconsistency of this attempt: retry on a fresh attempt id
+            # (bounded by MAX_ATTEMPTS, after which the request fails as unavailable).
+            log.warning("%s refused %s: %s; retrying", name, d.request_id, d.error)
+            self.restart(st, f"{name} refused it: {d.error}")
             return
         if d.finished and d.finish_reason == "abort":
             self.restart(st, f"{name} aborted the request")

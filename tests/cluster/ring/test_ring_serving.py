@@ -14,10 +14,10 @@ import pytest
 import ray
 from hf_tiny import make_tiny_model
 from loop_thread import LoopThread
+from observer_recorder import Recorder
 
 from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
-from batonserve.cluster.metrics_inputs import HandoffRecord
 from batonserve.cluster.runtime import Cluster, start_cluster
 from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
 from batonserve.workers.config import EngineConfig
@@ -40,29 +40,6 @@ PREFILL = PoolConfig(
     name="prefill", role="prefill", replicas=3, num_cpus=0.5, resources={"prefill_node": 1}
 )
 DECODE = PoolConfig(name="decode", role="decode", num_cpus=0.5, resources={"decode_node": 1})
-
-
-class Recorder:
-    """ClusterObserver keeping handoff records and SP reports."""
-
-    def __init__(self) -> None:
-        self.handoffs: list[HandoffRecord] = []
-        self.sp: list[SPStepReport] = []
-
-    def worker_snapshot(self, snap: Any) -> None:
-        pass
-
-    def worker_restarted(self, pool: str, worker: str) -> None:
-        pass
-
-    def kv_handoff(self, rec: HandoffRecord) -> None:
-        self.handoffs.append(rec)
-
-    def pool_change(self, change: Any) -> None:
-        pass
-
-    def sequence_parallel(self, report: SPStepReport) -> None:
-        self.sp.append(report)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import pytest
 import ray
 from hf_tiny import make_tiny_model
 from loop_thread import LoopThread
+from observer_recorder import Recorder
 
 from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
-from batonserve.cluster.metrics_inputs import HandoffRecord, PoolChange
 from batonserve.cluster.runtime import Cluster, start_cluster
 from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
 from batonserve.workers.config import EngineConfig
@@ -36,29 +36,6 @@ DECODE = PoolConfig(name="decode", role="decode", num_cpus=0.5, resources={"deco
 
 
 _SEQ = itertools.count()
-
-
-class Recorder:
-    """ClusterObserver that keeps handoff records (which path a request took)."""
-
-    def __init__(self) -> None:
-        self.handoffs: list[HandoffRecord] = []
-        self.pool_changes: list[PoolChange] = []
-
-    def worker_snapshot(self, snap: Any) -> None:
-        pass
-
-    def worker_restarted(self, pool: str, worker: str) -> None:
-        pass
-
-    def kv_handoff(self, rec: HandoffRecord) -> None:
-        self.handoffs.append(rec)
-
-    def pool_change(self, change: PoolChange) -> None:
-        self.pool_changes.append(change)
-
-    def outcomes(self) -> list[str]:
-        return [r.outcome for r in self.handoffs]
 
 
 @pytest.fixture(scope="module")
