@@ -195,26 +195,12 @@ class RingRouting:
         """Start a ring attempt: channels from every member, import on the decode side, jobs."""
         ring = self.controller.ring
         assert ring is not None
-        prompt, params = st.resume_prompt, st.resume_params
-        workers = self.controller.workers
         try:
-            d = workers[a.decode]
-            for m in choice.members:
-                p = workers[m]
-                if p.kv_spec is not None and d.kv_spec is not None:
-                    p.kv_spec.check_compatible(d.kv_spec)
-            await asyncio.gather(
-                *(self.controller.ensure_channel(m, a.decode) for m in choice.members)
-            )
-            if st.attempt is not a or st.done:
+            spec = await self.open_handoff(st, a, choice.members)
+            if spec is None:
                 return
-            h = self.ledger.open(a.worker_request_id, a.prefill, a.decode)
-            a.handoff_id = h.handoff_id
-            spec = HandoffSpec(
-                h.handoff_id, a.worker_request_id, a.prefill, a.decode, tuple(prompt), params
-            )
             self.ring_attempts[a.worker_request_id] = choice
-            await d.actor.begin_import.remote(spec)
+            await self.controller.workers[a.decode].actor.begin_import.remote(spec)
             if st.attempt is not a or st.done or ring.available() < choice.size:
                 raise RuntimeError("the ring group changed before the job was sent")
             ring.submit(choice, spec)

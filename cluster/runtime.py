@@ -29,7 +29,7 @@ from batonserve.cluster.controller import Controller, WorkerHandle
 from batonserve.cluster.env import keep_ray_on_loopback
 from batonserve.cluster.handoff import Handoff, HandoffLedger
 from batonserve.cluster.observer import ClusterObserver, NullObserver, handoff_record
-from batonserve.cluster.request_state import RequestState
+from batonserve.cluster.request_state import Attempt, RequestState
 from batonserve.cluster.ring import RingRouting
 from batonserve.cluster.scheduling import (
     ClusterScheduler,
@@ -250,19 +250,11 @@ class Cluster(WorkerEvents, RingRouting):
         workers = self.controller.workers
         try:
             if a.prefill != a.decode:
-                p, d = workers[a.prefill], workers[a.decode]
-                if p.kv_spec is not None and d.kv_spec is not None:
-                    p.kv_spec.check_compatible(d.kv_spec)
-                await self.controller.ensure_channel(a.prefill, a.decode)
-                if st.attempt is not a or st.done:
+                spec = await self.open_handoff(st, a, (a.prefill,))
+                if spec is None:
                     return
-                h = self.ledger.open(a.worker_request_id, a.prefill, a.decode)
-                a.handoff_id = h.handoff_id
-                spec = HandoffSpec(
-                    h.handoff_id, a.worker_request_id, a.prefill, a.decode, tuple(prompt), params
-                )
-                await d.actor.begin_import.remote(spec)
-                await p.actor.submit_prefill.remote(spec)
+                await workers[a.decode].actor.begin_import.remote(spec)
+                await workers[a.prefill].actor.submit_prefill.remote(spec)
             else:
                 a.phase = "decode"
                 await workers[a.decode].actor.submit.remote(a.worker_request_id, prompt, params)
@@ -270,6 +262,29 @@ class Cluster(WorkerEvents, RingRouting):
             log.warning("attempt %s of %s failed to start: %s", number, st.request_id, e)
             if st.attempt is a:
                 self.restart(st, f"launch failed: {e}")
+
+    async def open_handoff(
+        self, st: RequestState, a: Attempt, senders: tuple[str, ...]
+    ) -> HandoffSpec | None:
+        """Check KV compatibility, connect every sender to the decode worker, open the handoff.
+
+        None when the attempt was abandoned meanwhile (nothing opened).
+        """
+        workers = self.controller.workers
+        d = workers[a.decode]
+        for name in senders:
+            p = workers[name]
+            if p.kv_spec is not None and d.kv_spec is not None:
+                p.kv_spec.check_compatible(d.kv_spec)
+        await asyncio.gather(*(self.controller.ensure_channel(n, a.decode) for n in senders))
+        if st.attempt is not a or st.done:
+            return None
+        h = self.ledger.open(a.worker_request_id, a.prefill, a.decode)
+        a.handoff_id = h.handoff_id
+        prompt, params = st.resume_prompt, st.resume_params
+        return HandoffSpec(
+            h.handoff_id, a.worker_request_id, a.prefill, a.decode, tuple(prompt), params
+        )
 
     def restart(self, st: RequestState, reason: str) -> None:
         """Abandon the current attempt and resume from prompt + tokens already sent."""
