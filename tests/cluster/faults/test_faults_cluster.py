@@ -17,13 +17,14 @@ from typing import Any
 import grpc
 import pytest
 import ray
+from cluster_checks import prompt_of, wait_idle
 from hf_tiny import make_tiny_model
 from router_harness import RouterHarness
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.cluster.config import PoolConfig, RayConfig, RouterConfig, ServeConfig
 from batonserve.cluster.router.server import RouterServer
-from batonserve.cluster.runtime import Cluster, start_cluster
+from batonserve.cluster.runtime import start_cluster
 from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
 from batonserve.cluster.scheduling.config import AdmissionConfig
 from batonserve.proto import generation_pb2 as gpb
@@ -70,32 +71,6 @@ def router(ray_cluster: str, model_dir: Path) -> Iterator[RouterHarness]:
     h = _router(ray_cluster, model_dir, "main")
     yield h
     h.close()
-
-
-def prompt_of(i: int, n: int) -> list[int]:
-    """A deterministic prompt of `n` token ids."""
-    return [3 + (i * 37 + j * 11) % 300 for j in range(n)]
-
-
-def wait_idle(cluster: Cluster, timeout: float = 30) -> None:
-    """Every worker healthy, every KV block free, no handoff state left."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ws = list(cluster.controller.workers.values())
-        if (
-            all(
-                w.healthy
-                and w.stats is not None
-                and w.stats.num_free_blocks == w.stats.num_blocks
-                and not (w.stats.pinned or w.stats.imports or w.stats.exports)
-                and not (w.stats.running or w.stats.waiting)
-                for w in ws
-            )
-            and not cluster.ledger.live()
-        ):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not idle: {[w.stats for w in cluster.controller.workers.values()]}")
 
 
 Hook = Callable[[int], None]  # called with the running total of tokens received

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import ray
+from cluster_checks import prompt_of, wait_idle
 from hf_tiny import make_tiny_model
 from loop_thread import LoopThread
 from observer_recorder import Recorder
@@ -75,10 +76,6 @@ def ring(
     loop_thread.run(cluster.shutdown())
 
 
-def prompt_of(i: int, n: int) -> list[int]:
-    return [3 + (i * 37 + j * 11) % 300 for j in range(n)]
-
-
 async def collect(cluster: Cluster, rid: str, prompt: list[int]) -> list[int]:
     toks: list[int] = []
     last = None
@@ -87,26 +84,6 @@ async def collect(cluster: Cluster, rid: str, prompt: list[int]) -> list[int]:
         last = d
     assert last is not None and last.finish_reason == "length"
     return toks
-
-
-def wait_idle(cluster: Cluster, timeout: float = 20) -> None:
-    """Every worker healthy, all KV blocks free, no handoff or ring rows held."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ws = list(cluster.controller.workers.values())
-        if (
-            all(
-                w.healthy
-                and w.stats is not None
-                and w.stats.num_free_blocks == w.stats.num_blocks
-                and not (w.stats.pinned or w.stats.imports or w.stats.exports or w.stats.running)
-                for w in ws
-            )
-            and not cluster.ledger.live()
-        ):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not idle: {[w.stats for w in cluster.controller.workers.values()]}")
 
 
 def wait_reports(rec: Recorder, count: int, timeout: float = 10) -> list[SPStepReport]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import ray
+from cluster_checks import prompt_of, wait_idle
 from hf_tiny import make_tiny_model
 from loop_thread import LoopThread
 from observer_recorder import Recorder
@@ -58,10 +59,6 @@ def reference(model: str) -> Any:
     return get
 
 
-def prompt_of(i: int, n: int) -> list[int]:
-    return [3 + (i * 37 + j * 11) % 300 for j in range(n)]
-
-
 def make(address: str, loop: LoopThread, **kw: Any) -> tuple[Cluster, Recorder]:
     scheduler = kw.pop("scheduler", SchedulerConfig(conditional_disaggregation=False))
     cfg = ServeConfig(
@@ -89,32 +86,6 @@ async def collect(
     assert last is not None and last.finish_reason == "length" and last.usage is not None
     assert last.usage.completion_tokens == len(toks)
     return toks
-
-
-def wait_idle(cluster: Cluster, timeout: float = 20) -> None:
-    """Every worker healthy with all KV blocks free and no handoff state left."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ws = list(cluster.controller.workers.values())
-        if (
-            all(
-                w.healthy
-                and w.stats is not None
-                and w.stats.num_free_blocks == w.stats.num_blocks
-                and not (
-                    w.stats.pinned
-                    or w.stats.imports
-                    or w.stats.exports
-                    or w.stats.running
-                    or w.stats.waiting
-                )
-                for w in ws
-            )
-            and not cluster.ledger.live()
-        ):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not idle: {[w.stats for w in cluster.controller.workers.values()]}")
 
 
 @pytest.fixture(scope="module")
@@ -356,20 +327,24 @@ def test_mixed_pool_borrows_and_returns(
         ray_cluster, loop_thread, model=model, pools=(PREFILL, decode2), scheduler=sched
     )
     try:
-        prompts = [prompt_of(90 + i, 150) for i in range(8)]  # 1200 prompt tokens at once
+        # 1200 prompt tokens at once, four times the borrow threshold, so the pressure is still
+        # there when the cluster next rebalances even on a fast machine; then 4 more prompts.
+        prompts = [prompt_of(90 + i, 150) for i in range(12)]
 
         async def run() -> list[list[int]]:
             first = [
                 asyncio.ensure_future(collect(cluster, f"x{i}", p))
-                for i, p in enumerate(prompts[:4])
+                for i, p in enumerate(prompts[:8])
             ]
             # Prefill pressure: the pool lends a decode worker to the mixed pool...
+            deadline = time.monotonic() + 60
             while not any(c.change == "borrow" for c in rec.pool_changes):
+                assert time.monotonic() < deadline, "no borrow under prefill pressure"
                 await asyncio.sleep(0.01)
             # ...which takes new prompts itself (in place, no handoff).
             rest = [
                 asyncio.ensure_future(collect(cluster, f"y{i}", p))
-                for i, p in enumerate(prompts[4:])
+                for i, p in enumerate(prompts[8:])
             ]
             return list(await asyncio.gather(*first, *rest))
 
