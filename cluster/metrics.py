@@ -45,7 +45,7 @@ class _WorkerState:
 
     pool: str
     role: str
-    totals: tuple[int, int, int]  # prefix queries, prefix hits, preemptions (monotonic)
+    totals: tuple[int, ...]  # the monotonic totals named in _WORKER_TOTALS, in order
 
 
 class Metrics:
@@ -197,8 +197,13 @@ class Metrics:
                 self._remove(
                     "batonserve_worker_role", {**_wl(old.pool, snap.worker), "role": old.role}
                 )
-            totals = (snap.prefix_cache_queries, snap.prefix_cache_hits, snap.preemptions)
-            last = old.totals if old is not None else (0, 0, 0)
+            totals = (
+                snap.prefix_cache_queries,
+                snap.prefix_cache_hits,
+                snap.preemptions,
+                snap.regroup_deferred,
+            )
+            last = old.totals if old is not None else (0,) * len(totals)
             # A total smaller than the last one means the engine restarted: all of it is new.
             deltas = [t - lt if t >= lt else t for t, lt in zip(totals, last, strict=True)]
             self._workers[snap.worker] = _WorkerState(snap.pool, snap.role, totals)
@@ -227,7 +232,7 @@ class Metrics:
         with self._lock:
             state = self._workers.get(worker)
             if state is not None:
-                state.totals = (0, 0, 0)
+                state.totals = (0,) * len(_WORKER_TOTALS)
             self._moe_totals.pop(worker, None)
         self._inc("batonserve_worker_restarts_total", _wl(pool, worker))
 
@@ -366,6 +371,7 @@ _WORKER_TOTALS = (
     "batonserve_prefix_cache_queries_total",
     "batonserve_prefix_cache_hits_total",
     "batonserve_preemptions_total",
+    "batonserve_moe_regroup_deferred_total",
 )
 _WORKER_COUNTERS = (*_WORKER_TOTALS, "batonserve_worker_restarts_total")
 _HANDOFF_COUNTERS = (

@@ -19,18 +19,23 @@ if TYPE_CHECKING:
     from batonserve.workers.worker_types import WorkerStats
 
 
-def snapshot_from_worker_stats(stats: WorkerStats) -> WorkerSnapshot:
-    """A worker actor's `WorkerStats` (from its poll result) as a metrics snapshot."""
+def snapshot_from_worker_stats(stats: WorkerStats, role: str | None = None) -> WorkerSnapshot:
+    """A worker actor's `WorkerStats` (from its poll result) as a metrics snapshot.
+
+    `role`: the controller's view, when it differs from the one the worker last reported.
+    """
     return WorkerSnapshot(
         worker=stats.name,
         pool=stats.pool,
-        role=stats.role,
+        role=role or stats.role,
         kv_cache_usage=min(max(stats.kv_usage, 0.0), 1.0),
         running=stats.running,
         waiting=stats.waiting,
         prefix_cache_queries=stats.prefix_queries,
         prefix_cache_hits=stats.prefix_hits,
         pending_prefill_tokens=stats.pending_prefill_tokens,
+        preemptions=stats.preemptions,
+        regroup_deferred=stats.regroup_deferred,
     )
 
 
@@ -49,6 +54,7 @@ def snapshot_from_engine_stats(
         prefix_cache_hits=stats.prefix_hits,
         pending_prefill_tokens=stats.pending_prefill_tokens,
         preemptions=stats.num_preemptions,
+        regroup_deferred=stats.regroup_deferred,
     )
 
 

@@ -110,6 +110,7 @@ class WorkerSnapshot:
     prefix_cache_hits: int  # of those, tokens found
     pending_prefill_tokens: int = 0  # prompt tokens queued or partly prefilled (the CLS's key)
     preemptions: int = 0  # requests preempted since the worker started (monotonic)
+    regroup_deferred: int = 0  # decode tokens token regrouping held back a step (monotonic)
 
     def __post_init__(self) -> None:
         for name in ("worker", "pool", "role"):
@@ -126,6 +127,7 @@ class WorkerSnapshot:
             prefix_cache_hits=self.prefix_cache_hits,
             pending_prefill_tokens=self.pending_prefill_tokens,
             preemptions=self.preemptions,
+            regroup_deferred=self.regroup_deferred,
         )
         if self.prefix_cache_hits > self.prefix_cache_queries:
             raise ValueError(

@@ -313,6 +313,12 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             _WORKER,
         ),
         s(
+            "batonserve_moe_regroup_deferred_total",
+            "counter",
+            "Decode tokens token regrouping held back a step so a batch shares experts.",
+            _WORKER,
+        ),
+        s(
             "batonserve_moe_resident_bytes",
             "gauge",
             "Expert weight bytes resident in the compute tier now.",

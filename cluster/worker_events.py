@@ -9,7 +9,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from batonserve.cluster.metrics_inputs import PoolChange, WorkerSnapshot
+from batonserve.cluster.metrics_adapters import snapshot_from_worker_stats
+from batonserve.cluster.metrics_inputs import PoolChange
 from batonserve.cluster.observer import handoff_record
 from batonserve.workers.worker_types import HandoffEvent, PollResult, RequestDelta
 
@@ -64,18 +65,7 @@ class WorkerEvents:
         if now - self._last_snapshot.get(name, 0.0) >= SNAPSHOT_S:
             self._last_snapshot[name] = now
             s = r.stats
-            self.observer.worker_snapshot(
-                WorkerSnapshot(
-                    s.name,
-                    s.pool,
-                    h.role,
-                    min(max(s.kv_usage, 0.0), 1.0),
-                    s.running,
-                    s.waiting,
-                    s.prefix_queries,
-                    s.prefix_hits,
-                )
-            )
+            self.observer.worker_snapshot(snapshot_from_worker_stats(s, h.role))
             if s.moe is not None:
                 self.observer.moe(s.name, s.pool, s.moe)
 

@@ -29,6 +29,10 @@ class EngineConfig:
     expert_cache_policy: Literal["", "lru", "popularity", "predictive"] = ""
     expert_cache_fraction: float = 0.25
     expert_prefetch: bool = True  # prefetch the routing predictor's forecasts in the background
+    # Token regrouping (MoE): at most this many decode tokens per step, picked to share forecast
+    # experts; 0 runs every decode token every step. No token waits more than max_wait steps.
+    moe_regroup_batch: int = 0
+    moe_regroup_max_wait: int = 4
 
     def __post_init__(self) -> None:
         if self.expert_cache_policy not in ("", *EXPERT_CACHE_POLICIES):
@@ -39,3 +43,10 @@ class EngineConfig:
         frac = self.expert_cache_fraction
         if not isinstance(frac, int | float) or not 0.0 < frac <= 1.0:
             raise ValueError(f"expert_cache_fraction: must be in (0, 1], got {frac!r}")
+        if self.moe_regroup_batch < 0:
+            raise ValueError(
+                f"moe_regroup_batch: must be >= 0 (0 turns regrouping off), got "
+                f"{self.moe_regroup_batch}"
+            )
+        if self.moe_regroup_max_wait < 0:
+            raise ValueError(f"moe_regroup_max_wait: must be >= 0, got {self.moe_regroup_max_wait}")

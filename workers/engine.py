@@ -19,6 +19,7 @@ from batonserve.workers.engine_core import EngineCore, LayerHook, Runner
 from batonserve.workers.models.paths import resolve_model_dir
 from batonserve.workers.output_processor import OutputProcessor, merge_outputs
 from batonserve.workers.outputs import RequestOutput
+from batonserve.workers.regroup import RegroupConfig
 from batonserve.workers.request import Request
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import SchedulerStats
@@ -57,12 +58,20 @@ class Engine:
         self.max_model_len = self.config.max_model_len or ctx
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self.tokenizer = Tokenizer.from_model_dir(self.model_dir)
+        regroup = None
+        paths = getattr(self.runner, "token_paths", None)  # ModelRunner of a MoE model
+        if self.config.moe_regroup_batch:
+            if paths is None:
+                raise ValueError("moe_regroup_batch: this model runner gives no routing forecasts")
+            regroup = RegroupConfig(self.config.moe_regroup_batch, self.config.moe_regroup_max_wait)
         self.core = EngineCore(
             self.runner,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_num_seqs=self.config.max_num_seqs,
             enable_prefix_caching=self.config.enable_prefix_caching,
             seed=self.config.seed,
+            regroup=regroup,
+            expert_path=paths if regroup else None,
         )
         self.processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self._gen_ids = itertools.count()

@@ -15,6 +15,7 @@ import torch
 from batonserve.workers.block_pool import BlockPool
 from batonserve.workers.forward_batch import ForwardBatch
 from batonserve.workers.outputs import CoreOutput, TokenLogprobs
+from batonserve.workers.regroup import ExpertPath, RegroupConfig
 from batonserve.workers.request import Request, RequestStatus
 from batonserve.workers.sampler import Sampler, make_generator
 from batonserve.workers.scheduler import (
@@ -94,12 +95,16 @@ class EngineCore:
         max_num_seqs: int = 64,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        regroup: RegroupConfig | None = None,
+        expert_path: Callable[[int], ExpertPath] | None = None,
     ) -> None:
         self.runner = runner
         self.block_size = runner.block_size
         self.vocab_size = int(runner.model_config.vocab_size)
         self.pool = BlockPool(runner.num_blocks, runner.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, max_num_batched_tokens, max_num_seqs)
+        self.scheduler = Scheduler(
+            self.pool, max_num_batched_tokens, max_num_seqs, regroup, expert_path
+        )
         self.sampler = Sampler(runner.device, seed)
         self._generators: dict[str, torch.Generator] = {}
         self.last_plan: StepPlan | None = None  # the plan of the step running / just run

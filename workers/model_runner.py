@@ -21,7 +21,8 @@ from batonserve.workers.models.paths import resolve_model_dir
 from batonserve.workers.models.registry import get_model_class
 
 if TYPE_CHECKING:
-    from batonserve.workers.expert_store import ExpertStore, MoEController
+    from batonserve.workers.expert_store import ExpertStore, MoEController, RoutingPredictor
+    from batonserve.workers.regroup import ExpertPath
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,8 +59,10 @@ class ModelRunner:
         self.model.eval()
         self.expert_store: ExpertStore | None = None
         self.moe_controller: MoEController | None = None
-        if config.expert_cache_policy:
-            self._attach_expert_store(dtype_name)
+        # token id -> forecast experts, for the scheduler's token regrouping (moe_regroup_batch)
+        self.token_paths: Callable[[int], ExpertPath] | None = None
+        if config.expert_cache_policy or config.moe_regroup_batch:
+            self._attach_moe(dtype_name)
         self.num_blocks = self._num_blocks()
         # One allocation for the whole cache: [layers, 2 (k, v), blocks, block_size, kv_heads, d].
         self.kv_cache = torch.zeros(
@@ -74,36 +77,51 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(mc.num_layers)]
 
-    def _attach_expert_store(self, dtype_name: str) -> None:
+    def _attach_moe(self, dtype_name: str) -> None:
+        """Load the routing predictor; set up the tiered store and token paths as configured."""
+        from batonserve.workers.expert_store import RoutingPredictor, default_predictor_path
+        from batonserve.workers.expert_store.predictor import TokenPaths
+
+        cfg = self.config
+        setting, value = (  # the setting that asked for it, named in errors
+            ("moe_regroup_batch", cfg.moe_regroup_batch)
+            if cfg.moe_regroup_batch
+            else ("expert_cache_policy", cfg.expert_cache_policy)
+        )
+        if not self.model_config.is_moe:
+            raise ValueError(
+                f"{setting}: {value!r} is set but model {self.model_dir.name!r} has no MoE "
+                "layers; leave it unset"
+            )
+        path = default_predictor_path(self.model_dir.name)
+        predictor = RoutingPredictor.load(path) if path.is_file() else None
+        needs = cfg.moe_regroup_batch or cfg.expert_cache_policy in ("popularity", "predictive")
+        if predictor is None and needs:
+            raise ValueError(
+                f"{setting}: {value!r} needs a routing predictor trained for this model at "
+                f"{str(path)!r} (python -m batonserve.workers.expert_store.train_predictor)"
+            )
+        if cfg.expert_cache_policy:
+            self._attach_expert_store(dtype_name, predictor)
+        if cfg.moe_regroup_batch and predictor is not None:
+            self.token_paths = TokenPaths(predictor, self.model.embed)
+
+    def _attach_expert_store(self, dtype_name: str, predictor: RoutingPredictor | None) -> None:
         """Serve the experts from the tiered store (config.expert_cache_*); frees the stacked ones."""
         from batonserve.workers.expert_store import (
             ExpertStore,
             PolicyContext,
-            RoutingPredictor,
             StoreConfig,
             attach_store,
-            default_predictor_path,
         )
         from batonserve.workers.expert_store.moe_block import sparse_moe_layers
 
         cfg = self.config
-        if not self.model_config.is_moe:
-            raise ValueError(
-                f"expert_cache_policy: {cfg.expert_cache_policy!r} is set but model "
-                f"{self.model_dir.name!r} has no MoE layers; leave it empty"
-            )
         layers = sparse_moe_layers(self.model)
         # Budget: a fraction of every expert's bytes (stacked w_gate_up [E, 2I, D] + w_down [E, D, I]).
         total = sum(
             t.numel() * t.element_size() for _, m in layers for t in (m.w_gate_up, m.w_down)
         )
-        path = default_predictor_path(self.model_dir.name)
-        predictor = RoutingPredictor.load(path) if path.is_file() else None
-        if predictor is None and cfg.expert_cache_policy in ("popularity", "predictive"):
-            raise ValueError(
-                f"expert_cache_policy: {cfg.expert_cache_policy!r} needs a routing predictor "
-                f"trained for this model at {str(path)!r}; use 'lru' or train one"
-            )
         ctx = PolicyContext(
             len(layers),
             self.model_config.num_local_experts,

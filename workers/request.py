@@ -36,6 +36,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is written in block_ids
     num_cached_tokens: int = -1  # prefix-cache hit at first schedule; -1 until then
     num_preemptions: int = 0
+    ready_step: int = 0  # scheduler step its next token became ready (token regrouping)
     finish_reason: str | None = None  # "stop", "length" or "abort"
 
     @property

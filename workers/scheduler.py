@@ -1,5 +1,9 @@
 """Machine-level scheduler: continuous batching, FCFS, chunked prefill, preemption by recompute.
 
+With a `RegroupConfig` (MoE models) at most `batch_size` single-token (decode) requests run per
+step, picked by `regroup.select_batch` so they share forecast experts; the rest wait, never longer
+than the bound allows.
+
 Plain Python, no torch and no model details: the cluster simulator drives this very code. Each
 step, `schedule()` returns a `StepPlan` (which requests run, how many new tokens each, their block
 tables); the engine runs it and hands back a `StepResult` (the sampled tokens) to `update()`.
@@ -7,11 +11,13 @@ tables); the engine runs it and hands back a `StepResult` (the sampled tokens) t
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from batonserve.workers.block_pool import BlockPool, hash_blocks
+from batonserve.workers.regroup import ExpertPath, RegroupConfig, WaitingToken, select
 from batonserve.workers.request import Request, RequestStatus
 
 if TYPE_CHECKING:  # annotation only: the scheduler itself stays torch-free
@@ -85,6 +91,8 @@ class SchedulerStats:
     num_batched_tokens: int  # in the last plan
     num_preemptions: int  # cumulative
     pending_prefill_tokens: int  # prompt tokens not yet computed
+    regroup_deferred: int = 0  # cumulative decode tokens held back a step by token regrouping
+    regroup_max_wait: int = 0  # most steps any regrouped token has waited
     moe: ExpertStoreStats | None = None  # the expert store's totals (set by the engine core)
 
 
@@ -96,11 +104,16 @@ class Scheduler:
         pool: BlockPool,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 64,
+        regroup: RegroupConfig | None = None,
+        expert_path: Callable[[int], ExpertPath] | None = None,
     ) -> None:
+        """`expert_path(token_id)`: the forecast experts of a token (needed with `regroup`)."""
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if regroup is not None and expert_path is None:
+            raise ValueError("regroup: token regrouping needs an expert_path forecaster")
         self.pool = pool
         self.block_size = pool.block_size
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -112,6 +125,11 @@ class Scheduler:
         self._arrivals = 0
         self._preemptions = 0
         self._last_batched = 0
+        self.regroup = regroup
+        self.expert_path = expert_path
+        self._step = 0
+        self._regroup_deferred = 0
+        self.regroup_waits: Counter[int] = Counter()  # steps a decode token waited -> tokens
 
     # ---- requests in and out ---------------------------------------------------------------
 
@@ -186,6 +204,7 @@ class Scheduler:
             self._pending.append(self._update(req, ()))
             return
         req.status = RequestStatus.RUNNING
+        req.ready_step = self._step
         self.running.append(req)
 
     # ---- one step --------------------------------------------------------------------------
@@ -195,9 +214,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
+        held = self._regroup_held()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.request_id in held:
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             assert n > 0, "a running request always has a token to compute"
             if self._blocks_for(req.num_computed_tokens + n) > self.pool.num_blocks:
@@ -219,6 +242,7 @@ class Scheduler:
         if not preempted:
             budget = self._admit(budget, seqs)
         self._last_batched = self.max_num_batched_tokens - budget
+        self._step += 1
         return StepPlan(tuple(seqs), tuple(preempted), self._last_batched)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestUpdate]:
@@ -243,6 +267,8 @@ class Scheduler:
             elif req.prefill_only:
                 self.running.remove(req)
                 req.status = RequestStatus.PREFILLED
+            else:
+                req.ready_step = self._step  # its next token can run from the coming step
             updates.append(self._update(req, (token,)))
         return updates
 
@@ -265,12 +291,32 @@ class Scheduler:
             num_batched_tokens=self._last_batched,
             num_preemptions=self._preemptions,
             pending_prefill_tokens=pending,
+            regroup_deferred=self._regroup_deferred,
+            regroup_max_wait=max(self.regroup_waits, default=0),
         )
 
     # ---- internals -------------------------------------------------------------------------
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def _regroup_held(self) -> set[str]:
+        """Decode requests that sit this step out so the others share experts (empty when off)."""
+        if self.regroup is None or self.expert_path is None:
+            return set()
+        ready = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        if len(ready) <= self.regroup.batch_size:
+            self.regroup_waits.update(self._step - r.ready_step for r in ready)
+            return set()
+        tokens = [
+            WaitingToken(r.request_id, r.ready_step, self.expert_path(r.token_at(r.num_tokens - 1)))
+            for r in ready
+        ]
+        batch = select(tokens, self._step, self.regroup)
+        self.regroup_waits.update(self._step - t.ready_step for t in batch)
+        held = {r.request_id for r in ready} - {t.request_id for t in batch}
+        self._regroup_deferred += len(held)
+        return held
 
     def _admit(self, budget: int, seqs: list[ScheduledSeq]) -> int:
         """Move waiting requests into the batch while budget, seats and blocks allow (FCFS)."""

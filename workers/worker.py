@@ -410,6 +410,8 @@ class Worker:
             exports=len(self.exporter.exports) + (len(self.ring.held) if self.ring else 0),
             imports=len(self.importer),
             error=self._error[-2000:],
+            preemptions=s.num_preemptions,
+            regroup_deferred=s.regroup_deferred,
             cached_block_hashes=hashes,
             prefix_epoch=self._prefix_epoch,
             sp_reports=tuple(self.ring.reports) if self.ring else (),

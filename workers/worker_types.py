@@ -95,6 +95,8 @@ class WorkerStats:
     exports: int  # outgoing handoffs not yet released
     imports: int  # incoming handoffs not yet committed
     error: str = ""
+    preemptions: int = 0  # requests preempted since the worker started (monotonic)
+    regroup_deferred: int = 0  # decode tokens token regrouping held back a step (monotonic)
     # Prefix hashes of the blocks this worker caches, refreshed every few hundred ms; the epoch
     # bumps on each refresh (conditional disaggregation sends a cached prompt here).
     cached_block_hashes: tuple[int, ...] = ()

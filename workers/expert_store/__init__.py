@@ -9,7 +9,6 @@ from batonserve.workers.expert_store.moe_block import (
 )
 from batonserve.workers.expert_store.policies import POLICIES, PolicyContext, make_policy
 from batonserve.workers.expert_store.predictor import RoutingPredictor, default_predictor_path
-from batonserve.workers.expert_store.regroup import RegroupConfig, WaitingToken, select_batch
 from batonserve.workers.expert_store.store import ExpertStore
 from batonserve.workers.expert_store.types import (
     ExpertKey,
@@ -27,16 +26,13 @@ __all__ = [
     "ExpertWeights",
     "MoEController",
     "PolicyContext",
-    "RegroupConfig",
     "ResidentExperts",
     "RoutedMoE",
     "RoutingPredictor",
     "StoreConfig",
     "TierStats",
-    "WaitingToken",
     "attach_resident",
     "attach_store",
     "default_predictor_path",
     "make_policy",
-    "select_batch",
 ]

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from batonserve.workers.expert_store.types import ExpertKey
+
 PREDICTOR_DIR = Path(__file__).parent / "predictors"
 
 
@@ -105,3 +107,30 @@ class RoutingPredictor:
 def default_predictor_path(model_name: str) -> Path:
     """Where the committed predictor of a bundled model lives."""
     return PREDICTOR_DIR / f"{model_name}.safetensors"
+
+
+class TokenPaths:
+    """A token's forecast routing path from its embedding alone, cached per token id.
+
+    Source -1 probes see only the embedding, so the path is a function of the token id: the
+    scheduler asks for it every step (token regrouping) without touching the model.
+    """
+
+    def __init__(self, predictor: RoutingPredictor, embed: torch.Tensor, top_m: int = 2) -> None:
+        self.predictor = predictor
+        self.embed = embed  # [vocab, D]
+        self.top_m = top_m
+        self._cache: dict[int, frozenset[ExpertKey]] = {}
+
+    def __call__(self, token_id: int) -> frozenset[ExpertKey]:
+        """The top-m experts of every MoE layer that `token_id` is forecast to use."""
+        path = self._cache.get(token_id)
+        if path is None:
+            with torch.inference_mode():  # the probes live on the CPU
+                feat = self.embed[token_id : token_id + 1].float().cpu()
+                top = self.predictor.top_m(-1, feat, self.top_m)
+            path = frozenset(
+                ExpertKey(t, int(e)) for t, ids in top.items() for e in ids[0].tolist()
+            )
+            self._cache[token_id] = path
+        return path

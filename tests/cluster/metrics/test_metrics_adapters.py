@@ -63,6 +63,8 @@ def test_worker_actor_stats_become_worker_series(scrape) -> None:
         steps=7,
         exports=0,
         imports=0,
+        preemptions=2,
+        regroup_deferred=15,
     )
     m = Metrics("demo")
     m.worker_snapshot(snapshot_from_worker_stats(stats))
@@ -73,6 +75,12 @@ def test_worker_actor_stats_become_worker_series(scrape) -> None:
     assert s.value("batonserve_worker_waiting_requests", **w) == 4
     assert s.value("batonserve_worker_pending_prefill_tokens", **w) == 900
     assert s.value("batonserve_prefix_cache_hits_total", **w) == 120
+    assert s.value("batonserve_preemptions_total", **w) == 2
+    assert s.value("batonserve_moe_regroup_deferred_total", **w) == 15
+    # The controller's role wins over the one the worker last reported.
+    m.worker_snapshot(snapshot_from_worker_stats(stats, role="decode"))
+    s = scrape(m)
+    assert s.value("batonserve_worker_role", role="decode", **w) == 1
 
 
 def test_scheduler_rejections_and_role_changes(scrape) -> None:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from batonserve.workers.expert_store import ExpertKey, RegroupConfig, WaitingToken, select_batch
-from batonserve.workers.expert_store.regroup import select_fifo
+from batonserve.workers.expert_store import ExpertKey
+from batonserve.workers.regroup import RegroupConfig, WaitingToken, select_batch, select_fifo
 
 
 def simulate(select, n_req: int, steps: int, cfg: RegroupConfig, seed: int):  # type: ignore[no-untyped-def]

@@ -1,11 +1,10 @@
 """Token regrouping (ExpertFlow): pick the next batch from waiting tokens so it shares experts.
 
-Each waiting token carries its forecast routing path (the experts the predictor expects it to use
-in every layer). A batch starts with every token that has waited `max_wait_steps` (oldest first),
-then greedily adds the token that brings the fewest experts not yet in the batch (oldest first among
-equals), until `batch_size`. Bound: no token waits more than `max_wait_steps` steps as long as at
-most `batch_size` tokens come due in any step (e.g. fewer than batch_size * (max_wait_steps + 1)
-tokens waiting); otherwise the oldest go first.
+Plain Python like the scheduler that calls it. Each waiting token carries its forecast routing
+path (the (layer, expert) pairs the predictor expects it to use in every MoE layer). A batch
+takes every token that has waited `max_wait_steps` steps, so no token ever waits longer (the batch
+then grows past `batch_size` if that many are due), then greedily adds the token that brings the
+fewest experts not yet in the batch (oldest first among equals) until `batch_size`.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from batonserve.workers.expert_store.types import ExpertKey
+# (layer, expert); expert_store.ExpertKey is one.
+ExpertPath = frozenset[tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class RegroupConfig:
 
     batch_size: int
     max_wait_steps: int
+    by_experts: bool = True  # False: oldest first (the baseline regrouping is measured against)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -36,18 +37,17 @@ class WaitingToken:
 
     request_id: str
     ready_step: int  # the step it became ready to run
-    experts: frozenset[ExpertKey]  # forecast routing path over all layers
+    experts: ExpertPath  # forecast routing path over all layers
 
 
 def select_batch(
     waiting: Sequence[WaitingToken], step: int, config: RegroupConfig
 ) -> list[WaitingToken]:
-    """The tokens to run at `step` (at most batch_size), overdue ones first, then by expert overlap."""
+    """The tokens to run at `step`: every overdue one, then up to batch_size by expert overlap."""
     by_age = sorted(waiting, key=lambda t: (t.ready_step, t.request_id))
-    due = [t for t in by_age if step - t.ready_step >= config.max_wait_steps]
-    batch = due[: config.batch_size]
+    batch = [t for t in by_age if step - t.ready_step >= config.max_wait_steps]
     chosen = {t.request_id for t in batch}
-    union: set[ExpertKey] = set().union(*(t.experts for t in batch)) if batch else set()
+    union: set[tuple[int, int]] = set().union(*(t.experts for t in batch)) if batch else set()
     rest = [t for t in by_age if t.request_id not in chosen]
     while len(batch) < config.batch_size and rest:
         best = min(range(len(rest)), key=lambda i: (len(rest[i].experts - union), i))
@@ -62,3 +62,8 @@ def select_fifo(
 ) -> list[WaitingToken]:
     """The baseline: the oldest batch_size tokens."""
     return sorted(waiting, key=lambda t: (t.ready_step, t.request_id))[: config.batch_size]
+
+
+def select(waiting: Sequence[WaitingToken], step: int, config: RegroupConfig) -> list[WaitingToken]:
+    """select_batch, or select_fifo when config.by_experts is False."""
+    return (select_batch if config.by_experts else select_fifo)(waiting, step, config)
