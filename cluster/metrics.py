@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from batonserve.cluster.metrics_series import (
     token_buckets,
 )
 from batonserve.workers.expert_store.types import ExpertStoreStats
+from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.sp_serving.report import SPStepReport
 
 
@@ -46,6 +47,15 @@ class _WorkerState:
     pool: str
     role: str
     totals: tuple[int, ...]  # the monotonic totals named in _WORKER_TOTALS, in order
+
+
+@dataclass
+class _EPTunerState:
+    """What the last EP tuner report of one worker said (for deltas and stale bucket gauges)."""
+
+    pool: str
+    totals: dict[tuple[str, tuple[str, ...]], float]  # {(series, label values): total}
+    buckets: frozenset[str]  # bucket label values whose gauges are exported
 
 
 class Metrics:
@@ -78,6 +88,8 @@ class Metrics:
         self._workers: dict[str, _WorkerState] = {}
         # Per worker: the last MoE totals seen, {(series, label values): total}, for deltas.
         self._moe_totals: dict[str, dict[tuple[str, tuple[str, ...]], float]] = {}
+        # Per worker: the last expert-parallel tuner report (totals for deltas, exported buckets).
+        self._ep: dict[str, _EPTunerState] = {}
         self._server: Any = None
         for spec in self.specs:
             if spec.labels == ("model",):
@@ -226,6 +238,9 @@ class Metrics:
             old = self._workers.pop(worker, None)
             if old is not None:
                 self._drop_worker_series(worker, old)
+            ep = self._ep.pop(worker, None)
+            if ep is not None:
+                self._drop_ep_gauges(worker, ep.pool, ep.buckets)
 
     def worker_restarted(self, pool: str, worker: str) -> None:
         """A worker actor was restarted; its next snapshot's totals count from zero."""
@@ -234,6 +249,9 @@ class Metrics:
             if state is not None:
                 state.totals = (0,) * len(_WORKER_TOTALS)
             self._moe_totals.pop(worker, None)
+            ep = self._ep.get(worker)
+            if ep is not None:
+                ep.totals = {}  # the new tuner counts from zero; its gauges go on its next report
         self._inc("batonserve_worker_restarts_total", _wl(pool, worker))
 
     def kv_handoff(self, rec: HandoffRecord) -> None:
@@ -317,6 +335,64 @@ class Metrics:
             self._inc(name, labels, delta)
         self._set("batonserve_moe_resident_bytes", wl, stats.resident_bytes)
 
+    def ep_tuner(self, worker: str, pool: str, stats: EPTunerStats) -> None:
+        """A worker's expert-parallel tuner: its current choice per bucket, and its totals.
+
+        The gauges hold each token bucket's current settings; the counters come from the tuner's
+        monotonic totals as deltas. Fewer forwards than last time means the worker restarted:
+        all of its totals are new, and buckets it has not seen since stop being exported.
+        """
+        for owner, value in (("worker", worker), ("pool", pool)):
+            if not value:
+                raise ValueError(f"ep_tuner.{owner}: must be a non-empty string")
+        if not _is_count(stats.forwards):
+            raise ValueError(
+                f"ep_tuner.stats.forwards: must be an int >= 0, got {stats.forwards!r}"
+            )
+        forwards = "batonserve_moe_ep_forwards_total"
+        switches = "batonserve_moe_ep_tuner_switches_total"
+        totals: dict[tuple[str, tuple[str, ...]], float] = {(forwards, ()): float(stats.forwards)}
+        gauges: dict[str, tuple[float, float]] = {}
+        for b, bs in sorted(stats.buckets.items()):
+            where = f"ep_tuner.stats.buckets[{b!r}]"
+            if not _is_count(b) or b < 1 or b & (b - 1):
+                raise ValueError(f"{where}: buckets must be powers of two >= 1")
+            if not _is_count(bs.switches):
+                raise ValueError(f"{where}.switches: must be an int >= 0, got {bs.switches!r}")
+            overlap, cf = bs.current.overlap, bs.current.capacity_factor
+            if not _is_count(overlap) or overlap < 1:
+                raise ValueError(f"{where}.current.overlap: must be an int >= 1, got {overlap!r}")
+            if not (math.isfinite(cf) and cf >= 0):
+                raise ValueError(
+                    f"{where}.current.capacity_factor: must be a finite number >= 0, got {cf!r}"
+                )
+            totals[(switches, (str(b),))] = float(bs.switches)
+            gauges[str(b)] = (float(overlap), float(cf))
+        with self._lock:
+            old = self._ep.get(worker)
+            last = old.totals if old is not None and old.pool == pool else {}
+            if last and stats.forwards < last.get((forwards, ()), 0.0):
+                last = {}  # the tuner started over (a restart nobody reported): all of it is new
+            if old is not None:
+                # A new pool is a new label set; a restarted tuner has forgotten some buckets.
+                stale = set(old.buckets) if old.pool != pool else set(old.buckets) - set(gauges)
+                if stale:
+                    self._drop_ep_gauges(worker, old.pool, stale)
+            self._ep[worker] = _EPTunerState(pool, totals, frozenset(gauges))
+        wl = _wl(pool, worker)
+        for (name, values), total in totals.items():
+            labels = {**wl, **dict(zip(self._labels[name][2:], values, strict=True))}
+            prev = last.get((name, values))
+            if prev is None:
+                self._series[name].labels(**labels)  # zeros, so increase() sees the first switch
+                prev = 0.0
+            # A total below the last one means the tuner restarted: all of it is new.
+            self._inc(name, labels, total - prev if total >= prev else total)
+        for bucket, (overlap_degree, capacity_factor) in gauges.items():
+            bl = {**wl, "bucket": bucket}
+            self._set("batonserve_moe_ep_overlap_degree", bl, overlap_degree)
+            self._set("batonserve_moe_ep_capacity_factor", bl, capacity_factor)
+
     # --- internals ---
 
     @property
@@ -340,6 +416,12 @@ class Metrics:
         ):
             self._remove(name, wl)
         self._remove("batonserve_worker_role", {**wl, "role": old.role})
+
+    def _drop_ep_gauges(self, worker: str, pool: str, buckets: Iterable[str]) -> None:
+        for bucket in buckets:
+            bl = {**_wl(pool, worker), "bucket": bucket}
+            self._remove("batonserve_moe_ep_overlap_degree", bl)
+            self._remove("batonserve_moe_ep_capacity_factor", bl)
 
     def _inc(self, name: str, labels: Mapping[str, str], value: float = 1.0) -> None:
         if value <= 0:
@@ -384,6 +466,11 @@ _HANDOFF_COUNTERS = (
 
 def _wl(pool: str, worker: str) -> dict[str, str]:
     return {"pool": pool, "worker": worker}
+
+
+def _is_count(value: object) -> bool:
+    """An int >= 0 (bools are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_seconds(method: str, value: float) -> None:

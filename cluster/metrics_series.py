@@ -53,6 +53,7 @@ _WORKER = ("pool", "worker")
 _HANDOFF = ("from_pool", "to_pool")
 _TIER = (*_WORKER, "tier")  # gpu, ram or disk
 _EXPERT = (*_WORKER, "layer", "expert")  # bounded by the model: MoE layers x experts per layer
+_EP_BUCKET = (*_WORKER, "bucket")  # power-of-two token bucket: bounded by log2(max tokens)
 
 
 def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
@@ -329,6 +330,31 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             "counter",
             "Token copies routed to each expert of each MoE layer (expert load).",
             _EXPERT,
+        ),
+        # Expert-parallel auto-tuner (workers/parallel/ep_tuner): its choice per token bucket.
+        s(
+            "batonserve_moe_ep_overlap_degree",
+            "gauge",
+            "Overlap degree (chunks pipelined through all-to-all) the EP tuner uses for the bucket.",
+            _EP_BUCKET,
+        ),
+        s(
+            "batonserve_moe_ep_capacity_factor",
+            "gauge",
+            "Capacity factor the EP tuner uses for the bucket (0 = uncapped).",
+            _EP_BUCKET,
+        ),
+        s(
+            "batonserve_moe_ep_tuner_switches_total",
+            "counter",
+            "Times the EP tuner switched the bucket's settings after exploring (probe won).",
+            _EP_BUCKET,
+        ),
+        s(
+            "batonserve_moe_ep_forwards_total",
+            "counter",
+            "Forwards the EP tuner chose expert-parallel settings for.",
+            _WORKER,
         ),
         s(
             "batonserve_pool_changes_total",

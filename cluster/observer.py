@@ -9,6 +9,7 @@ from batonserve.cluster.controller import Controller
 from batonserve.cluster.handoff import Handoff
 from batonserve.cluster.metrics_inputs import HandoffRecord, PoolChange, WorkerSnapshot
 from batonserve.workers.expert_store.types import ExpertStoreStats
+from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.sp_serving.report import SPStepReport
 
 
@@ -39,6 +40,10 @@ class ClusterObserver(Protocol):
         """A worker's expert-store totals (MoE models served from the tiered store)."""
         ...
 
+    def ep_tuner(self, worker: str, pool: str, stats: EPTunerStats) -> None:
+        """A worker's expert-parallel tuner stats (its choice per token bucket, its totals)."""
+        ...
+
 
 class NullObserver:
     """Drops every record (no metrics wired)."""
@@ -59,6 +64,9 @@ class NullObserver:
         """Ignored."""
 
     def moe(self, worker: str, pool: str, stats: ExpertStoreStats) -> None:
+        """Ignored."""
+
+    def ep_tuner(self, worker: str, pool: str, stats: EPTunerStats) -> None:
         """Ignored."""
 
 

@@ -15,6 +15,7 @@ from batonserve.cluster.metrics import (
 )
 from batonserve.cluster.metrics_ray import RAY_KEY_SERIES
 from batonserve.workers.expert_store.types import ExpertStoreStats
+from batonserve.workers.parallel.ep_tuner import BucketStats, EPSettings, EPTunerStats
 
 NAME = re.compile(r"^batonserve_[a-z0-9_]+$")
 LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -29,6 +30,7 @@ ALLOWED_LABELS = {
     "model", "code", "finish_reason", "reason", "pool", "worker", "role",
     "from_pool", "to_pool", "change", "from_role", "to_role",
     "tier", "layer", "expert",  # MoE: bounded by the tiers and the model's layers x experts
+    "bucket",  # EP tuner: power-of-two token buckets, bounded by log2 of the largest batch
 }  # fmt: skip
 
 
@@ -49,6 +51,7 @@ def _exercised() -> Metrics:
     moe = ExpertStoreStats(2, 4)
     moe.expert_load[1][3] = 5
     m.moe("decode-0", "decode", moe)
+    m.ep_tuner("decode-0", "decode", EPTunerStats(3, {128: BucketStats(EPSettings(2, 1.25))}))
     return m
 
 
