@@ -94,7 +94,8 @@ class ModelRunner:
                 "layers; leave it unset"
             )
         path = default_predictor_path(self.model_dir.name)
-        predictor = RoutingPredictor.load(path) if path.is_file() else None
+        # On the model's device: it reads each layer's MoE input there.
+        predictor = RoutingPredictor.load(path, self.device) if path.is_file() else None
         needs = cfg.moe_regroup_batch or cfg.expert_cache_policy in ("popularity", "predictive")
         if predictor is None and needs:
             raise ValueError(

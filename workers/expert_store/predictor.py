@@ -86,11 +86,11 @@ class RoutingPredictor:
         save_file(tensors, str(path))
 
     @classmethod
-    def load(cls, path: Path) -> RoutingPredictor:
-        """Read a predictor written by `save`, or raise ValueError naming the file."""
+    def load(cls, path: Path, device: str | torch.device = "cpu") -> RoutingPredictor:
+        """Read a predictor written by `save` onto `device` (where the model's features are)."""
         if not Path(path).is_file():
             raise ValueError(f"predictor: no predictor file at {str(path)!r}")
-        tensors = load_file(str(path))
+        tensors = load_file(str(path), device=str(device))
         popularity = tensors.pop("popularity")
         num_layers, num_experts = int(popularity.shape[0]), int(popularity.shape[1])
         probes = {
@@ -98,6 +98,11 @@ class RoutingPredictor:
             for s, t in cls.pairs(num_layers)
         }
         return cls(num_layers, num_experts, probes, popularity)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the probes are."""
+        return self.popularity.device
 
     def popularity_counts(self) -> tuple[tuple[int, ...], ...]:
         """Popularity as nested tuples for PolicyContext."""
@@ -126,8 +131,8 @@ class TokenPaths:
         """The top-m experts of every MoE layer that `token_id` is forecast to use."""
         path = self._cache.get(token_id)
         if path is None:
-            with torch.inference_mode():  # the probes live on the CPU
-                feat = self.embed[token_id : token_id + 1].float().cpu()
+            with torch.inference_mode():
+                feat = self.embed[token_id : token_id + 1].float().to(self.predictor.device)
                 top = self.predictor.top_m(-1, feat, self.top_m)
             path = frozenset(
                 ExpertKey(t, int(e)) for t, ids in top.items() for e in ids[0].tolist()
