@@ -37,6 +37,7 @@ from batonserve.workers.parallel.ep_tuner import EPTunerStats
 
 GROUP_TIMEOUT_S = 60.0  # group rendezvous, and any collective waiting on a silent rank
 STEP_TIMEOUT_S = 60.0  # the leader's wait for the followers' share of one forward
+READY_TIMEOUT_S = 600.0  # followers load the model beside the leader; big checkpoints take time
 
 
 class ExpertParallelError(RuntimeError):
@@ -111,7 +112,12 @@ class EPRunner:
         """Send the batch to every follower, run it here, then wait (bounded) for them."""
         cpu = _cpu_batch(batch)
         refs = [f.execute.remote(cpu) for f in self.followers]
-        logits = self.local.execute(batch, layer_hook)
+        try:
+            logits = self.local.execute(batch, layer_hook)
+        except RuntimeError as e:  # a collective failed: a peer died or the group broke
+            raise ExpertParallelError(
+                f"expert parallel: the group failed during a forward (a follower died?): {e}"
+            ) from e
         self._wait(self._pending + refs, "forward")
         self._pending = []
         return logits
@@ -207,7 +213,7 @@ def build_ep_runner(
             timeout=timedelta(seconds=GROUP_TIMEOUT_S),
         )
         local, blocks = _build_rank(model_dir, config)
-        sizes = ray.get([f.ready.remote() for f in followers], timeout=GROUP_TIMEOUT_S)
+        sizes = ray.get([f.ready.remote() for f in followers], timeout=READY_TIMEOUT_S)
     except BaseException:
         for f in followers:
             ray.kill(f, no_restart=True)

@@ -100,5 +100,6 @@ def test_ep2_engine_matches_plain_engine(local_ray: None, dtype: str) -> None:
     for got, want in zip(got_batch + got_single, want_batch + want_single, strict=True):
         assert got[0] == want[0]
         if dtype == "float32":
+            assert len(got[1]) == len(want[1]) == GREEDY.max_tokens
             assert max(abs(a - b) for a, b in zip(got[1], want[1], strict=True)) < 1e-5
     assert forwards > 0  # the overlap tuner chose a setting on every forward of layer 0
