@@ -45,9 +45,9 @@ class ExpertParallelError(RuntimeError):
 
 
 def _join_group(host: str, port: int, rank: int, world: int, backend: str) -> Any:
-    """Join the group's default process group; rank 0 hosts the store. Returns the store."""
+    """A follower joins the group as its process's default group (the leader hosts the store)."""
     timeout = timedelta(seconds=GROUP_TIMEOUT_S)
-    store = dist.TCPStore(host, port, world, rank == 0, timeout=timeout, wait_for_workers=False)
+    store = dist.TCPStore(host, port, world, False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return store
 
