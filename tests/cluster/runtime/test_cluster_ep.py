@@ -9,6 +9,7 @@ follower) and the requests still finish with the same tokens; no follower outliv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ _SEQ = itertools.count()
 
 @pytest.fixture(scope="module")
 def reference() -> Any:
-    engine = Engine(MODEL, EngineConfig(**{**ENGINE.__dict__, "expert_parallel_size": 1}))
+    engine = Engine(MODEL, dataclasses.replace(ENGINE, expert_parallel_size=1))
     cache: dict[tuple[int, ...], list[int]] = {}
 
     def get(prompt: list[int]) -> list[int]:
