@@ -104,10 +104,22 @@ class ServeConfig:
         for i, p in enumerate(self.pools):
             if p.replicas < 0:
                 raise ConfigError(f"pools[{i}].replicas: must be >= 0, got {p.replicas}")
+        self._check_expert_parallel()
         for key in ("port", "metrics_port"):
             port = getattr(self.router, key)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"router.{key}: must be a TCP port (0-65535), got {port}")
+
+    def _check_expert_parallel(self) -> None:
+        """An EP leader owns its process's default torch.distributed group; so does a ring member."""
+        from batonserve.cluster.ring import ring_members  # ring imports this module
+
+        n = self.engine.expert_parallel_size
+        if n > 1 and self.sequence_parallel.enabled and ring_members(self):
+            raise ConfigError(
+                f"engine.expert_parallel_size: {n} cannot be combined with "
+                "sequence_parallel.enabled (the prefill pool forms a ring group); turn one off"
+            )
 
 
 def load_config(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from batonserve.cluster.api import ModelInfo
-from batonserve.cluster.config import ServeConfig
+from batonserve.cluster.config import ConfigError, ServeConfig
 from batonserve.workers.models.config import ModelConfig
 from batonserve.workers.models.paths import resolve_model_dir
 from batonserve.workers.output_processor import OutputProcessor
@@ -32,3 +32,14 @@ def load_model_meta(
         is_moe=mc.is_moe,
     )
     return info, OutputProcessor(Tokenizer.from_model_dir(model_dir), mc.eos_token_ids)
+
+
+def check_model_expert_parallel(config: ServeConfig) -> None:
+    """ConfigError naming engine.expert_parallel_size when the model cannot be sharded that way."""
+    from batonserve.workers.parallel.ep_slice import check_expert_parallel
+
+    model_dir = resolve_model_dir(config.model)
+    try:
+        check_expert_parallel(config.engine, ModelConfig.from_dir(model_dir), model_dir.name)
+    except ValueError as e:
+        raise ConfigError(f"engine.{e}") from None

@@ -68,6 +68,8 @@ class WorkerEvents:
             self.observer.worker_snapshot(snapshot_from_worker_stats(s, h.role))
             if s.moe is not None:
                 self.observer.moe(s.name, s.pool, s.moe)
+            if s.ep_tuner is not None:
+                self.observer.ep_tuner(s.name, s.pool, s.ep_tuner)
 
     def _on_delta(self: Cluster, name: str, d: RequestDelta) -> None:
         st = self.by_worker_rid.get(d.request_id)

@@ -33,6 +33,9 @@ class EngineConfig:
     # experts; 0 runs every decode token every step. No token waits more than max_wait steps.
     moe_regroup_batch: int = 0
     moe_regroup_max_wait: int = 4
+    # Expert parallelism (MoE, served only): each worker leads a group of this many processes on
+    # its node; attention and KV are replicated, experts sharded. 1 turns it off.
+    expert_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.expert_cache_policy not in ("", *EXPERT_CACHE_POLICIES):
@@ -50,3 +53,11 @@ class EngineConfig:
             )
         if self.moe_regroup_max_wait < 0:
             raise ValueError(f"moe_regroup_max_wait: must be >= 0, got {self.moe_regroup_max_wait}")
+        ep = self.expert_parallel_size
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise ValueError(f"expert_parallel_size: must be an integer >= 1 (1 = off), got {ep!r}")
+        if ep > 1 and self.expert_cache_policy:
+            raise ValueError(
+                f"expert_parallel_size: {ep} shards the experts; it cannot be combined with "
+                f"expert_cache_policy {self.expert_cache_policy!r} (use one or the other)"
+            )

@@ -47,6 +47,12 @@ class Engine:
     ) -> None:
         self.config = config or EngineConfig()
         self.model_dir = resolve_model_dir(model)
+        if runner_factory is None and self.config.expert_parallel_size > 1:
+            raise ValueError(
+                f"expert_parallel_size: {self.config.expert_parallel_size} runs only in a served "
+                "cluster, where each worker leads its group (use `batonserve serve`); the "
+                "offline Engine needs 1"
+            )
         self.runner = (runner_factory or _default_runner)(self.model_dir, self.config)
         self.model_config = self.runner.model_config
         ctx = int(self.model_config.max_position_embeddings)

@@ -8,13 +8,16 @@ adapter drives `Engine.core` directly and remembers the plan the scheduler just 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from batonserve.workers.config import EngineConfig
 from batonserve.workers.engine import Engine
 from batonserve.workers.kv_transfer.base import KVSpec
 from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import SchedulerStats, StepPlan
 from batonserve.workers.worker_types import WorkerSpec
@@ -103,7 +106,20 @@ class RealEngine:
         """Write (k, v) at slots."""
         self.runner.write_kv(layer, slots, k, v)
 
+    def ep_tuner_stats(self) -> EPTunerStats | None:
+        """The expert-parallel overlap tuner's choices when this engine leads an EP group."""
+        stats = getattr(self.runner, "tuner_stats", None)
+        return stats() if stats is not None else None
+
 
 def build_real_engine(spec: WorkerSpec) -> RealEngine:
-    """Load the model directory named by the spec on this worker."""
+    """Load the model directory named by the spec on this worker (leading an EP group if set)."""
+    if spec.engine.expert_parallel_size > 1:
+        from batonserve.workers.parallel.ep_serving import build_ep_runner
+
+        def factory(model_dir: Path, config: EngineConfig) -> Any:
+            return build_ep_runner(model_dir, config, spec.name, spec.namespace)
+
+        engine = Engine(spec.model, spec.engine, runner_factory=factory)
+        return RealEngine(engine, model_name=spec.model)
     return RealEngine(Engine(spec.model, spec.engine), model_name=spec.model)

@@ -19,6 +19,7 @@ import torch
 from batonserve.workers.handoff_io import KVExporter, KVImporter
 from batonserve.workers.kv_transfer import ChannelAddress, KVChunk, make_transport
 from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import StepPlan
 from batonserve.workers.scripted_engine import ScriptedEngine
@@ -416,4 +417,9 @@ class Worker:
             prefix_epoch=self._prefix_epoch,
             sp_reports=tuple(self.ring.reports) if self.ring else (),
             moe=getattr(s, "moe", None),
+            ep_tuner=self._ep_tuner_stats(),
         )
+
+    def _ep_tuner_stats(self) -> EPTunerStats | None:
+        stats = getattr(self.engine, "ep_tuner_stats", None)  # the scripted engine has none
+        return stats() if stats is not None else None

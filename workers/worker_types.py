@@ -8,6 +8,7 @@ from typing import Literal
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.expert_store.types import ExpertStoreStats
 from batonserve.workers.kv_transfer.config import KVTransferConfig
+from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
 from batonserve.workers.sp_serving.report import SPStepReport
@@ -105,6 +106,8 @@ class WorkerStats:
     sp_reports: tuple[SPStepReport, ...] = ()
     # The expert store's totals (monotonic since the worker started) when it serves MoE experts.
     moe: ExpertStoreStats | None = None
+    # The expert-parallel overlap tuner's choices when this worker leads an EP group.
+    ep_tuner: EPTunerStats | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,213 @@
+"""Served expert parallelism, the Ray side: a worker actor leads a group of N processes.
+
+The leader (the worker actor's engine) starts N-1 follower actors on its own node, owned by it
+(Ray kills them when it dies), hosts the group's TCPStore and joins them in one torch.distributed
+group (gloo on CPU, NCCL on CUDA). Every rank holds the full model minus the experts it does not
+own, and a full-size KV cache. `EPRunner` wraps the leader's ModelRunner: each forward is sent to
+every follower first (not awaited), run locally, then the followers' calls are awaited with a
+bound, so a dead or silent follower becomes an exception that ends the worker (the controller
+replaces it, with fresh followers). KV written by a handoff import is written on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from batonserve.workers.config import EngineConfig
+from batonserve.workers.forward_batch import ForwardBatch
+from batonserve.workers.model_runner import ModelRunner, resolve_device
+from batonserve.workers.models.config import ModelConfig
+from batonserve.workers.parallel.ep_slice import (
+    SlicedEPMoE,
+    check_expert_parallel,
+    shard_experts,
+    tuner_stats,
+)
+from batonserve.workers.parallel.ep_tuner import EPTunerStats
+
+GROUP_TIMEOUT_S = 60.0  # group rendezvous, and any collective waiting on a silent rank
+STEP_TIMEOUT_S = 60.0  # the leader's wait for the followers' share of one forward
+READY_TIMEOUT_S = 600.0  # followers load the model beside the leader; big checkpoints take time
+
+
+class ExpertParallelError(RuntimeError):
+    """A follower of the expert-parallel group died, failed or timed out."""
+
+
+def _join_group(host: str, port: int, rank: int, world: int, backend: str) -> Any:
+    """A follower joins the group as its process's default group (the leader hosts the store)."""
+    timeout = timedelta(seconds=GROUP_TIMEOUT_S)
+    store = dist.TCPStore(host, port, world, False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return store
+
+
+def _build_rank(model_dir: Path, config: EngineConfig) -> tuple[ModelRunner, list[SlicedEPMoE]]:
+    """This rank's runner: the full model loaded, then every MoE layer cut to this rank's shard."""
+    runner = ModelRunner(model_dir, config)
+    with torch.inference_mode():
+        blocks = shard_experts(runner.model)
+    return runner, blocks
+
+
+def _cpu_batch(batch: ForwardBatch) -> ForwardBatch:
+    """The batch with CPU tensors (they travel to followers through Ray)."""
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return ForwardBatch(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in fields.items()})
+
+
+class EPFollower:
+    """Rank >= 1 of an expert-parallel group: replays the leader's forwards and KV writes."""
+
+    def __init__(
+        self, model_dir: str, config: EngineConfig, rank: int, world: int, host: str, port: int
+    ) -> None:
+        backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
+        self._store = _join_group(host, port, rank, world, backend)
+        self.runner, self.blocks = _build_rank(Path(model_dir), config)
+
+    def ready(self) -> int:
+        """The KV block count (must equal the leader's)."""
+        return self.runner.num_blocks
+
+    def execute(self, batch: ForwardBatch) -> None:
+        """This rank's share of one forward (its logits are the leader's; dropped)."""
+        self.runner.execute(batch)
+
+    def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Mirror a KV handoff import."""
+        self.runner.write_kv(layer, slots, k, v)
+
+
+class EPRunner:
+    """The leader's runner: ModelRunner's interface, every forward mirrored on the followers."""
+
+    def __init__(self, local: ModelRunner, blocks: list[SlicedEPMoE], followers: list[Any]) -> None:
+        self.local = local
+        self.blocks = blocks
+        self.followers = followers
+        self.model_config = local.model_config
+        self.num_blocks = local.num_blocks
+        self.block_size = local.block_size
+        self.device = local.device
+        self.dtype = local.dtype
+        self.model_dir = local.model_dir
+        self.token_paths = local.token_paths
+        self.expert_store = None
+        self._pending: list[Any] = []  # follower KV writes not yet confirmed
+
+    def execute(
+        self, batch: ForwardBatch, layer_hook: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Send the batch to every follower, run it here, then wait (bounded) for them."""
+        cpu = _cpu_batch(batch)
+        refs = [f.execute.remote(cpu) for f in self.followers]
+        try:
+            logits = self.local.execute(batch, layer_hook)
+        except RuntimeError as e:  # a collective failed: a peer died or the group broke
+            raise ExpertParallelError(
+                f"expert parallel: the group failed during a forward (a follower died?): {e}"
+            ) from e
+        self._wait(self._pending + refs, "forward")
+        self._pending = []
+        return logits
+
+    def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local: every rank holds the same KV."""
+        return self.local.read_kv(layer, slots)
+
+    def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write here and on every follower (confirmed with the next forward; Ray keeps order)."""
+        self.local.write_kv(layer, slots, k, v)
+        s, kc, vc = slots.cpu(), k.cpu(), v.cpu()
+        self._pending += [f.write_kv.remote(layer, s, kc, vc) for f in self.followers]
+
+    def tuner_stats(self) -> EPTunerStats | None:
+        """A copy of the overlap tuner's choices (first MoE layer)."""
+        # A deep copy: the step thread keeps tuning while the stats are pickled elsewhere.
+        return copy.deepcopy(tuner_stats(self.blocks))
+
+    def _wait(self, refs: list[Any], what: str) -> None:
+        import ray
+
+        if not refs:
+            return
+        try:
+            ray.get(refs, timeout=STEP_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise ExpertParallelError(
+                f"expert parallel: a follower did not finish its {what} in {STEP_TIMEOUT_S:.0f} s"
+            ) from None
+        except ray.exceptions.RayError as e:
+            raise ExpertParallelError(f"expert parallel: a follower failed ({what}): {e}") from e
+
+
+def build_ep_runner(
+    model_dir: Path, config: EngineConfig, name: str = "", namespace: str | None = None
+) -> EPRunner:
+    """Inside a Ray actor: start the followers on this node, form the group, build rank 0.
+
+    Followers are named `<name>-ep<rank>-<random>` in `namespace` when a name is given (operators
+    and tests find them; the suffix keeps a replacement's names free of its predecessor's).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    n = config.expert_parallel_size
+    check_expert_parallel(config, ModelConfig.from_dir(model_dir), model_dir.name)
+    if not ray.is_initialized():
+        raise ValueError(
+            f"expert_parallel_size: {n} needs a Ray worker actor (run it with `batonserve serve`)"
+        )
+    device = resolve_device(config.device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    ctx = ray.get_runtime_context()
+    host = str(ray.util.get_node_ip_address())
+    # The store listens on a free port; the followers learn it before they join.
+    store = dist.TCPStore(
+        host, 0, n, True, timeout=timedelta(seconds=GROUP_TIMEOUT_S), wait_for_workers=False
+    )
+    gpus = len(ray.get_gpu_ids()) if device.type == "cuda" else 0
+    base: dict[str, Any] = {
+        "num_cpus": 0,
+        "num_gpus": gpus,
+        "max_restarts": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            node_id=ctx.get_node_id(), soft=False
+        ),
+    }
+    remote: Any = ray.remote(EPFollower)
+    tag = uuid.uuid4().hex[:8]
+    followers = []
+    for r in range(1, n):
+        opts = dict(base, name=f"{name}-ep{r}-{tag}", namespace=namespace) if name else base
+        followers.append(
+            remote.options(**opts).remote(str(model_dir), config, r, n, host, int(store.port))
+        )
+    try:
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=0,
+            world_size=n,
+            timeout=timedelta(seconds=GROUP_TIMEOUT_S),
+        )
+        local, blocks = _build_rank(model_dir, config)
+        sizes = ray.get([f.ready.remote() for f in followers], timeout=READY_TIMEOUT_S)
+    except BaseException:
+        for f in followers:
+            ray.kill(f, no_restart=True)
+        raise
+    assert all(s == local.num_blocks for s in sizes), "followers sized their KV cache differently"
+    runner = EPRunner(local, blocks, followers)
+    runner._store = store  # type: ignore[attr-defined]  # the group's store lives as long as it
+    return runner
