@@ -91,8 +91,11 @@ class EPFollower:
 class EPRunner:
     """The leader's runner: ModelRunner's interface, every forward mirrored on the followers."""
 
-    def __init__(self, local: ModelRunner, blocks: list[SlicedEPMoE], followers: list[Any]) -> None:
+    def __init__(
+        self, local: ModelRunner, blocks: list[SlicedEPMoE], followers: list[Any], store: Any
+    ) -> None:
         self.local = local
+        self.store = store  # the group's TCPStore: it must live as long as the group
         self.blocks = blocks
         self.followers = followers
         self.model_config = local.model_config
@@ -208,6 +211,4 @@ def build_ep_runner(
             ray.kill(f, no_restart=True)
         raise
     assert all(s == local.num_blocks for s in sizes), "followers sized their KV cache differently"
-    runner = EPRunner(local, blocks, followers)
-    runner._store = store  # type: ignore[attr-defined]  # the group's store lives as long as it
-    return runner
+    return EPRunner(local, blocks, followers, store)
