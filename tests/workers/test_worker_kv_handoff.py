@@ -96,7 +96,10 @@ def run_handoff(p: Worker, d: Worker, hid: int, rid: str, prompt: list[int]) -> 
             if e.kind == "committed" and e.handoff_id not in ledger_done:
                 ledger_done.append(e.handoff_id)
                 p.release(e.request_id)  # the ack frees the prefill side
-        return any(n == "decode-0" and x.finished for n, x in deltas)
+        # The prefill side sends the first-token marker before it publishes its own delta, so
+        # under load the decode side can finish first: wait for both.
+        done = any(n == "decode-0" and x.finished for n, x in deltas)
+        return done and any(n == "prefill-0" for n, _ in deltas)
 
     deltas, events = drain((p, d), 10, finished)
     assert [e.kind for _, e in events] == ["committed"]
