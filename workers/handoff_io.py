@@ -47,6 +47,7 @@ class KVExporter:
         self.transport = transport
         self.spec = spec
         self.exports: dict[str, _Export] = {}
+        self.failed: list[str] = []  # see take_failed
 
     def start(self, spec: HandoffSpec) -> None:
         """Track a new outgoing handoff (its request was just added as prefill-only)."""
@@ -119,7 +120,17 @@ class KVExporter:
 
     def _fail(self, ex: _Export, detail: str) -> HandoffEvent:
         self.exports.pop(ex.spec.request_id, None)
+        self.failed.append(ex.spec.request_id)
         return HandoffEvent(ex.spec.handoff_id, ex.spec.request_id, "failed", ex.nbytes, detail)
+
+    def take_failed(self) -> list[str]:
+        """Requests whose export failed since the last call: the worker ends them in the engine.
+
+        A failed handoff is never resumed here (the cluster retries on a fresh attempt id), and
+        once untracked no backstop would ever free its pinned blocks.
+        """
+        failed, self.failed = self.failed, []
+        return failed
 
 
 @dataclass

@@ -192,6 +192,8 @@ class Worker:
                 self.ring.free(request_id)
             if request_id in self._pinned():
                 self.engine.release(request_id)
+            else:  # acknowledged before it pinned (or a stray ack): its copy is not needed here
+                self.engine.abort_request(request_id)
 
         self._enqueue(run)
 
@@ -296,6 +298,8 @@ class Worker:
                     self._steps += 1
                 self._backstop()
                 self._publish(outputs, wake=stepped)
+                for rid in self.exporter.take_failed():  # after the step: not mid-forward
+                    self.engine.abort_request(rid)
             except Exception:
                 self._error = traceback.format_exc()
                 self._stats = self._make_stats()

@@ -105,7 +105,8 @@ def run_handoff(p: Worker, d: Worker, hid: int, rid: str, prompt: list[int]) -> 
     assert [e.kind for _, e in events] == ["committed"]
     first = [x for n, x in deltas if n == "prefill-0"]
     assert len(first) == 1 and first[0].prefilled and len(first[0].token_ids) == 1
-    return [t for _, x in deltas for t in x.token_ids]
+    rest = [t for n, x in deltas if n == "decode-0" for t in x.token_ids]
+    return list(first[0].token_ids) + rest  # the first token, then the decode side's
 
 
 def test_layerwise_handoff_is_token_identical_and_frees_both_sides(
@@ -219,3 +220,31 @@ def test_workers_free_handoffs_whose_owner_vanished() -> None:
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_failed_export_frees_its_blocks_without_the_cluster() -> None:
+    """A send that fails ends the prefill-side request at once: nothing pinned, nothing untracked.
+
+    The cluster may ignore the "failed" event (its handoff already ended); the worker must not
+    keep a prefilled request that no export tracks, since no backstop would ever free it.
+    """
+    kv = KVTransferConfig(send_timeout_s=5, connect_timeout_s=20)
+    p = Worker(WorkerSpec("prefill-2", "prefill", "prefill", "scripted", kv=kv, scripted=SC))
+    try:
+        prompt = list(range(30, 50))
+        # No channel to decode-9 was ever opened: the first layer's send fails.
+        p.submit_prefill(HandoffSpec(7, "z#1", "prefill-2", "decode-9", tuple(prompt), GREEDY))
+        _, events = drain((p,), 5.0, lambda _, ev: bool(ev))
+        assert [(e.handoff_id, e.kind) for _, e in events] == [(7, "failed")]
+        idle(p)
+    finally:
+        p.shutdown()
+
+
+def test_ack_before_the_prefill_pinned_still_frees_it(pair: tuple[Worker, Worker]) -> None:
+    """A release that overtakes the prefill (a stray or early ack) ends the request here."""
+    p, d = pair
+    p.submit_prefill(HandoffSpec(8, "w#1", "prefill-0", "decode-0", tuple(range(40, 70)), GREEDY))
+    p.release("w#1")  # runs after the submit, before the prompt's last chunk pins it
+    drain((p, d), 0.5)
+    idle(p, d)
