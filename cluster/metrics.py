@@ -324,15 +324,8 @@ class Metrics:
                 self._moe_totals.pop(worker, None)  # a new label set: its counters start over
             last = self._moe_totals.get(worker, {})
             self._moe_totals[worker] = totals
-        first = not last
-        for (name, values), total in totals.items():
-            labels = {**wl, **dict(zip(self._labels[name][2:], values, strict=True))}
-            prev = last.get((name, values), 0.0)
-            # A total below the last one means the engine restarted: all of it is new.
-            delta = total - prev if total >= prev else total
-            if first and name != "batonserve_moe_expert_routed_tokens_total":
-                self._series[name].labels(**labels)  # zeros, so rate() sees the first events
-            self._inc(name, labels, delta)
+        # Per-expert series appear with their first token (bounded, but layers x experts of zeros).
+        self._add_totals(wl, totals, last, quiet=("batonserve_moe_expert_routed_tokens_total",))
         self._set("batonserve_moe_resident_bytes", wl, stats.resident_bytes)
 
     def ep_tuner(self, worker: str, pool: str, stats: EPTunerStats) -> None:
@@ -380,14 +373,7 @@ class Metrics:
                     self._drop_ep_gauges(worker, old.pool, stale)
             self._ep[worker] = _EPTunerState(pool, totals, frozenset(gauges))
         wl = _wl(pool, worker)
-        for (name, values), total in totals.items():
-            labels = {**wl, **dict(zip(self._labels[name][2:], values, strict=True))}
-            prev = last.get((name, values))
-            if prev is None:
-                self._series[name].labels(**labels)  # zeros, so increase() sees the first switch
-                prev = 0.0
-            # A total below the last one means the tuner restarted: all of it is new.
-            self._inc(name, labels, total - prev if total >= prev else total)
+        self._add_totals(wl, totals, last)
         for bucket, (overlap_degree, capacity_factor) in gauges.items():
             bl = {**wl, "bucket": bucket}
             self._set("batonserve_moe_ep_overlap_degree", bl, overlap_degree)
@@ -416,6 +402,28 @@ class Metrics:
         ):
             self._remove(name, wl)
         self._remove("batonserve_worker_role", {**wl, "role": old.role})
+
+    def _add_totals(
+        self,
+        wl: dict[str, str],
+        totals: Mapping[tuple[str, tuple[str, ...]], float],
+        last: Mapping[tuple[str, tuple[str, ...]], float],
+        quiet: tuple[str, ...] = (),
+    ) -> None:
+        """Counter increments from monotonic totals {(series, extra label values): total}.
+
+        A label set seen for the first time is exported at zero first (unless its series is in
+        `quiet`), so rate() and increase() see its first events; a total below the last one
+        means the producer restarted, so all of it is new.
+        """
+        for (name, values), total in totals.items():
+            labels = {**wl, **dict(zip(self._labels[name][2:], values, strict=True))}
+            prev = last.get((name, values))
+            if prev is None:
+                if name not in quiet:
+                    self._series[name].labels(**labels)
+                prev = 0.0
+            self._inc(name, labels, total - prev if total >= prev else total)
 
     def _drop_ep_gauges(self, worker: str, pool: str, buckets: Iterable[str]) -> None:
         for bucket in buckets:

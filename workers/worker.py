@@ -310,11 +310,10 @@ class Worker:
     def _backstop(self) -> None:
         """Free handoffs whose owner never ended them (BACKSTOP_LEASES leases later)."""
         limit = BACKSTOP_LEASES * self.spec.kv.lease_s
+        # Stale exports end their engine requests through take_failed; a staged import has none.
         events = self.exporter.stale(limit) + self.importer.stale(limit)
         if self.ring is not None:
             self.ring.stale(limit)
-        for ev in events:
-            self.engine.abort_request(ev.request_id)
         if events:
             with self._cv:
                 self._events.extend(events)

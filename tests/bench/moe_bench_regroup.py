@@ -14,20 +14,10 @@ import time
 
 from moe_bench_cache import MODEL
 
+from batonserve.cluster.bench.report import percentile
 from batonserve.workers.engine import Engine
 from batonserve.workers.regroup import RegroupConfig
 from batonserve.workers.sampling_params import SamplingParams
-
-
-def percentile(counts: dict[int, int], q: float) -> int:
-    """The q-quantile of a {value: count} histogram."""
-    total = sum(counts.values())
-    seen = 0
-    for value in sorted(counts):
-        seen += counts[value]
-        if seen >= q * total:
-            return value
-    return max(counts)
 
 
 def run_regroup(
@@ -65,7 +55,7 @@ def run_regroup(
         demands = end.demand_accesses - first.demand_accesses
         hits = sum(map(sum, end.expert_hits)) - sum(map(sum, first.expert_hits))
         decoded = len(prompts) * (new_tokens - 1)
-        waits = dict(engine.core.scheduler.regroup_waits)
+        waits = sorted(engine.core.scheduler.regroup_waits.elements())
     finally:
         engine.runner.close()  # type: ignore[attr-defined]
     figures = {
@@ -75,8 +65,8 @@ def run_regroup(
         "hit_rate": hits / demands,
         "stall_ms_per_token": 1e3 * (end.stall_seconds - first.stall_seconds) / decoded,
         "ms_per_token": 1e3 * wall / decoded,
-        "wait_p50": float(percentile(waits, 0.50)) if waits else 0.0,
-        "wait_p99": float(percentile(waits, 0.99)) if waits else 0.0,
+        "wait_p50": percentile(waits, 50) if waits else 0.0,
+        "wait_p99": percentile(waits, 99) if waits else 0.0,
         "wait_max": float(max(waits, default=0)),
     }
     return figures, [tokens[str(i)] for i in range(len(prompts))]

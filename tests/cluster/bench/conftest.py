@@ -5,15 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))
 
-from router_harness import CONTEXT_LENGTH, RouterHarness, write_tiny_model
+from router_harness import RouterHarness, router_factory, write_tiny_model
 
-from batonserve.cluster.api import ModelInfo
 from batonserve.workers.tokenizer import Tokenizer
 
 
@@ -26,14 +24,5 @@ def bench_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 @pytest.fixture
 def bench_router(bench_tokenizer: Tokenizer) -> Iterator[Callable[..., RouterHarness]]:
     """Factory of routers over the fake cluster; each is closed after the test."""
-    info = ModelInfo("tiny", "LlamaForCausalLM", CONTEXT_LENGTH, bench_tokenizer.vocab_size, False)
-    made: list[RouterHarness] = []
-
-    def make(**kwargs: Any) -> RouterHarness:
-        h = RouterHarness(bench_tokenizer, info, **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    with router_factory(bench_tokenizer) as make:
+        yield make

@@ -5,16 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "router"))  # router_harness.py
 
-from router_harness import CONTEXT_LENGTH, RouterHarness, write_tiny_model  # noqa: E402
+from router_harness import RouterHarness, router_factory, write_tiny_model  # noqa: E402
 
-from batonserve.cluster.api import ModelInfo  # noqa: E402
 from batonserve.workers.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -33,14 +31,5 @@ def fault_tokenizer(fault_model_dir: Path) -> Tokenizer:
 @pytest.fixture
 def fault_router(fault_tokenizer: Tokenizer) -> Iterator[Callable[..., RouterHarness]]:
     """Factory of routers over the fake cluster; each is closed after the test."""
-    info = ModelInfo("tiny", "LlamaForCausalLM", CONTEXT_LENGTH, fault_tokenizer.vocab_size, False)
-    made: list[RouterHarness] = []
-
-    def make(**kwargs: Any) -> RouterHarness:
-        h = RouterHarness(fault_tokenizer, info, **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    with router_factory(fault_tokenizer) as make:
+        yield make

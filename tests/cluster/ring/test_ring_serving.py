@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 import ray
-from cluster_checks import prompt_of, wait_idle
+from cluster_checks import collect, prompt_of, wait_idle
 from hf_tiny import make_tiny_model
 from loop_thread import LoopThread
 from observer_recorder import Recorder
 
-from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
 from batonserve.cluster.runtime import Cluster, start_cluster
 from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
@@ -76,16 +75,6 @@ def ring(
     loop_thread.run(cluster.shutdown())
 
 
-async def collect(cluster: Cluster, rid: str, prompt: list[int]) -> list[int]:
-    toks: list[int] = []
-    last = None
-    async for d in cluster.generate(GenerateRequest(rid, tuple(prompt), GREEDY)):
-        toks += d.token_ids
-        last = d
-    assert last is not None and last.finish_reason == "length"
-    return toks
-
-
 def wait_reports(rec: Recorder, count: int, timeout: float = 10) -> list[SPStepReport]:
     deadline = time.monotonic() + timeout
     while len(rec.sp) < count and time.monotonic() < deadline:
@@ -104,7 +93,7 @@ def test_long_prompt_through_ring_matches_single_worker(
 
     async def run() -> list[list[int]]:
         return await asyncio.gather(
-            *(collect(cluster, f"ring{length}-{i}", p) for i, p in enumerate(prompts))
+            *(collect(cluster, f"ring{length}-{i}", p, GREEDY) for i, p in enumerate(prompts))
         )
 
     assert loop_thread.run(run()) == [reference(p) for p in prompts]
@@ -124,7 +113,7 @@ def test_short_prompt_takes_normal_path(
     cluster, rec = ring
     rec.sp.clear()
     prompt = prompt_of(5, 30)
-    assert loop_thread.run(collect(cluster, "short", prompt)) == reference(prompt)
+    assert loop_thread.run(collect(cluster, "short", prompt, GREEDY)) == reference(prompt)
     time.sleep(0.6)  # a poll round: a ring prefill would have reported by now
     assert rec.sp == []
     wait_idle(cluster)
@@ -151,7 +140,7 @@ def test_member_killed_mid_ring_fails_in_bounded_time_and_request_retries(
     ring_group.submit = kill_then_submit  # type: ignore[method-assign]
     t0 = time.monotonic()
     try:
-        out = loop_thread.run(collect(cluster, "killed", prompt), timeout=90)
+        out = loop_thread.run(collect(cluster, "killed", prompt, GREEDY), timeout=90)
     finally:
         ring_group.submit = send  # type: ignore[method-assign]
     elapsed = time.monotonic() - t0
@@ -165,7 +154,7 @@ def test_member_killed_mid_ring_fails_in_bounded_time_and_request_retries(
     assert ring_group.available() == 3
     rec.sp.clear()
     again = prompt_of(10, 90)
-    assert loop_thread.run(collect(cluster, "again", again)) == reference(again)
+    assert loop_thread.run(collect(cluster, "again", again, GREEDY)) == reference(again)
     assert {r.world_size for r in wait_reports(rec, 3)} == {3}
     wait_idle(cluster, timeout=30)
 
@@ -186,7 +175,8 @@ def test_ring_member_killed_under_load(
 
     async def run() -> list[list[int]]:
         tasks = [
-            asyncio.create_task(collect(cluster, f"load-{i}", p)) for i, p in enumerate(prompts)
+            asyncio.create_task(collect(cluster, f"load-{i}", p, GREEDY))
+            for i, p in enumerate(prompts)
         ]
         await asyncio.sleep(0.3)  # the streams are under way
         ray.kill(victim.actor, no_restart=True)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from router_harness import CONTEXT_LENGTH, RouterHarness, write_tiny_model
+from router_harness import RouterHarness, router_factory, tiny_model_info, write_tiny_model
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.workers.tokenizer import Tokenizer
@@ -28,7 +27,7 @@ def tokenizer(model_dir: Path) -> Tokenizer:
 @pytest.fixture(scope="session")
 def model_info(tokenizer: Tokenizer) -> ModelInfo:
     """What the fake cluster serves."""
-    return ModelInfo("tiny", "LlamaForCausalLM", CONTEXT_LENGTH, tokenizer.vocab_size, False)
+    return tiny_model_info(tokenizer)
 
 
 @pytest.fixture
@@ -36,16 +35,8 @@ def make_router(
     tokenizer: Tokenizer, model_info: ModelInfo
 ) -> Iterator[Callable[..., RouterHarness]]:
     """Factory of router harnesses; every one is closed after the test."""
-    made: list[RouterHarness] = []
-
-    def make(**kwargs: Any) -> RouterHarness:
-        h = RouterHarness(tokenizer, model_info, **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    with router_factory(tokenizer, model_info) as make:
+        yield make
 
 
 @pytest.fixture

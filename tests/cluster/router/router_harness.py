@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -165,3 +166,28 @@ class RouterHarness:
         if hasattr(self.cluster, "shutdown"):
             self.loop.run(self.cluster.shutdown(), timeout=120)
         self.loop.close()
+
+
+def tiny_model_info(tokenizer: Tokenizer) -> ModelInfo:
+    """What the fake cluster serves over the tiny model."""
+    return ModelInfo("tiny", "LlamaForCausalLM", CONTEXT_LENGTH, tokenizer.vocab_size, False)
+
+
+@contextlib.contextmanager
+def router_factory(
+    tokenizer: Tokenizer, info: ModelInfo | None = None
+) -> Iterator[Callable[..., RouterHarness]]:
+    """A factory of router harnesses over the fake cluster; every one is closed on exit."""
+    info = info or tiny_model_info(tokenizer)
+    made: list[RouterHarness] = []
+
+    def make(**kwargs: Any) -> RouterHarness:
+        h = RouterHarness(tokenizer, info, **kwargs)
+        made.append(h)
+        return h
+
+    try:
+        yield make
+    finally:
+        for h in made:
+            h.close()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import ray
-from cluster_checks import prompt_of, wait_idle
+from cluster_checks import collect, prompt_of, wait_idle
 from loop_thread import LoopThread
 from observer_recorder import Recorder
 
@@ -87,16 +87,11 @@ def wait_followers(want: int, timeout: float = 30) -> list[str]:
     return names
 
 
-async def collect(cluster: Cluster, rid: str, prompt: list[int]) -> list[int]:
-    toks: list[int] = []
-    async for d in cluster.generate(GenerateRequest(rid, tuple(prompt), GREEDY)):
-        toks += d.token_ids
-    return toks
-
-
 def run_many(cluster: Cluster, loop: LoopThread, tag: str, prompts: list[list[int]]) -> Any:
     async def run() -> list[list[int]]:
-        return await asyncio.gather(*(collect(cluster, f"{tag}{next(_SEQ)}", p) for p in prompts))
+        return await asyncio.gather(
+            *(collect(cluster, f"{tag}{next(_SEQ)}", p, GREEDY) for p in prompts)
+        )
 
     return loop.run(run())
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import ray
+from cluster_checks import collect as collect_stream
 from cluster_checks import prompt_of, wait_idle
 from hf_tiny import make_tiny_model
 from loop_thread import LoopThread
@@ -78,14 +79,7 @@ def make(address: str, loop: LoopThread, **kw: Any) -> tuple[Cluster, Recorder]:
 async def collect(
     cluster: Cluster, rid: str, prompt: list[int], params: SamplingParams = GREEDY
 ) -> list[int]:
-    toks: list[int] = []
-    last = None
-    async for d in cluster.generate(GenerateRequest(rid, tuple(prompt), params)):
-        toks += d.token_ids
-        last = d
-    assert last is not None and last.finish_reason == "length" and last.usage is not None
-    assert last.usage.completion_tokens == len(toks)
-    return toks
+    return await collect_stream(cluster, rid, prompt, params)
 
 
 @pytest.fixture(scope="module")
