@@ -308,13 +308,20 @@ class Metrics:
             put("batonserve_moe_expert_loaded_bytes_total", (tier,), ts.bytes_in)
         put("batonserve_moe_prefetch_issued_total", (), stats.prefetch_issued)
         put("batonserve_moe_prefetch_used_total", (), stats.prefetch_used)
+        put("batonserve_moe_prefetch_hits_total", (), stats.demand_hits_from_prefetch)
         put("batonserve_moe_stall_seconds_total", (), stats.stall_seconds)
         put("batonserve_moe_tokens_total", (), stats.tokens)
         put("batonserve_moe_layer_batches_total", (), stats.forwards * stats.num_layers)
         put("batonserve_moe_distinct_experts_total", (), stats.distinct_experts)
-        for layer, row in enumerate(stats.expert_load):
-            for expert, n in enumerate(row):
-                put("batonserve_moe_expert_routed_tokens_total", (str(layer), str(expert)), n)
+        per_expert = (
+            ("batonserve_moe_expert_routed_tokens_total", stats.expert_load),
+            ("batonserve_moe_expert_hits_total", stats.expert_hits),
+            ("batonserve_moe_expert_misses_total", stats.expert_misses),
+        )
+        for name, table in per_expert:
+            for layer, row in enumerate(table):
+                for expert, n in enumerate(row):
+                    put(name, (str(layer), str(expert)), n)
         for v in totals.values():
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"moe.stats: totals must be finite numbers >= 0, got {v!r}")
@@ -325,7 +332,7 @@ class Metrics:
             last = self._moe_totals.get(worker, {})
             self._moe_totals[worker] = totals
         # Per-expert series appear with their first token (bounded, but layers x experts of zeros).
-        self._add_totals(wl, totals, last, quiet=("batonserve_moe_expert_routed_tokens_total",))
+        self._add_totals(wl, totals, last, quiet=tuple(name for name, _ in per_expert))
         self._set("batonserve_moe_resident_bytes", wl, stats.resident_bytes)
 
     def ep_tuner(self, worker: str, pool: str, stats: EPTunerStats) -> None:

@@ -290,6 +290,12 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             _WORKER,
         ),
         s(
+            "batonserve_moe_prefetch_hits_total",
+            "counter",
+            "First demands served by a prefetched expert (recall = these / (these + misses)).",
+            _WORKER,
+        ),
+        s(
             "batonserve_moe_stall_seconds_total",
             "counter",
             "Time forwards waited for expert weights to load.",
@@ -329,6 +335,18 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             "batonserve_moe_expert_routed_tokens_total",
             "counter",
             "Token copies routed to each expert of each MoE layer (expert load).",
+            _EXPERT,
+        ),
+        s(
+            "batonserve_moe_expert_hits_total",
+            "counter",
+            "Demands for each expert of each MoE layer found in the compute tier.",
+            _EXPERT,
+        ),
+        s(
+            "batonserve_moe_expert_misses_total",
+            "counter",
+            "Demands for each expert of each MoE layer the compute tier did not hold.",
             _EXPERT,
         ),
         # Expert-parallel auto-tuner (workers/parallel/ep_tuner): its choice per token bucket.

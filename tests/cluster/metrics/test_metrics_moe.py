@@ -21,7 +21,8 @@ def _stats(hits: int, misses: int, load: int, stall: float) -> ExpertStoreStats:
     st.tiers["ram"].bytes_in = misses * 1000
     st.tiers["disk"].hits, st.tiers["disk"].bytes_in = misses, misses * 1000
     st.expert_load[1][3] = load
-    st.prefetch_issued, st.prefetch_used = 6, 4
+    st.expert_hits[1][3], st.expert_misses[1][3] = hits, misses
+    st.prefetch_issued, st.prefetch_used, st.demand_hits_from_prefetch = 6, 4, 3
     st.stall_seconds, st.tokens, st.forwards = stall, 10, 5
     st.distinct_experts = 17
     st.resident_bytes = 4000
@@ -50,6 +51,11 @@ def test_moe_series_and_deltas(scrape: Callable[[Metrics], Any]) -> None:
     routed = "batonserve_moe_expert_routed_tokens_total"
     assert s.value(routed, **W, layer="1", expert="3") == 9
     assert s.value(routed, **W, layer="0", expert="0") is None  # never routed: not exported
+    assert s.value("batonserve_moe_expert_hits_total", **W, layer="1", expert="3") == 45
+    assert s.value("batonserve_moe_expert_misses_total", **W, layer="1", expert="3") == 12
+    assert s.value("batonserve_moe_expert_hits_total", **W, layer="0", expert="0") is None
+    # Prefetch recall: first demands served by a prefetch / (those + compute-tier misses).
+    assert s.value("batonserve_moe_prefetch_hits_total", **W) == 3
     # The tiers' hit ratio a dashboard computes: hits / (hits + misses) of the compute tier.
     hits = s.value("batonserve_moe_expert_cache_hits_total", **W, tier="ram")
     misses = s.value("batonserve_moe_expert_cache_misses_total", **W, tier="ram")

@@ -50,6 +50,7 @@ def _exercised() -> Metrics:
     m.pool_change(PoolChange("prefill", "borrow", "prefill", "mixed"))
     moe = ExpertStoreStats(2, 4)
     moe.expert_load[1][3] = 5
+    moe.expert_hits[1][3], moe.expert_misses[0][2] = 4, 1
     m.moe("decode-0", "decode", moe)
     m.ep_tuner("decode-0", "decode", EPTunerStats(3, {128: BucketStats(EPSettings(2, 1.25))}))
     return m
