@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from batonserve.kernels.cpu.paged_attention import paged_attention_cpu, supports
 from batonserve.kernels.dispatch import use_triton
 
 NEG_INF = float("-inf")
@@ -37,6 +38,15 @@ class PrefillPlan:
     causal: bool = True
     sliding_window: int | None = None
     num_rows: int = 0  # real query rows (q_valid.sum()), the output's length
+    # Paged keys, for the CPU kernel that reads them in place (kernels/cpu/paged_attention.py).
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    row_seq: torch.Tensor | None = None  # [num_rows] int64, sequence of each output row
+    row_last: torch.Tensor | None = None  # [num_rows] int64, last key each output row sees
+
+
+def _cpu_kernel_ok(q: torch.Tensor, k_cache: torch.Tensor, rows: int) -> bool:
+    """The C kernel of kernels/cpu takes this call (CPU tensors it supports, at least one row)."""
+    return rows > 0 and supports(q, k_cache)
 
 
 def _lens(cu: torch.Tensor) -> torch.Tensor:
@@ -96,6 +106,10 @@ def plan_prefill(
     # A row without any key would make softmax NaN; let it see key 0 and zero it afterwards.
     mask = mask | ~has_key[:, 0, :, :].expand_as(mask) & (kj == 0)[None, None, :]
     all_have_keys = bool(has_key[:, 0, :, 0][q_valid].all())
+    row_seq = row_last = None
+    if block_tables is not None and causal:
+        row_seq = torch.arange(num_seqs, device=device)[:, None].expand(-1, max_q)[q_valid]
+        row_last = q_pos[q_valid]
     return PrefillPlan(
         q_index,
         q_valid,
@@ -108,6 +122,9 @@ def plan_prefill(
         causal,
         sliding_window,
         int(q_lens.sum()),
+        block_tables,
+        row_seq,
+        row_last,
     )
 
 
@@ -129,6 +146,20 @@ def prefill_attention(
         from batonserve.kernels.triton.prefill_attention import prefill_attention_triton
 
         return prefill_attention_triton(q, k, v, plan, scale=scale, return_lse=return_lse)
+    if plan.row_seq is not None and k.dim() == 4 and _cpu_kernel_ok(q, k, plan.num_rows):
+        assert plan.block_tables is not None and plan.row_last is not None
+        rows = plan.q_index[plan.q_valid]  # [num_rows] q row of each output row
+        return paged_attention_cpu(
+            q.index_select(0, rows),
+            k,
+            v,
+            plan.block_tables,
+            plan.row_seq,
+            plan.row_last,
+            scale=scale,
+            sliding_window=plan.sliding_window,
+            return_lse=return_lse,
+        )
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv = k.shape[-2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -246,6 +277,7 @@ class DecodePlan:
     split_len: int
     context_lens: torch.Tensor | None = None  # [B] int64, for fast paths masking from lengths
     sliding_window: int | None = None
+    block_tables: torch.Tensor | None = None  # [B, max_blocks], for kernels reading blocks in place
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -284,7 +316,9 @@ def plan_decode(
     if sliding_window is not None:
         valid = valid & (pos[None, :] > lens[:, None] - 1 - sliding_window)
     valid = valid.view(-1, 1, splits, 1, split_len)
-    return DecodePlan(bt[:, :nblk].reshape(-1), valid, splits, split_len, lens, sliding_window)
+    return DecodePlan(
+        bt[:, :nblk].reshape(-1), valid, splits, split_len, lens, sliding_window, block_tables
+    )
 
 
 def _gather_heads_major(cache: torch.Tensor, plan: DecodePlan, batch: int) -> torch.Tensor:
@@ -314,6 +348,20 @@ def decode_attention(
 
         return decode_attention_triton(
             q, k_cache, v_cache, plan, scale=scale, return_lse=return_lse
+        )
+    if plan.block_tables is not None and _cpu_kernel_ok(q, k_cache, q.shape[0]):
+        assert plan.context_lens is not None
+        b = q.shape[0]
+        return paged_attention_cpu(
+            q,
+            k_cache,
+            v_cache,
+            plan.block_tables,
+            torch.arange(b),
+            plan.context_lens - 1,  # one query per sequence, at its last key
+            scale=scale,
+            sliding_window=plan.sliding_window,
+            return_lse=return_lse,
         )
     b, num_heads, head_dim = q.shape
     num_kv = k_cache.shape[-2]

@@ -1,0 +1,125 @@
+"""Paged attention on CPU reading K/V blocks in place (the C kernel of paged_attention_src.py).
+
+Each query row names its sequence (a row of the block table) and the position of the last key
+it sees; it attends to keys [last - window + 1, last] of that sequence, read straight from the
+paged cache. Decode is one row per sequence; a prefill chunk is several rows of one sequence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from batonserve.kernels.cpu.native import load
+from batonserve.kernels.cpu.paged_attention_src import SOURCE
+
+_FUNCS = {
+    torch.float32: "paged_attention_f32",
+    torch.bfloat16: "paged_attention_bf16",
+    torch.float16: "paged_attention_f16",
+}
+_I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _P]
+_ARGTYPES += [_I64, _I64, _I64, _I64, _I64, _F32, _I64, _I64]
+MAX_GROUP = 64  # query heads per KV head the kernel's stack arrays hold
+_enabled = True
+
+
+def set_cpu_kernels_enabled(enabled: bool) -> None:
+    """Turn the C fast path on or off process-wide (off: the torch reference, for A/B checks)."""
+    global _enabled
+    _enabled = enabled
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    lib = load("paged_attention", SOURCE)
+    if lib is not None:
+        for name in _FUNCS.values():
+            fn = getattr(lib, name)
+            fn.argtypes = _ARGTYPES
+            fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """True when the C kernel is enabled and built on this machine."""
+    return _enabled and _library() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    # ctypes drops the GIL for the call, so threads run the kernel on disjoint tasks in parallel.
+    return ThreadPoolExecutor(
+        max_workers=max(2, torch.get_num_threads()), thread_name_prefix="attn"
+    )
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """True when the C kernel can take these tensors (CPU, same float dtype, GQA group <= 64)."""
+    return (
+        _enabled
+        and q.device.type == "cpu"
+        and k_cache.device.type == "cpu"
+        and q.dtype in _FUNCS
+        and k_cache.dtype == q.dtype
+        and q.shape[1] % k_cache.shape[-2] == 0
+        and q.shape[1] // k_cache.shape[-2] <= MAX_GROUP
+        and _library() is not None
+    )
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    row_seq: torch.Tensor,
+    row_last: torch.Tensor,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q [T, H, d]; caches [blocks, bs, Hkv, d]; block_tables [B, max_blocks] int32;
+    row_seq / row_last [T] int64 (sequence of each row, its last visible key; -1: none).
+
+    Returns (out [T, H, d] in q's dtype, lse [T, H] float32 or None); a row without keys gives
+    zeros and lse -inf. Callers check `supports` first.
+    """
+    lib = _library()
+    assert lib is not None
+    t, num_heads, head_dim = q.shape
+    num_kv, block_size = k_cache.shape[-2], k_cache.shape[1]
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # views of one cache: no copy
+    tables = block_tables.to(torch.int32).contiguous()
+    row_seq = row_seq.to(torch.int64).contiguous()
+    row_last = row_last.to(torch.int64).contiguous()
+    out = torch.empty(t, num_heads, head_dim, dtype=q.dtype)
+    lse = torch.empty(t, num_heads, dtype=torch.float32) if return_lse else None
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    fn = getattr(lib, _FUNCS[q.dtype])
+    head = (q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr())
+    head += (tables.data_ptr(), tables.stride(0) if tables.dim() == 2 else 0)
+    head += (row_seq.data_ptr(), row_last.data_ptr(), out.data_ptr())
+    head += (lse.data_ptr() if lse is not None else None,)
+    shape = (num_heads, num_kv, head_dim, block_size, sliding_window or 0, scale)
+    tasks = t * num_kv
+    threads = min(torch.get_num_threads(), tasks // 4 or 1)
+    if threads <= 1:
+        fn(*head, *shape, 0, tasks)
+    else:
+        bounds = [tasks * i // threads for i in range(threads + 1)]
+        futs = [
+            _pool().submit(fn, *head, *shape, bounds[i], bounds[i + 1]) for i in range(1, threads)
+        ]
+        fn(*head, *shape, bounds[0], bounds[1])  # this thread takes the first share
+        for f in futs:
+            f.result()
+    return out, lse
