@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from batonserve.cluster.placement import StartupError
+
 # Each module has register(subparsers), adding its subcommand with args.func set.
 COMMANDS = (
     "cli_generate",
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors carry a message naming the field
         print(f"batonserve: error: {e}", file=sys.stderr)
         return 2
+    except StartupError as e:  # the cluster cannot run the config: says which pool and why
+        print(f"batonserve: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

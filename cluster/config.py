@@ -36,10 +36,13 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """The gRPC router and the metrics endpoint."""
+    """The gRPC router, its OpenAI-compatible HTTP API, and the metrics endpoint."""
 
     host: str = "127.0.0.1"
     port: int = 8001
+    http_enabled: bool = True  # the OpenAI-compatible API on router.host:http_port
+    http_port: int = 8000
+    chat_template: str = ""  # a Jinja file overriding the model's own chat template
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400
     grace_period_s: float = 30.0
@@ -55,9 +58,13 @@ class RayConfig:
 
     address: str = ""
     namespace: str = "batonserve"
-    num_cpus: int = 0  # for a local instance; 0 lets Ray count them
+    # Logical CPUs of a local instance; 0: the machine's cores, raised to what the pools ask for.
+    num_cpus: int = 0
     include_dashboard: bool = True  # the Ray dashboard of a local instance, on 127.0.0.1
     dashboard_port: int = 8265
+    # Pools that do not fit the cluster fail start-up at once, unless an autoscaler will add nodes.
+    wait_for_resources: bool = False
+    worker_start_timeout_s: float = 600.0  # a worker not ready by then fails start-up, with why
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,11 @@ class ServeConfig:
             if p.replicas < 0:
                 raise ConfigError(f"pools[{i}].replicas: must be >= 0, got {p.replicas}")
         self._check_expert_parallel()
-        for key in ("port", "metrics_port"):
+        if self.ray.worker_start_timeout_s <= 0:
+            raise ConfigError(
+                f"ray.worker_start_timeout_s: must be > 0, got {self.ray.worker_start_timeout_s}"
+            )
+        for key in ("port", "http_port", "metrics_port"):
             port = getattr(self.router, key)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"router.{key}: must be a TCP port (0-65535), got {port}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import ray
 
 from batonserve.cluster.config import PoolConfig, ServeConfig
+from batonserve.cluster.placement import StartupError, describe, worker_demand
 from batonserve.cluster.ring import RingGroup, ring_members
 from batonserve.workers.kv_transfer.base import KVSpec
 from batonserve.workers.kv_transfer.config import KVTransferConfig
@@ -24,6 +26,7 @@ log = logging.getLogger("batonserve.controller")
 
 # Long-polls, control calls and object-store pushes run side by side on a worker actor.
 MAX_CONCURRENCY = 32
+PROGRESS_S = 10.0  # a worker still starting is reported this often, with Ray's reason
 
 
 @dataclass
@@ -70,6 +73,32 @@ def _head_ip() -> str:
         return str(ray.util.get_node_ip_address())
     except Exception:
         return "127.0.0.1"
+
+
+def _last_line(e: BaseException) -> str:
+    """The part of a Ray error a person needs: its last line, the exception the worker raised."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _why_not_ready(actor: Any, pool: PoolConfig) -> str:
+    """Ray's account of a worker that has not answered `ready` yet (from the GCS actor table)."""
+    try:  # Ray-internal, but it needs no dashboard; pyproject bounds ray below 3
+        from ray._private.state import actors
+
+        state = str(actors(actor_id=actor._actor_id.hex()).get("State", ""))
+    except Exception as e:
+        return (
+            f"Ray did not say why ({type(e).__name__}); it asks {{{describe(worker_demand(pool))}}}"
+        )
+    if state == "ALIVE":
+        return "alive, still building its engine (loading the model)"
+    if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):
+        return (
+            f"pending creation (waiting for resources, or for its process to start): it asks "
+            f"{{{describe(worker_demand(pool))}}}, Ray has {{{describe(ray.available_resources())}}} free"
+        )
+    return f"actor state {state or 'unknown'}"
 
 
 class Controller:
@@ -120,10 +149,34 @@ class Controller:
         pool = self._pools[h.spec.pool]
         spec = replace(h.spec, role=h.role)
         h.actor = self._remote.options(**actor_options(pool, h.name, self.namespace)).remote(spec)
-        h.stats = await h.actor.ready.remote()
+        h.stats = await self._await_ready(h, pool)
         h.kv_spec = await h.actor.kv_spec_info.remote()
         h.healthy = True
         self.progress(f"worker {h.name} ready ({h.role}, pool {h.spec.pool})")
+
+    async def _await_ready(self, h: WorkerHandle, pool: PoolConfig) -> WorkerStats:
+        """The worker's first stats once its engine is built; says why it is late, never hangs."""
+        ready = asyncio.wrap_future(h.actor.ready.remote().future())
+        limit = self.config.ray.worker_start_timeout_s
+        start = time.monotonic()
+        while True:
+            left = limit - (time.monotonic() - start)
+            try:
+                return await asyncio.wait_for(asyncio.shield(ready), max(min(PROGRESS_S, left), 0))
+            except asyncio.TimeoutError:
+                why = await asyncio.to_thread(_why_not_ready, h.actor, pool)
+                waited = time.monotonic() - start
+                if waited >= limit:
+                    ready.cancel()
+                    raise StartupError(
+                        f"worker {h.name} (pool {pool.name!r}) not ready after {limit:g}s "
+                        f"(ray.worker_start_timeout_s): {why}"
+                    ) from None
+                self.progress(f"waiting for worker {h.name} ({waited:.0f}s): {why}")
+            except ray.exceptions.RayError as e:  # the actor died, or its engine build raised
+                raise StartupError(
+                    f"worker {h.name} (pool {pool.name!r}) failed to start: {_last_line(e)}"
+                ) from None
 
     async def replace(self, name: str) -> WorkerHandle:
         """Kill `name` if still alive and start a fresh actor under the same name."""

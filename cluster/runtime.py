@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from batonserve.cluster.controller import Controller, WorkerHandle
 from batonserve.cluster.env import keep_ray_on_loopback
 from batonserve.cluster.handoff import Handoff, HandoffLedger
 from batonserve.cluster.observer import ClusterObserver, NullObserver, handoff_record
+from batonserve.cluster.placement import StartupError, check_pools_fit, local_num_cpus
 from batonserve.cluster.request_state import Attempt, RequestState
 from batonserve.cluster.ring import RingRouting
 from batonserve.cluster.scheduling import (
@@ -382,10 +384,11 @@ async def start_cluster(
                 logging_level=logging.WARNING,
             )
         else:
-            progress("starting a local Ray instance on 127.0.0.1")
+            cpus = config.ray.num_cpus or local_num_cpus(config.pools, len(os.sched_getaffinity(0)))
+            progress(f"starting a local Ray instance on 127.0.0.1 ({cpus} CPUs)")
             ray.init(
                 address="local",  # a new instance, never whatever cluster happens to run here
-                num_cpus=config.ray.num_cpus or None,
+                num_cpus=cpus,
                 namespace=config.ray.namespace,
                 include_dashboard=config.ray.include_dashboard,
                 dashboard_host="127.0.0.1",
@@ -394,6 +397,13 @@ async def start_cluster(
                 _node_ip_address="127.0.0.1",
             )
         started = True
+    try:
+        if not config.ray.wait_for_resources:  # say at once what cannot fit, never wait on it
+            check_pools_fit(config.pools, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    except StartupError:
+        if started:
+            ray.shutdown()
+        raise
     controller = Controller(config, config.model, config.kv_transfer, scripted, progress)
     try:
         await controller.start()

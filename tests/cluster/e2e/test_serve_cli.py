@@ -7,12 +7,7 @@ router and the metrics endpoint on free ports.
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_server import PrometheusServer
+from serve_process import Server, cli
 
 from batonserve.cluster.metrics import TTFT_BUCKETS
 
@@ -38,53 +34,11 @@ router:
 """
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "batonserve.cluster.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-    )
-
-
-class Server:
-    """`batonserve serve` in a subprocess; its stdout lines collected by a thread."""
-
-    def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batonserve.cluster.cli", "serve", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cfg = tmp_path_factory.mktemp("serve") / "config.yaml"
     cfg.write_text(CONFIG)
-    s = Server(cfg)
+    s = Server(["--config", str(cfg)])
     try:
         s.wait_for(r"batonserve: ready", timeout=240)
         yield s
@@ -102,9 +56,9 @@ def _ports(server: Server) -> tuple[str, str]:
 
 def test_streamed_greedy_output_equals_offline_engine(server: Server) -> None:
     target, metrics_url = _ports(server)
-    remote = _cli("generate", "--target", target, "--max-tokens", "12", "--json", PROMPT)
+    remote = cli("generate", "--target", target, "--max-tokens", "12", "--json", PROMPT)
     assert remote.returncode == 0, remote.stderr
-    offline = _cli(
+    offline = cli(
         "generate", "--offline", "--model", "demo", "--max-tokens", "12", "--json", PROMPT
     )
     assert offline.returncode == 0, offline.stderr
@@ -112,7 +66,7 @@ def test_streamed_greedy_output_equals_offline_engine(server: Server) -> None:
     assert got["token_ids"] == want["token_ids"] and len(want["token_ids"]) > 0
     assert got["text"] == want["text"]
 
-    status = _cli("status", "--target", target)
+    status = cli("status", "--target", target)
     assert status.returncode == 0, status.stderr
     assert "prefill-0" in status.stdout and "decode-0" in status.stdout
 
