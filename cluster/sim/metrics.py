@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import numpy as np
 from batonserve.cluster.sim.hardware import MachineSpec
 from batonserve.cluster.sim.perf_model import PerfModel
 from batonserve.cluster.sim.simulator import RequestRecord, SimResult
+from batonserve.cluster.sim.trace import TraceRequest
 
 QUANTILES = (50, 90, 99)
 METRICS = ("ttft", "tbt", "e2e")
@@ -73,20 +75,78 @@ class Percentiles:
 
 @dataclass(frozen=True)
 class Reference:
-    """Uncontended latencies: each request alone on a reference machine, same chunking."""
+    """Uncontended latencies: each request alone on a reference machine.
+
+    Ours: the prompt in chunks of the token budget (as the engine runs it alone), TBT one decode
+    step at batch 1. The paper's (`paper=True`, SplitwiseSim's notebooks): the prompt in one
+    step, and TBT the token-time curve read at the prompt's length.
+    """
 
     perf: PerfModel
-    chunk_tokens: int = 2048
+    chunk_tokens: int = 2048  # <= 0: the whole prompt in one step
+    paper: bool = False
 
     def ttft(self, prompt_tokens: int) -> float:
-        """Prompt computed alone, in chunks of the token budget."""
+        """Prompt computed alone."""
+        if self.paper or self.chunk_tokens <= 0:
+            return self.perf.step_time(prompt_tokens, 0)
         full, rest = divmod(prompt_tokens, self.chunk_tokens)
         t = full * self.perf.step_time(self.chunk_tokens, 0)
         return t + (self.perf.step_time(rest, 0) if rest else 0.0)
 
-    def tbt(self) -> float:
-        """One decode step at batch 1."""
-        return self.perf.step_time(0, 1)
+    def tbt(self, prompt_tokens: int = 1) -> float:
+        """Time between tokens alone (batch 1; the paper reads its curve at the prompt length)."""
+        return self.perf.step_time(0, prompt_tokens if self.paper else 1)
+
+
+class SLOGuard:
+    """Stops a run once an SLO is surely broken, whatever the requests still running will do.
+
+    With n requests, `np.percentile`'s q-quantile lies at or above the value of rank
+    floor((n - 1) q) (0-based, ascending), so once n - floor((n - 1) q) requests exceed a limit
+    the quantile does too. Overloaded runs (most of a bisection's) end early that way.
+    """
+
+    def __init__(self, trace: Sequence[TraceRequest], reference: Reference, slo: SLOTable) -> None:
+        self.reference = reference
+        self.slo = slo
+        n_all = len(trace)
+        n_tbt = sum(1 for r in trace if r.output_tokens > 1)
+        self._need = {
+            (m, i): max(1, n - math.floor((n - 1) * q / 100))
+            for m, n in (("ttft", n_all), ("tbt", n_tbt), ("e2e", n_all))
+            for i, q in enumerate(QUANTILES)
+        }
+        self._over = dict.fromkeys(self._need, 0)
+        self._reason = ""
+
+    @property
+    def reason(self) -> str:
+        """The SLO found broken ("" while none is)."""
+        return self._reason
+
+    def _count(self, metric: str, slowdown: float) -> bool:
+        limits = getattr(self.slo, metric)
+        for i, q in enumerate(QUANTILES):
+            if slowdown > limits[i]:
+                key = (metric, i)
+                self._over[key] += 1
+                if self._over[key] >= self._need[key]:
+                    self._reason = f"{metric}_p{q}>{limits[i]} ({self._over[key]} requests over)"
+                    return True
+        return False
+
+    def first_token(self, rec: RequestRecord) -> bool:
+        """Count the request's TTFT slowdown."""
+        return self._count("ttft", rec.ttft / self.reference.ttft(rec.prompt_tokens))
+
+    def finished(self, rec: RequestRecord) -> bool:
+        """Count its TBT and end-to-end slowdowns."""
+        tbt_ref = self.reference.tbt(rec.prompt_tokens)
+        ref_e2e = self.reference.ttft(rec.prompt_tokens) + tbt_ref * (rec.tokens_out - 1)
+        if rec.tokens_out > 1 and self._count("tbt", rec.tbt / tbt_ref):
+            return True
+        return self._count("e2e", rec.e2e / ref_e2e)
 
 
 @dataclass(frozen=True)
@@ -127,10 +187,10 @@ def summarize(
     slo = slo or SLOTable()
     done = [r for r in result.records if r.finish_s >= 0]
     rejected = sum(1 for r in result.records if r.rejected)
-    tbt_ref = reference.tbt()
     ttft_sd, tbt_sd, e2e_sd, good = [], [], [], 0
     for r in done:
         ref_ttft = reference.ttft(r.prompt_tokens)
+        tbt_ref = reference.tbt(r.prompt_tokens)
         ref_e2e = ref_ttft + tbt_ref * (r.tokens_out - 1)
         s_ttft = r.ttft / ref_ttft
         s_e2e = r.e2e / ref_e2e
@@ -154,6 +214,8 @@ def summarize(
     ]
     if rejected:
         violations.append(f"rejected={rejected}")
+    if result.stopped:
+        violations.append(f"stopped early: {result.stopped}")
     start = min((r.arrival_s for r in result.records), default=0.0)
     span = max((r.finish_s for r in done), default=start) - start
     visible = [r.transfer_end_s - r.prefill_end_s for r in done if r.transfer_end_s >= 0]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from batonserve.cluster.sim.design import FAMILIES, Design, Family, make_design
 from batonserve.cluster.sim.hardware import MachineSpec, ModelSpec
-from batonserve.cluster.sim.metrics import Reference, SLOTable, Summary, summarize
+from batonserve.cluster.sim.metrics import Reference, SLOGuard, SLOTable, Summary, summarize
 from batonserve.cluster.sim.perf_model import PerfModel
 from batonserve.cluster.sim.simulator import SimConfig, SimResult, Simulator
 from batonserve.cluster.sim.trace import TraceRequest, retime_poisson
@@ -42,10 +42,18 @@ class PlanRow:
     result: SimResult | None
 
 
-def evaluate(setup: PlanSetup, design: Design, rate: float) -> tuple[Summary, SimResult]:
-    """Simulate `design` under the requests arriving at `rate` per second."""
+def evaluate(
+    setup: PlanSetup, design: Design, rate: float, stop_early: bool = False
+) -> tuple[Summary, SimResult]:
+    """Simulate `design` under the requests arriving at `rate` per second.
+
+    `stop_early`: end the run as soon as an SLO is surely broken (a search needs only the
+    verdict of a failing run, not its figures).
+    """
     trace = retime_poisson(setup.requests, rate, setup.seed)
-    result = Simulator(design, setup.model, setup.machines, setup.perf, setup.sim).run(trace)
+    guard = SLOGuard(trace, setup.reference, setup.slo) if stop_early else None
+    sim = Simulator(design, setup.model, setup.machines, setup.perf, setup.sim)
+    result = sim.run(trace, guard)
     return summarize(result, setup.reference, setup.machines, setup.slo), result
 
 
@@ -65,21 +73,38 @@ def capacity_bound(setup: PlanSetup, design: Design) -> float:
     return tokens_per_s / mean_prompt
 
 
-def max_rate(setup: PlanSetup, design: Design, iters: int = 7, max_halvings: int = 10) -> PlanRow:
-    """The highest arrival rate whose run meets every SLO: halve down to a pass, then bisect."""
+def max_rate(
+    setup: PlanSetup,
+    design: Design,
+    iters: int = 7,
+    max_halvings: int = 20,
+    rel_tol: float = 0.02,
+    shrink: float = 0.7,
+) -> PlanRow:
+    """The highest arrival rate whose run meets every SLO: step down to a pass, then bisect.
+
+    From 0.75 x the capacity bound the rate is multiplied by `shrink` until a run passes (failing
+    runs stop early, so a gentler `shrink` costs little and leaves a narrower bracket). Bisection
+    stops after `iters` steps, or sooner once the bracket is within `rel_tol` of its top (0.02:
+    the answer is known to 2%, finer than the paper's 10 req/s grid at its rates).
+    """
+    if not 0.0 < shrink < 1.0:
+        raise ValueError(f"shrink: must be in (0, 1), got {shrink}")
     hi = 1.5 * capacity_bound(setup, design)
     lo = 0.0
     best: tuple[Summary, SimResult] | None = None
     rate = hi / 2
     for _ in range(max_halvings):  # weak designs pass only far below their capacity bound
-        summary, result = evaluate(setup, design, rate)
+        summary, result = evaluate(setup, design, rate, stop_early=True)
         if summary.slo_met:
             lo, best = rate, (summary, result)
             break
-        hi, rate = rate, rate / 2
+        hi, rate = rate, rate * shrink
     for _ in range(iters if best else 0):
+        if rel_tol > 0 and hi - lo <= rel_tol * hi:
+            break
         mid = (lo + hi) / 2
-        summary, result = evaluate(setup, design, mid)
+        summary, result = evaluate(setup, design, mid, stop_early=True)
         if summary.slo_met:
             lo, best = mid, (summary, result)
         else:
@@ -206,13 +231,13 @@ def _fewest(setup: PlanSetup, fam: Family, p: int, top: int, rate: float) -> Pla
 
     if top < 1:
         return None
-    s, r = evaluate(setup, design(top), rate)
+    s, r = evaluate(setup, design(top), rate, stop_early=True)
     if not s.slo_met:
         return None
     lo, hi, best = 0, top, (s, r)  # hi meets the SLOs, lo does not (0 never does)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        s, r = evaluate(setup, design(mid), rate)
+        s, r = evaluate(setup, design(mid), rate, stop_early=True)
         if s.slo_met:
             hi, best = mid, (s, r)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from batonserve.cluster.scheduling import (
     ClusterScheduler,
@@ -94,6 +95,23 @@ class RequestRecord:
         return (self.finish_s - self.first_token_s) / (self.tokens_out - 1)
 
 
+class RunGuard(Protocol):
+    """Watches requests as they progress and says when a run can stop (its verdict is known)."""
+
+    def first_token(self, rec: RequestRecord) -> bool:
+        """A request got its first token; True stops the run."""
+        ...
+
+    def finished(self, rec: RequestRecord) -> bool:
+        """A request finished; True stops the run."""
+        ...
+
+    @property
+    def reason(self) -> str:
+        """Why the run was stopped ("" while it was not)."""
+        ...
+
+
 @dataclass
 class SimResult:
     """What a run produced: per-request records, mixed-pool events, per-worker busy time."""
@@ -104,6 +122,7 @@ class SimResult:
     busy_s: dict[str, float]
     end_s: float
     num_events: int
+    stopped: str = ""  # the guard's reason when the run stopped before every request finished
 
 
 class Simulator:
@@ -133,12 +152,15 @@ class Simulator:
                 self.workers[wid] = SimWorker(
                     wid, p.name, p.role, spec, perf[p.machine], blocks, lim
                 )
+        self._lendable = any(w.home_role != "mixed" for w in self.workers.values())
         self._events: list[tuple[float, int, int, object]] = []
         self._seq = 0
         self._records: dict[str, RequestRecord] = {}
         self._reqs: dict[str, Request] = {}  # prefill-side engine requests, for the handoff
         self._reservation: dict[str, int] = {}  # request -> decode blocks promised
         self._role_changes: list[RoleChange] = []
+        self._guard: RunGuard | None = None
+        self._stop = False
         self.now = 0.0
 
     # ---- event plumbing ----------------------------------------------------------------------
@@ -148,12 +170,14 @@ class Simulator:
         heapq.heappush(self._events, (t, self._seq, kind, payload))
         self._seq += 1
 
-    def run(self, trace: Sequence[TraceRequest]) -> SimResult:
-        """Simulate until every admitted request has finished."""
+    def run(self, trace: Sequence[TraceRequest], guard: RunGuard | None = None) -> SimResult:
+        """Simulate until every admitted request has finished, or until `guard` says stop."""
+        self._guard = guard
+        self._stop = False
         for r in trace:
             self._push(r.arrival_s, ARRIVE, r)
         n = 0
-        while self._events:
+        while self._events and not self._stop:
             t, _, kind, payload = heapq.heappop(self._events)
             assert t >= self.now, "simulated time never goes back"
             self.now = t
@@ -167,8 +191,10 @@ class Simulator:
             else:
                 assert isinstance(payload, str)
                 self._transfer_done(payload)
-        for w in self.workers.values():
-            assert not w.sched.has_unfinished() and not w.imports and w.reserved_blocks == 0
+        stopped = guard.reason if guard is not None and self._stop else ""
+        if not stopped:
+            for w in self.workers.values():
+                assert not w.sched.has_unfinished() and not w.imports and w.reserved_blocks == 0
         return SimResult(
             self.design,
             list(self._records.values()),
@@ -176,6 +202,7 @@ class Simulator:
             {w.worker_id: w.busy_s for w in self.workers.values()},
             self.now,
             n,
+            stopped,
         )
 
     # ---- arrivals ------------------------------------------------------------------------------
@@ -185,10 +212,13 @@ class Simulator:
         assert r.request_id not in self._records, f"duplicate request id {r.request_id}"
         self._records[r.request_id] = rec
         views = [w.view() for w in self.workers.values()]
-        for ch in self.cls.rebalance(views, self.now):
-            self.workers[ch.worker_id].role = ch.to_role
-            self._role_changes.append(ch)
-            views = [w.view() for w in self.workers.values()]
+        # A cluster of mixed workers only has nothing to lend (the mixed pool would return no
+        # change): skip the call, it is a tenth of a large baseline's run.
+        if self._lendable:
+            for ch in self.cls.rebalance(views, self.now):
+                self.workers[ch.worker_id].role = ch.to_role
+                self._role_changes.append(ch)
+                views = [w.view() for w in self.workers.values()]
         tokens = self._prompt_tokens(r)
         hashes: tuple[int, ...] = ()
         if self.config.limits.enable_prefix_caching:
@@ -214,7 +244,7 @@ class Simulator:
             dw.reserved_blocks += blocks
             self._reservation[r.request_id] = blocks
             self._reqs[r.request_id] = req
-        pw.sched.add(req)
+        pw.add(req)
         self._kick(pw)
 
     def _prompt_tokens(self, r: TraceRequest) -> list[int]:
@@ -252,9 +282,13 @@ class Simulator:
             if u.new_token_ids:
                 if rec.first_token_s < 0:
                     rec.first_token_s = self.now
+                    if self._guard is not None and self._guard.first_token(rec):
+                        self._stop = True
                 rec.tokens_out += len(u.new_token_ids)
             if u.finished:
                 self._finish(rec)
+                if self._guard is not None and self._guard.finished(rec):
+                    self._stop = True
             elif u.prefilled:
                 self._start_handoff(rec)
 
@@ -271,7 +305,7 @@ class Simulator:
     def _start_handoff(self, rec: RequestRecord) -> None:
         rec.prefill_end_s = self.now
         dw = self.workers[rec.decode_worker]
-        dw.imports.append(rec.request_id)
+        dw.queue_import(rec.request_id)
         self._try_imports(dw)
 
     def _try_imports(self, dw: SimWorker) -> None:
@@ -281,7 +315,6 @@ class Simulator:
             src_req = self._reqs[rid]
             if dw.blocks_for(src_req.num_prompt_tokens) > dw.blocks.num_free_blocks:
                 return
-            dw.imports.popleft()
             rec = self._records[rid]
             req = Request(
                 rid,
@@ -289,7 +322,7 @@ class Simulator:
                 src_req.params,
                 output_token_ids=list(src_req.output_token_ids),
             )
-            dw.sched.import_request(req)
+            dw.start_import(req)
             dw.reserved_blocks -= self._reservation.pop(rid)
             pw = self.workers[rec.prefill_worker]
             total = transfer_seconds(rec.prompt_tokens, self.model, pw.machine, dw.machine)
@@ -308,8 +341,8 @@ class Simulator:
         rec.transfer_end_s = self.now
         pw = self.workers[rec.prefill_worker]
         dw = self.workers[rec.decode_worker]
-        pw.sched.release(rid)  # the decode side acknowledged: the prefill side frees its blocks
+        pw.release(rid)  # the decode side acknowledged: the prefill side frees its blocks
         self._reqs.pop(rid, None)
-        dw.sched.commit_import(rid)
+        dw.commit_import(rid)
         self._kick(dw)
         self._kick(pw)
