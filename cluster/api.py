@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from batonserve.workers.outputs import TokenLogprobs
 from batonserve.workers.sampling_params import SamplingParams
 
 
@@ -51,6 +52,8 @@ class TokenDelta:
     text: str
     finish_reason: str | None = None  # "stop", "length" or "abort"
     usage: Usage | None = None
+    # Aligned with token_ids when the request asked for logprobs (None where one is unknown).
+    logprobs: tuple[TokenLogprobs | None, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 EXTRA: dict[str, dict[str, Any]] = {
     "model": {"minLength": 1},
     "router.port": {"minimum": 1, "maximum": 65535},
+    "router.http_port": {"minimum": 1, "maximum": 65535},
     "router.metrics_port": {"minimum": 1, "maximum": 65535},
     "pools": {"minItems": 1},
     "pools[].name": {

@@ -15,8 +15,9 @@ from typing import Literal
 
 from batonserve.cluster.api import GenerateRequest, TokenDelta, Usage
 from batonserve.workers.output_processor import OutputProcessor
-from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.outputs import CoreOutput, TokenLogprobs
 from batonserve.workers.sampling_params import SamplingParams
+from batonserve.workers.worker_types import RequestDelta
 
 Phase = Literal["prefill", "decode"]
 
@@ -38,6 +39,10 @@ class Attempt:
     # The first token reaches the router twice (the prefill side's delta and the decode side's
     # commit event, in either order); whichever comes first is streamed, the other ignored.
     first_token_sent: bool = False
+    # A commit that came first for a request asking for logprobs: its first token waits for the
+    # prefill side's delta, which alone carries that token's logprobs (HOLD_TOKENS at most).
+    first_token_held: int = -1
+    held: list[RequestDelta] = field(default_factory=list)  # decode deltas behind that token
 
     def uses(self, worker: str) -> bool:
         """True when this attempt still depends on `worker`."""
@@ -95,13 +100,16 @@ class RequestState:
         tokens: tuple[int, ...],
         finished: bool,
         reason: str | None,
+        logprobs: tuple[TokenLogprobs | None, ...] = (),
     ) -> bool:
         """Detokenize and queue new tokens; True when the request ended (stop string included)."""
         self.produced.extend(tokens)
+        if len(logprobs) != len(tokens):  # none asked for (the engine sends none), or unknown
+            logprobs = tuple(None for _ in tokens)
         core = CoreOutput(
             request_id=self.request_id,
             new_token_ids=tokens,
-            logprobs=tuple(None for _ in tokens),
+            logprobs=logprobs,
             finished=finished,
             finish_reason=reason,
             prefilled=False,
@@ -113,7 +121,8 @@ class RequestState:
         for out in processor.process([core]).outputs:
             final = out.finish_reason if out.finished else None
             usage = self.usage() if out.finished else None
-            self.queue.put_nowait(TokenDelta(tuple(out.token_ids), out.text, final, usage))
+            lps = tuple(out.logprobs) if self.request.sampling.logprobs is not None else ()
+            self.queue.put_nowait(TokenDelta(tuple(out.token_ids), out.text, final, usage, lps))
             ended = ended or out.finished
         if ended:
             self.done = True

@@ -22,6 +22,7 @@ log = logging.getLogger("batonserve.cluster")
 POLL_S = 0.5
 HOUSEKEEPING_S = 0.1
 SNAPSHOT_S = 0.5  # at most this often per worker to the observer
+HOLD_TOKENS = 8  # decode tokens held back at most while a first token's logprobs are on the way
 
 
 class WorkerEvents:
@@ -98,8 +99,21 @@ class WorkerEvents:
             return
         if not d.token_ids and not d.finished:
             return
-        if st.emit(self.processor, d.token_ids, d.finished, d.finish_reason):
-            self._finish(st)  # also frees a handoff that the first token made useless
+        if name == a.decode and a.first_token_held >= 0 and not a.first_token_sent:
+            # Decode tokens wait (briefly) behind the first token, whose logprobs only the prefill
+            # side's delta carries; past HOLD_TOKENS that delta is late and the token goes bare.
+            a.held.append(d)
+            if not d.finished and sum(len(x.token_ids) for x in a.held) < HOLD_TOKENS:
+                return
+            a.first_token_sent = True
+            st.emit(self.processor, (a.first_token_held,), False, None)
+            batch, a.held = a.held, []
+        else:
+            batch, a.held = [d, *a.held], []  # the prefill side's first token, then any held
+        for x in batch:
+            if st.emit(self.processor, x.token_ids, x.finished, x.finish_reason, x.logprobs):
+                self._finish(st)  # also frees a handoff that the first token made useless
+                return
 
     def _on_event(self: Cluster, name: str, ev: HandoffEvent) -> None:
         h = self.ledger.get(ev.handoff_id)
@@ -110,7 +124,9 @@ class WorkerEvents:
                 a = st.attempt if st is not None else None
                 if st is not None and a is not None and a.worker_request_id == ev.request_id:
                     a.phase = "decode"
-                    if not a.first_token_sent:
+                    if st.request.sampling.logprobs is not None:
+                        a.first_token_held = ev.first_token  # its logprobs come from prefill
+                    elif not a.first_token_sent:
                         a.first_token_sent = True
                         st.emit(self.processor, (ev.first_token,), False, None)
                 self.abort_on_release(h.src, ev.request_id)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!batonserve/proto/generation.proto\x12\rbatonserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x88\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.batonserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.batonserve.v1.SamplingParamsB\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x9a\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x1a\n\rfinish_reason\x18\x04 \x01(\tH\x00\x88\x01\x01\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.batonserve.v1.UsageB\x10\n\x0e_finish_reason\"\x15\n\x13GetModelInfoRequest\"v\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x0e\n\x06is_moe\x18\x05 \x01(\x08\"\x16\n\x14GetServerInfoRequest\"\xb3\x01\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x18\n\x10waiting_requests\x18\x06 \x01(\r\x12\x1e\n\x16pending_prefill_tokens\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x02\"r\n\x15GetServerInfoResponse\x12\r\n\x05pools\x18\x01 \x03(\t\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.batonserve.v1.WorkerInfo\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t2\x90\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.batonserve.v1.GenerateRequest\x1a\x1f.batonserve.v1.GenerateResponse0\x01\x12W\n\x0cGetModelInfo\x12\".batonserve.v1.GetModelInfoRequest\x1a#.batonserve.v1.GetModelInfoResponse\x12Z\n\rGetServerInfo\x12#.batonserve.v1.GetServerInfoRequest\x1a$.batonserve.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!batonserve/proto/generation.proto\x12\rbatonserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xac\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\rH\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.batonserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.batonserve.v1.SamplingParamsB\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.batonserve.v1.TopLogprob\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x1a\n\rfinish_reason\x18\x04 \x01(\tH\x00\x88\x01\x01\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.batonserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.batonserve.v1.TokenLogprobB\x10\n\x0e_finish_reason\"\x15\n\x13GetModelInfoRequest\"v\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x0e\n\x06is_moe\x18\x05 \x01(\x08\"\x16\n\x14GetServerInfoRequest\"\xb3\x01\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x18\n\x10waiting_requests\x18\x06 \x01(\r\x12\x1e\n\x16pending_prefill_tokens\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x02\"r\n\x15GetServerInfoResponse\x12\r\n\x05pools\x18\x01 \x03(\t\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.batonserve.v1.WorkerInfo\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t2\x90\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.batonserve.v1.GenerateRequest\x1a\x1f.batonserve.v1.GenerateResponse0\x01\x12W\n\x0cGetModelInfo\x12\".batonserve.v1.GetModelInfoRequest\x1a#.batonserve.v1.GetModelInfoResponse\x12Z\n\rGetServerInfo\x12#.batonserve.v1.GetServerInfoRequest\x1a$.batonserve.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=52
   _globals['_TOKENIDS']._serialized_end=75
   _globals['_SAMPLINGPARAMS']._serialized_start=78
-  _globals['_SAMPLINGPARAMS']._serialized_end=342
-  _globals['_GENERATEREQUEST']._serialized_start=345
-  _globals['_GENERATEREQUEST']._serialized_end=517
-  _globals['_USAGE']._serialized_start=519
-  _globals['_USAGE']._serialized_end=599
-  _globals['_GENERATERESPONSE']._serialized_start=602
-  _globals['_GENERATERESPONSE']._serialized_end=756
-  _globals['_GETMODELINFOREQUEST']._serialized_start=758
-  _globals['_GETMODELINFOREQUEST']._serialized_end=779
-  _globals['_GETMODELINFORESPONSE']._serialized_start=781
-  _globals['_GETMODELINFORESPONSE']._serialized_end=899
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=901
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=923
-  _globals['_WORKERINFO']._serialized_start=926
-  _globals['_WORKERINFO']._serialized_end=1105
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1107
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1221
-  _globals['_GENERATION']._serialized_start=1224
-  _globals['_GENERATION']._serialized_end=1496
+  _globals['_SAMPLINGPARAMS']._serialized_end=378
+  _globals['_GENERATEREQUEST']._serialized_start=381
+  _globals['_GENERATEREQUEST']._serialized_end=553
+  _globals['_USAGE']._serialized_start=555
+  _globals['_USAGE']._serialized_end=635
+  _globals['_TOPLOGPROB']._serialized_start=637
+  _globals['_TOPLOGPROB']._serialized_end=684
+  _globals['_TOKENLOGPROB']._serialized_start=686
+  _globals['_TOKENLOGPROB']._serialized_end=775
+  _globals['_GENERATERESPONSE']._serialized_start=778
+  _globals['_GENERATERESPONSE']._serialized_end=979
+  _globals['_GETMODELINFOREQUEST']._serialized_start=981
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1002
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1004
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1122
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1124
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1146
+  _globals['_WORKERINFO']._serialized_start=1149
+  _globals['_WORKERINFO']._serialized_end=1328
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1330
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1444
+  _globals['_GENERATION']._serialized_start=1447
+  _globals['_GENERATION']._serialized_end=1719
 # @@protoc_insertion_point(module_scope)

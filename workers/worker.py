@@ -343,6 +343,7 @@ class Worker:
                     o.prefilled,
                     o.num_prompt_tokens,
                     o.num_cached_tokens,
+                    logprobs=tuple(o.logprobs),
                 )
             )
         stats = self._make_stats()

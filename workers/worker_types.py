@@ -8,6 +8,7 @@ from typing import Literal
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.expert_store.types import ExpertStoreStats
 from batonserve.workers.kv_transfer.config import KVTransferConfig
+from batonserve.workers.outputs import TokenLogprobs
 from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
@@ -60,6 +61,8 @@ class RequestDelta:
     num_prompt_tokens: int
     num_cached_tokens: int
     error: str = ""  # the engine refused the request (finish_reason "abort"); the worker lives on
+    # One per token of token_ids when the request asked for logprobs (chosen token and top-n).
+    logprobs: tuple[TokenLogprobs | None, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from batonserve.cluster.api import ClusterAPI
 from batonserve.cluster.config import ServeConfig
 from batonserve.cluster.metrics import Metrics
 from batonserve.cluster.router.auth import load_token
+from batonserve.cluster.router.chat_template import ChatTemplate
+from batonserve.cluster.router.openai_server import OpenAIServer
 from batonserve.cluster.router.server import SERVICES, RouterServer
 from batonserve.workers.models.paths import resolve_model_dir
 from batonserve.workers.tokenizer import Tokenizer
@@ -62,6 +64,7 @@ async def serve(
 
     token = load_token(config.router.auth, environ)  # config errors before any slow start
     tokenizer = load_tokenizer(config.model)
+    template = ChatTemplate.for_model(resolve_model_dir(config.model), config.router.chat_template)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     say(f"starting the cluster for model {config.model!r}")
@@ -73,6 +76,7 @@ async def serve(
     if attach is not None:
         attach(metrics)  # worker stats, handoffs, pool changes and restarts come from the cluster
     router: RouterServer | None = None
+    http: OpenAIServer | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -83,6 +87,11 @@ async def serve(
         port = await router.start()
         scheme = "grpcs" if config.router.tls.cert_file else "grpc"
         say(f"router listening on {config.router.host}:{port} ({scheme}; {', '.join(SERVICES)})")
+        if config.router.http_enabled:
+            http = OpenAIServer(config.router, router.dispatcher, tokenizer, template, token)
+            http_port = await http.start()
+            chat = "" if template is not None else "; no chat template: chat requests get 400"
+            say(f"OpenAI API on {http.scheme}://{config.router.host}:{http_port}/v1{chat}")
         say(f"metrics on http://{config.router.metrics_host}:{metrics_port}/metrics")
         say("ready" if cluster.ready() else "waiting for workers")
         await stop.wait()
@@ -96,6 +105,8 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if http is not None:
+            await http.stop()
         if router is not None:
             await router.stop()
         metrics.close()

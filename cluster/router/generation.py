@@ -34,6 +34,7 @@ def sampling_values(msg: pb.SamplingParams) -> SamplingValues:
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos if msg.HasField("ignore_eos") else None,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
@@ -46,6 +47,14 @@ def delta_to_proto(request_id: str, delta: TokenDelta) -> pb.GenerateResponse:
         out.usage.prompt_tokens = delta.usage.prompt_tokens
         out.usage.completion_tokens = delta.usage.completion_tokens
         out.usage.cached_tokens = delta.usage.cached_tokens
+    for tok, lp in zip(delta.token_ids, delta.logprobs, strict=False):
+        # An unknown entry (rare: a handoff whose prefill report came late) keeps its place: NaN.
+        if lp is None:
+            out.logprobs.add(token_id=tok, logprob=float("nan"))
+            continue
+        item = out.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
+        for tid, value in lp.top:
+            item.top.add(token_id=tid, logprob=value)
     return out
 
 

@@ -20,6 +20,7 @@ from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
+MAX_LOGPROBS = 20  # top-n logprobs per token at most (vLLM's max_logprobs default)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class SamplingValues:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool | None = None
+    logprobs: int | None = None  # top-n candidates per token; 0: the chosen token's only
 
 
 def check_model(requested: str, info: ModelInfo, field_name: str = "model") -> None:
@@ -52,7 +54,13 @@ def _max_token_chars(tokenizer: Tokenizer) -> int:
     return max((len(tokenizer.decode([i], skip_special_tokens=False)) for i in ids), default=1)
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, info: ModelInfo, field_name: str) -> list[int]:
+def encode_prompt(
+    tokenizer: Tokenizer,
+    text: str,
+    info: ModelInfo,
+    field_name: str,
+    add_special_tokens: bool = True,
+) -> list[int]:
     """Tokenize a text prompt, refusing first any text too long to fit the context.
 
     Tokenizing megabytes takes seconds on the router's event loop and would stall every other
@@ -66,7 +74,7 @@ def encode_prompt(tokenizer: Tokenizer, text: str, info: ModelInfo, field_name: 
             f"{len(text)} characters cannot fit the model's context of "
             f"{info.context_length} tokens",
         )
-    return tokenizer.encode(text)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def check_token_ids(ids: Sequence[int], info: ModelInfo, field_name: str) -> tuple[int, ...]:
@@ -124,6 +132,12 @@ def build_sampling(
     )
     if values.ignore_eos is not None:
         kwargs["ignore_eos"] = values.ignore_eos
+    if values.logprobs is not None:
+        if not 0 <= values.logprobs <= MAX_LOGPROBS:
+            raise invalid(
+                f"{prefix}logprobs", f"must be in [0, {MAX_LOGPROBS}], got {values.logprobs}"
+            )
+        kwargs["logprobs"] = values.logprobs
     try:
         return SamplingParams(**kwargs)  # type: ignore[arg-type]
     except ValueError as e:  # its messages start with the field's name

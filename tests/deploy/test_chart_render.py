@@ -126,9 +126,11 @@ def test_ports_probes_and_service(rendered: Render) -> None:
         [cm] = find(docs, "ConfigMap", f"{FULLNAME}-config")
         cfg = yaml.safe_load(cm["data"]["config.yaml"])
         port, metrics_port = cfg["router"]["port"], cfg["router"]["metrics_port"]
+        http_port = cfg["router"]["http_port"]
         c = head_container(rc)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["grpc"] == port and ports["router-metrics"] == metrics_port
+        assert ports["http"] == http_port == 8000
         assert ports["gcs-server"] == 6379 and ports["metrics"] == 8080
         # Native gRPC probes against grpc.health.v1 on the router's port.
         assert c["livenessProbe"]["grpc"] == {"port": port}
@@ -140,6 +142,7 @@ def test_ports_probes_and_service(rendered: Render) -> None:
         assert by_name["grpc"]["appProtocol"] == "grpc"
         assert by_name["grpc"]["port"] == port and by_name["grpc"]["targetPort"] == "grpc"
         assert by_name["metrics"]["port"] == metrics_port
+        assert by_name["http"]["port"] == http_port and by_name["http"]["targetPort"] == "http"
         assert by_name["metrics"]["targetPort"] == "router-metrics"
         assert svc["spec"]["selector"] == {"ray.io/cluster": FULLNAME, "ray.io/node-type": "head"}
         assert rc["metadata"]["name"] == FULLNAME  # what KubeRay puts in ray.io/cluster
@@ -262,8 +265,10 @@ def test_network_policy(rendered: Render) -> None:
     default = rendered("default")
     [router] = find(default, "NetworkPolicy", f"{FULLNAME}-router")
     assert router["spec"]["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
-    # The one door open to any client: the router's gRPC port.
-    assert router["spec"]["ingress"] == [{"ports": [{"port": 8001, "protocol": "TCP"}]}]
+    # The doors open to any client: the router's gRPC port and its OpenAI HTTP port.
+    assert router["spec"]["ingress"] == [
+        {"ports": [{"port": 8001, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]}
+    ]
     [cluster] = find(default, "NetworkPolicy", f"{FULLNAME}-cluster")
     intra, metrics = cluster["spec"]["ingress"]
     assert "ports" not in intra  # all Ray ports, but only from the release's pods

@@ -122,6 +122,8 @@ TEMPLATE_CHECKS: list[tuple[str, dict[str, Any], str]] = [
     ("local ray", {"ray": {"address": ""}}, "ray.address"),
     ("ray port", {"router": {"port": 8265}}, "router.port: 8265 is a port Ray uses"),
     ("same ports", {"router": {"port": 9000, "metrics_port": 9000}}, "must differ"),
+    ("same http port", {"router": {"http_port": 8001}}, "router.http_port: must differ"),
+    ("ray http port", {"router": {"http_port": 8080}}, "router.http_port: 8080 is a port Ray"),
     (
         "above max",
         {"pools": [{"name": "d", "role": "decode", "replicas": 5, "max_replicas": 2}]},

@@ -19,6 +19,7 @@ ray:
   include_dashboard: false
 router:
   port: 0
+  http_port: 0
   metrics_port: 0
   grace_period_s: 5
 """

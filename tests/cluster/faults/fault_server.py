@@ -25,7 +25,9 @@ def main(model_dir: str, port: int, interval_s: float) -> int:
     """Serve until SIGTERM (or until killed)."""
     config = ServeConfig(
         model=model_dir,
-        router=RouterConfig(host="127.0.0.1", port=port, metrics_port=0, grace_period_s=1),
+        router=RouterConfig(
+            host="127.0.0.1", port=port, http_port=0, metrics_port=0, grace_period_s=1
+        ),
     )
     tokenizer = load_tokenizer(model_dir)
     info = ModelInfo("tiny", "LlamaForCausalLM", 64, tokenizer.vocab_size, False)

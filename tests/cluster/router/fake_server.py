@@ -29,7 +29,9 @@ def main(
     """Serve until SIGTERM; report the fake cluster's state after shutdown."""
     config = ServeConfig(
         model=model_dir,
-        router=RouterConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=grace_s),
+        router=RouterConfig(
+            host="127.0.0.1", port=0, http_port=0, metrics_port=0, grace_period_s=grace_s
+        ),
     )
     tokenizer = load_tokenizer(model_dir)
     info = ModelInfo("tiny", "LlamaForCausalLM", context, tokenizer.vocab_size, False)

@@ -124,7 +124,9 @@ def test_serve_takes_the_token_from_a_file_or_env_and_never_prints_it(
     environ = {"BATONSERVE_TEST_TOKEN": TOKEN} if source == "env" else {}
     config = ServeConfig(
         model=str(model_dir),
-        router=RouterConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=1, auth=auth),
+        router=RouterConfig(
+            host="127.0.0.1", port=0, http_port=0, metrics_port=0, grace_period_s=1, auth=auth
+        ),
     )
     tokenizer = load_tokenizer(str(model_dir))
     info = ModelInfo("tiny", "LlamaForCausalLM", 64, tokenizer.vocab_size, False)

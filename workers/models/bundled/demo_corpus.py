@@ -81,6 +81,14 @@ def train_tokenizer(corpus: Corpus) -> Tokenizer:
     return tok
 
 
+# A plain chat format (Python comments, the corpus's own idiom) so OpenAI chat requests work.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '# ' + message['role'] + ': ' + message['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '# assistant: ' }}{% endif %}"
+)
+
+
 def write_tokenizer_files(tok: Tokenizer, out_dir: Path, max_len: int) -> None:
     """Write tokenizer.json and tokenizer_config.json so transformers' AutoTokenizer loads them."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +101,7 @@ def write_tokenizer_files(tok: Tokenizer, out_dir: Path, max_len: int) -> None:
         "pad_token": None,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
+        "chat_template": CHAT_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 

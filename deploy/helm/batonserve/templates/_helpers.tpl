@@ -66,7 +66,10 @@ ray.io/node-type: head
 {{- if eq (int $r.port) (int $r.metrics_port) -}}
 {{- fail (printf "router.port and router.metrics_port: must differ, both are %v" $r.port) -}}
 {{- end -}}
-{{- range $key := list "port" "metrics_port" -}}
+{{- if and $r.http_enabled (has (int $r.http_port) (list (int $r.port) (int $r.metrics_port))) -}}
+{{- fail (printf "router.http_port: must differ from router.port and router.metrics_port, got %v" $r.http_port) -}}
+{{- end -}}
+{{- range $key := list "port" "http_port" "metrics_port" -}}
 {{- if has (int (get $r $key)) (list 6379 8265 10001 8080 52365) -}}
 {{- fail (printf "router.%s: %v is a port Ray uses in the pod (6379, 8265, 10001, 8080, 52365); pick another" $key (get $r $key)) -}}
 {{- end -}}
