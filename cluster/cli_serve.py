@@ -19,6 +19,8 @@ _OVERRIDES = {
     "host": "router.host",
     "port": "router.port",
     "metrics_port": "router.metrics_port",
+    "http_port": "router.http_port",
+    "chat_template": "router.chat_template",
     "ray_address": "ray.address",
 }
 _POOL_FLAGS = {"prefill_workers": "prefill", "decode_workers": "decode", "mixed_workers": "mixed"}
@@ -35,6 +37,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host", help="router address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="router port (default 8001)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 9400)")
+    p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000)")
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="Jinja chat template for /v1/chat/completions (overrides the model's own)",
+    )
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
     for flag, role in _POOL_FLAGS.items():
         p.add_argument(

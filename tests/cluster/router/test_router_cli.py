@@ -23,6 +23,7 @@ def test_serve_defaults_are_the_embedded_setup() -> None:
     cfg = _config()
     assert cfg.model == "demo" and cfg.ray.address == ""
     assert (cfg.router.host, cfg.router.port, cfg.router.metrics_port) == ("127.0.0.1", 8001, 9400)
+    assert cfg.router.http_enabled and cfg.router.http_port == 8000
     assert [(p.role, p.replicas) for p in cfg.pools] == [("prefill", 1), ("decode", 1)]
     assert cfg.router.reflection
 
@@ -46,10 +47,15 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
         "1",
         "--ray-address",
         "auto",
+        "--http-port",
+        "9200",
+        "--chat-template",
+        "chat.jinja",
     )
     assert cfg.model == "demo-moe" and cfg.router.grace_period_s == 5
     assert (cfg.router.host, cfg.router.port) == ("0.0.0.0", 9100)
     assert cfg.ray.address == "auto"
+    assert (cfg.router.http_port, cfg.router.chat_template) == (9200, "chat.jinja")
     assert [(p.name, p.role, p.replicas) for p in cfg.pools] == [
         ("p", "prefill", 2),
         ("d", "decode", 3),

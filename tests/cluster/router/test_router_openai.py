@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from router_harness import REPLY, RouterHarness, fakes, router_factory
+from test_router_security import _self_signed
 
 from batonserve.cluster.api import ModelInfo
-from batonserve.cluster.config import RouterConfig
+from batonserve.cluster.config import RouterConfig, TLSConfig
 from batonserve.cluster.router.chat_template import ChatTemplate
 from batonserve.cluster.router.openai_server import OpenAIServer
 from batonserve.workers.tokenizer import Tokenizer
@@ -271,3 +274,21 @@ def test_disconnect_aborts_the_request(api: Api) -> None:
         assert api.cluster.used_blocks == 0 and api.cluster.aborted
     finally:
         cfg.token_interval_s = old
+
+
+def test_tls_uses_the_router_certificate(api: Api, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    tls = TLSConfig(cert_file=str(cert), key_file=str(key))
+    cfg = replace(RouterConfig(), host="127.0.0.1", http_port=0, tls=tls)
+    server = OpenAIServer(cfg, api.harness.server.dispatcher, tokenizer, None)
+    port = api.harness.loop.run(server.start())
+    try:
+        assert server.scheme == "https"
+        ctx = ssl.create_default_context(cafile=str(cert))
+        url = f"https://127.0.0.1:{port}/v1/models"
+        with urllib.request.urlopen(url, context=ctx, timeout=10) as resp:
+            assert json.loads(resp.read())["data"][0]["id"] == "tiny"
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+    finally:
+        api.harness.loop.run(server.stop())
