@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from batonserve.cluster.sim.design import Design, families_for
+from batonserve.cluster.sim.design import Design, families_for, perf_key
 from batonserve.cluster.sim.hardware import (
     DEFAULT_MACHINES,
     DEFAULT_MODELS,
@@ -20,7 +20,8 @@ from batonserve.cluster.sim.hardware import (
     model_spec_from_hf,
 )
 from batonserve.cluster.sim.metrics import Reference, SLOTable
-from batonserve.cluster.sim.perf_model import SPLITWISE_TABLE, TablePerfModel, read_table
+from batonserve.cluster.sim.paper import plan_setup as paper_plan_setup
+from batonserve.cluster.sim.perf_model import SPLITWISE_TABLE, TablePerfModel, TableRow, read_table
 from batonserve.cluster.sim.planner import PlanRow, PlanSetup, plan_cost, plan_throughput
 from batonserve.cluster.sim.simulator import SimConfig
 from batonserve.cluster.sim.trace import load_azure_trace
@@ -36,7 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--model", default="llama2-70b", help="model name in the table (or demo / a HF dir)"
     )
     p.add_argument("--perf-table", default=str(SPLITWISE_TABLE), help="profile table CSV")
-    p.add_argument("--tp", type=int, default=8, help="tensor-parallel rows of the table to use")
+    p.add_argument(
+        "--tp",
+        default="8",
+        help="tensor-parallel degree(s) of a worker, comma list (e.g. 4,8): each pool of each "
+        "design is tried at each (throughput mode); the table needs rows for them",
+    )
+    p.add_argument(
+        "--setting",
+        choices=["batonserve", "paper"],
+        default="batonserve",
+        help="how the cluster serves: batonserve's engine and scheduler, or the Splitwise paper's "
+        "(whole prompts, 512-request batches, no conditional disaggregation, its KV and SLO model)",
+    )
     p.add_argument("--slo", default="splitwise", help="'splitwise' or overrides like ttft_p99=6")
     p.add_argument("--budget", type=float, required=True, help="cost budget in $/hour")
     p.add_argument("--power-budget", type=float, default=0.0, help="power budget in W (0: none)")
@@ -88,9 +101,19 @@ def parse_machine(text: str, base: dict[str, MachineSpec]) -> MachineSpec:
     )
 
 
+def _tp_list(text: str) -> list[int]:
+    try:
+        tps = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--tp: a comma list of integers, got {text!r}") from None
+    if not tps or any(t < 1 for t in tps):
+        raise ValueError(f"--tp: degrees must be >= 1, got {text!r}")
+    return tps
+
+
 def _model(name: str, tp: int) -> ModelSpec:
     if name in DEFAULT_MODELS:
-        return DEFAULT_MODELS[name]
+        return dataclasses.replace(DEFAULT_MODELS[name], tensor_parallel=tp)
     from batonserve.workers.models.paths import resolve_model_dir
 
     return model_spec_from_hf(resolve_model_dir(name), name=name, tensor_parallel=tp)
@@ -98,12 +121,24 @@ def _model(name: str, tp: int) -> ModelSpec:
 
 def build_setup(args: argparse.Namespace) -> tuple[PlanSetup, list[str]]:
     """Everything the search needs, from the command line."""
-    model = _model(args.model, args.tp)
-    rows = [r for r in read_table(args.perf_table) if r.model == model.name]
-    rows = [r for r in rows if r.tensor_parallel == args.tp] or rows
-    if not rows:
+    tps = _tp_list(args.tp)
+    model = _model(args.model, max(tps))
+    all_rows = [r for r in read_table(args.perf_table) if r.model == model.name]
+    if not all_rows:
         raise ValueError(f"--model: the table {args.perf_table} has no rows for {model.name!r}")
+    have = sorted({r.tensor_parallel for r in all_rows})
+    if len(tps) == 1 and len(have) == 1 and args.tp == "8":
+        model = dataclasses.replace(model, tensor_parallel=have[0])
+        tps = have  # a profiled table of one engine and no --tp: the table's own degree
+    missing = [t for t in tps if t not in have]
+    if missing:
+        raise ValueError(
+            f"--tp: the table has no {model.name} rows at tensor_parallel {missing}; it has {have}"
+        )
+    rows = [r for r in all_rows if r.tensor_parallel == model.tensor_parallel]
     hardware = sorted({r.hardware for r in rows})
+    if args.setting == "paper":
+        return _paper_setup(args, model, tps, hardware)
     machines = dict(DEFAULT_MACHINES)
     for text in args.machine:
         m = parse_machine(text, machines)
@@ -116,7 +151,7 @@ def build_setup(args: argparse.Namespace) -> tuple[PlanSetup, list[str]]:
             # A profiled machine runs one batonserve engine: its default KV cache size.
             kv = EngineConfig().kv_cache_bytes // model.kv_bytes_per_token
             machines[h] = dataclasses.replace(machines[h], kv_capacity_tokens=kv)
-    perf = {h: TablePerfModel.from_rows([r for r in rows if r.hardware == h]) for h in hardware}
+    perf = _perf_models(all_rows, hardware, tps, model.tensor_parallel, "batch")
     ref = args.reference or ("a100-80gb" if "a100-80gb" in perf else hardware[0])
     if ref not in perf:
         raise ValueError(f"--reference: no table rows for machine {ref!r}; have {hardware}")
@@ -133,6 +168,43 @@ def build_setup(args: argparse.Namespace) -> tuple[PlanSetup, list[str]]:
         slo=SLOTable.parse(args.slo),
         sim=SimConfig(limits=limits),
         seed=args.seed,
+    )
+    families = [f.strip() for f in args.families.split(",") if f.strip()] or families_for(hardware)
+    return setup, families
+
+
+def _perf_models(
+    rows: Sequence[TableRow], hardware: list[str], tps: list[int], default_tp: int, axis: str
+) -> dict[str, TablePerfModel]:
+    """One model per (machine, TP degree), keyed as `perf_key` names them."""
+    perf = {}
+    for h in hardware:
+        for tp in tps:
+            sel = [r for r in rows if r.hardware == h and r.tensor_parallel == tp]
+            if not sel:
+                raise ValueError(f"--tp: the table has no rows for {h} at tensor_parallel={tp}")
+            perf[perf_key(h, tp, default_tp)] = TablePerfModel.from_rows(sel, decode_axis=axis)
+    return perf
+
+
+def _paper_setup(
+    args: argparse.Namespace, model: ModelSpec, tps: list[int], hardware: list[str]
+) -> tuple[PlanSetup, list[str]]:
+    """The Splitwise paper's setting (cluster/sim/paper.py) on the chosen trace and TP degrees."""
+    if model.name != "llama2-70b" or args.machine:
+        raise ValueError("--setting paper: only --model llama2-70b, without --machine")
+    if args.requests < 1:
+        raise ValueError(f"--requests: must be >= 1, got {args.requests}")
+    trace = load_azure_trace(args.trace, limit=args.requests)
+    base = paper_plan_setup("paper", trace, args.seed)
+    rows = [r for r in read_table(args.perf_table) if r.model == model.name]
+    perf = _perf_models(rows, sorted(base.machines), tps, model.tensor_parallel, "tokens")
+    setup = dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, tensor_parallel=model.tensor_parallel),
+        perf=perf,
+        reference=dataclasses.replace(base.reference, perf=perf["a100-80gb"]),
+        slo=SLOTable.parse(args.slo),
     )
     families = [f.strip() for f in args.families.split(",") if f.strip()] or families_for(hardware)
     return setup, families
@@ -161,9 +233,17 @@ def format_table(rows: Sequence[PlanRow], top: int) -> str:
     return "\n".join(lines)
 
 
-def design_yaml(design: Design, row: PlanRow | None = None) -> str:
+def design_yaml(design: Design, row: PlanRow | None = None, default_tp: int = 8) -> str:
     """The pools file `batonserve scale` reads (one flow-style line per pool), plus a report."""
-    pools = {p.name: {"replicas": p.replicas, "machine": p.machine} for p in design.pools}
+    pools = {
+        p.name: {
+            "replicas": p.replicas,
+            "machine": p.machine,
+            # GPUs per worker, as the serving config names it (0 in a design: the model's TP).
+            "tensor_parallel_size": p.tensor_parallel or default_tp,
+        }
+        for p in design.pools
+    }
     text = yaml.safe_dump({"pools": pools}, sort_keys=False, default_flow_style=None)
     if row is not None:
         report = {
@@ -194,8 +274,16 @@ def run(args: argparse.Namespace) -> int:
     if args.rate > 0:
         rows = plan_cost(setup, families, args.rate, args.budget, progress=progress)
     else:
+        tps = [0 if t == setup.model.tensor_parallel else t for t in _tp_list(args.tp)]
         rows = plan_throughput(
-            setup, families, args.budget, args.power_budget, args.max_designs, args.iters, progress
+            setup,
+            families,
+            args.budget,
+            args.power_budget,
+            args.max_designs,
+            args.iters,
+            progress,
+            tensor_parallel=tps,
         )
     print(format_table(rows, args.top))
     if args.plot:
@@ -209,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         if not rows or rows[0].max_rate <= 0:
             raise ValueError("--output: no design met the SLOs; nothing to write")
-        Path(args.output).write_text(design_yaml(rows[0].design, rows[0]))
+        Path(args.output).write_text(
+            design_yaml(rows[0].design, rows[0], setup.model.tensor_parallel)
+        )
         print(f"chosen design written to {args.output}", file=sys.stderr)
     return 0

@@ -30,6 +30,7 @@ class PlanPool:
 
     replicas: int
     machine: str = ""
+    tensor_parallel_size: int = 1  # GPUs per worker the planner assumed (scale changes counts only)
 
 
 @dataclass(frozen=True)

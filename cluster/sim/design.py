@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -11,12 +12,28 @@ from batonserve.cluster.sim.hardware import MachineSpec
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """`replicas` machines of one type sharing a role."""
+    """`replicas` machines of one type sharing a role.
+
+    `tensor_parallel`: GPUs per worker (0: the model's default, a whole DGX at TP8); a machine
+    of 8 GPUs runs 8 / tensor_parallel workers, each with its share of memory and links.
+    """
 
     name: str
     role: Role
     machine: str
     replicas: int
+    tensor_parallel: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel < 0:
+            raise ValueError(f"pool {self.name}: tensor_parallel must be >= 0")
+
+
+def perf_key(machine: str, tensor_parallel: int, default_tp: int) -> str:
+    """The key of a machine's performance model at a TP degree ('a100-80gb', 'a100-80gb/tp4')."""
+    if tensor_parallel in (0, default_tp):
+        return machine
+    return f"{machine}/tp{tensor_parallel}"
 
 
 @dataclass(frozen=True)
@@ -68,10 +85,15 @@ class Design:
 
     @property
     def label(self) -> str:
-        """Short name, e.g. 'Splitwise-HA 3P+2D' or 'Baseline-A 5'."""
+        """Short name, e.g. 'Splitwise-HA 3P+2D', 'Baseline-A 5' or 'Splitwise-AA 3P+2D TP4/8'."""
         if self.num_prefill or self.num_decode:
-            return f"{self.family} {self.num_prefill}P+{self.num_decode}D"
-        return f"{self.family} {self.num_machines}"
+            text = f"{self.family} {self.num_prefill}P+{self.num_decode}D"
+        else:
+            text = f"{self.family} {self.num_machines}"
+        tps = [p.tensor_parallel for p in self.pools]
+        if any(tps):
+            text += " TP" + "/".join(str(t or "-") for t in tps)
+        return text
 
     def cost_per_hour(self, machines: Mapping[str, MachineSpec]) -> float:
         """Dollars per hour for every machine."""
@@ -102,8 +124,14 @@ def families_for(hardware: list[str]) -> list[str]:
     return names
 
 
-def make_design(family: str, num_prefill: int, num_decode: int = 0) -> Design:
-    """A design of a family: colocated families take the total in `num_prefill`."""
+def make_design(
+    family: str,
+    num_prefill: int,
+    num_decode: int = 0,
+    prefill_tp: int = 0,
+    decode_tp: int = 0,
+) -> Design:
+    """A design of a family: colocated families take the total in `num_prefill` (and its TP)."""
     fam = FAMILIES.get(family)
     if fam is None:
         raise ValueError(f"unknown design family {family!r}; choose from {sorted(FAMILIES)}")
@@ -111,13 +139,22 @@ def make_design(family: str, num_prefill: int, num_decode: int = 0) -> Design:
         n = num_prefill + num_decode
         if n < 1:
             raise ValueError(f"{family}: need at least one machine")
-        return Design(family, (PoolSpec("mixed", "mixed", fam.prefill_machine, n),))
+        return Design(family, (PoolSpec("mixed", "mixed", fam.prefill_machine, n, prefill_tp),))
     if num_prefill < 1 or num_decode < 1:
         raise ValueError(f"{family}: need at least one prefill and one decode machine")
     return Design(
         family,
         (
-            PoolSpec("prefill", "prefill", fam.prefill_machine, num_prefill),
-            PoolSpec("decode", "decode", fam.decode_machine, num_decode),
+            PoolSpec("prefill", "prefill", fam.prefill_machine, num_prefill, prefill_tp),
+            PoolSpec("decode", "decode", fam.decode_machine, num_decode, decode_tp),
         ),
     )
+
+
+def with_tensor_parallel(design: Design, prefill_tp: int, decode_tp: int) -> Design:
+    """The same design with its prompt (or mixed) pools at `prefill_tp`, token pools at `decode_tp`."""
+    pools = tuple(
+        dataclasses.replace(p, tensor_parallel=decode_tp if p.role == "decode" else prefill_tp)
+        for p in design.pools
+    )
+    return Design(design.family, pools)

@@ -109,10 +109,13 @@ class TablePerfModel:
     """Interpolates a profile table piecewise-linearly over batch tokens.
 
     Prefill: median prompt time against prompt_size x batch_size (both the prompt-size sweep and
-    the batch sweep). Decode: median token time against batch size (a decode step computes one
-    token per request, so its batch tokens are its batch size). A step that mixes prompt chunks
-    and decodes is costed as a prefill of all its tokens times `mixed_penalty` (SplitwiseSim's
-    convention). Context length does not enter: the table does not vary it for decode.
+    the batch sweep). Decode, `decode_axis="batch"` (ours): median token time against batch
+    size, i.e. the batch sweep at its 512-token contexts (45 ms at 1, 72 ms at 64 on a DGX-A100).
+    `decode_axis="tokens"` (SplitwiseSim's): median token time against prompt_size x batch_size
+    read at the number of decodes, which makes a decode step nearly flat (43-46 ms for 1 to
+    8192 decodes on a DGX-A100). A step that mixes prompt chunks and decodes is costed as a
+    prefill of all its tokens times `mixed_penalty` (SplitwiseSim's convention). Context length
+    does not enter beyond what the chosen axis carries.
     """
 
     def __init__(
@@ -124,15 +127,20 @@ class TablePerfModel:
         self._cache: dict[tuple[int, int], float] = {}
 
     @classmethod
-    def from_rows(cls, rows: Sequence[TableRow], mixed_penalty: float = 1.1) -> TablePerfModel:
+    def from_rows(
+        cls, rows: Sequence[TableRow], mixed_penalty: float = 1.1, decode_axis: str = "batch"
+    ) -> TablePerfModel:
         """Build from the rows of one (model, hardware, tensor_parallel)."""
         if not rows:
             raise ValueError("no rows to build a performance model from")
+        if decode_axis not in ("batch", "tokens"):
+            raise ValueError(f"decode_axis: 'batch' or 'tokens', got {decode_axis!r}")
         pre: dict[int, list[float]] = defaultdict(list)
         dec: dict[int, list[float]] = defaultdict(list)
         for r in rows:
             pre[r.prompt_size * r.batch_size].append(r.prompt_time_ms / 1e3)
-            dec[r.batch_size].append(r.token_time_ms / 1e3)
+            x = r.batch_size if decode_axis == "batch" else r.prompt_size * r.batch_size
+            dec[x].append(r.token_time_ms / 1e3)
         px = sorted(pre)
         dx = sorted(dec)
         return cls(
@@ -143,7 +151,12 @@ class TablePerfModel:
 
     @classmethod
     def from_csv(
-        cls, path: str | Path, model: str, hardware: str, tensor_parallel: int | None = None
+        cls,
+        path: str | Path,
+        model: str,
+        hardware: str,
+        tensor_parallel: int | None = None,
+        decode_axis: str = "batch",
     ) -> TablePerfModel:
         """The model for one (model, hardware[, tensor_parallel]) of a table file."""
         rows = read_table(path)
@@ -164,7 +177,7 @@ class TablePerfModel:
             raise ValueError(
                 f"{path}: several tensor_parallel values for {model}/{hardware}; pick one"
             )
-        return cls.from_rows(sel)
+        return cls.from_rows(sel, decode_axis=decode_axis)
 
     def step_time(self, prefill_tokens: int, num_decodes: int) -> float:
         """Seconds for one step (memoised: the same shapes recur constantly)."""

@@ -6,11 +6,18 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from batonserve.cluster.sim.design import FAMILIES, Design, Family, make_design
+from batonserve.cluster.sim.design import (
+    FAMILIES,
+    Design,
+    Family,
+    make_design,
+    perf_key,
+    with_tensor_parallel,
+)
 from batonserve.cluster.sim.hardware import MachineSpec, ModelSpec
 from batonserve.cluster.sim.metrics import Reference, SLOGuard, SLOTable, Summary, summarize
 from batonserve.cluster.sim.perf_model import PerfModel
-from batonserve.cluster.sim.simulator import SimConfig, SimResult, Simulator
+from batonserve.cluster.sim.simulator import SimConfig, SimResult, Simulator, worker_machine
 from batonserve.cluster.sim.trace import TraceRequest, retime_poisson
 
 Progress = Callable[[str], None]
@@ -62,14 +69,15 @@ def capacity_bound(setup: PlanSetup, design: Design) -> float:
     mean_prompt = sum(r.prompt_tokens for r in setup.requests) / max(1, len(setup.requests))
     chunk = setup.sim.limits.max_num_batched_tokens
     tokens_per_s = 0.0
+    lendable = design.num_prefill and design.num_decode
     for p in design.pools:
+        perf = setup.perf[perf_key(p.machine, p.tensor_parallel, setup.model.tensor_parallel)]
+        _, per_machine = worker_machine(setup.machines[p.machine], p.tensor_parallel, setup.model)
+        workers = p.replicas * per_machine
         if p.role in ("prefill", "mixed"):
-            tokens_per_s += p.replicas * chunk / setup.perf[p.machine].step_time(chunk, 0)
-    if design.num_prefill and design.num_decode:
-        # Borrowed decode machines add prompt capacity through the mixed pool.
-        for p in design.pools:
-            if p.role == "decode":
-                tokens_per_s += 0.5 * p.replicas * chunk / setup.perf[p.machine].step_time(chunk, 0)
+            tokens_per_s += workers * chunk / perf.step_time(chunk, 0)
+        elif lendable:  # borrowed decode machines add prompt capacity through the mixed pool
+            tokens_per_s += 0.5 * workers * chunk / perf.step_time(chunk, 0)
     return tokens_per_s / mean_prompt
 
 
@@ -163,13 +171,29 @@ def plan_throughput(
     max_designs: int = 6,
     iters: int = 7,
     progress: Progress | None = None,
+    tensor_parallel: Sequence[int] = (0,),
 ) -> list[PlanRow]:
-    """For each family, the designs that spend the budget, ranked by throughput within the SLOs."""
+    """For each family, the designs that spend the budget, ranked by throughput within the SLOs.
+
+    `tensor_parallel`: the TP degrees to try for each pool (0: the model's default); every
+    design is tried with every combination (a colocated one with each degree).
+    """
     designs: list[Design] = []
     for name in families:
         if name not in FAMILIES:
             raise ValueError(f"families: unknown family {name!r}; choose from {sorted(FAMILIES)}")
-        designs += budget_designs(FAMILIES[name], setup.machines, budget, power_budget, max_designs)
+        base = budget_designs(FAMILIES[name], setup.machines, budget, power_budget, max_designs)
+        combos = [
+            (p, d)
+            for p in tensor_parallel
+            for d in tensor_parallel
+            if not FAMILIES[name].colocated or p == d
+        ]
+        designs += [
+            with_tensor_parallel(b, p, d) if (p, d) != (0, 0) else b
+            for b in base
+            for p, d in combos
+        ]
     if not designs:
         raise ValueError(f"budget: {budget} $/h buys no design of {list(families)}")
     rows = []

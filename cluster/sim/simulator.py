@@ -7,6 +7,7 @@ pairs the request from worker snapshots, exactly as the live controller does.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from batonserve.cluster.scheduling import (
     RoleChange,
     SchedulerConfig,
 )
-from batonserve.cluster.sim.design import Design
+from batonserve.cluster.sim.design import Design, perf_key
 from batonserve.cluster.sim.hardware import (
     MachineSpec,
     ModelSpec,
@@ -46,6 +47,28 @@ class _BlockPoolLookup:
     def cached_prefix_blocks(self, worker_id: str, block_hashes: Sequence[int]) -> int:
         """Leading blocks of the prompt the worker's block pool can hand out as a prefix hit."""
         return len(self._sim.workers[worker_id].blocks.find_cached(block_hashes))
+
+
+def worker_machine(machine: MachineSpec, tp: int, model: ModelSpec) -> tuple[MachineSpec, int]:
+    """What one worker of `tp` GPUs gets of a machine (memory, link), and workers per machine."""
+    tp = tp or model.tensor_parallel
+    if tp >= machine.num_gpus:
+        return machine, 1
+    if machine.num_gpus % tp:
+        raise ValueError(
+            f"tensor_parallel {tp} does not divide machine {machine.name}'s {machine.num_gpus} GPUs"
+        )
+    per = machine.num_gpus // tp
+    # A DGX has one NIC per GPU: a worker's KV link is its GPUs' share.
+    return (
+        dataclasses.replace(
+            machine,
+            num_gpus=tp,
+            link_gb_per_s=machine.link_gb_per_s / per,
+            kv_capacity_tokens=machine.kv_capacity_tokens // per,
+        ),
+        per,
+    )
 
 
 @dataclass(frozen=True)
@@ -143,15 +166,14 @@ class Simulator:
         lim = self.config.limits
         self.workers: dict[str, SimWorker] = {}
         for p in design.pools:
-            spec = machines[p.machine]
-            if p.machine not in perf:
-                raise ValueError(f"no performance model for machine {p.machine!r}")
+            key = perf_key(p.machine, p.tensor_parallel, model.tensor_parallel)
+            if key not in perf:
+                raise ValueError(f"no performance model for machine {key!r}")
+            spec, per_machine = worker_machine(machines[p.machine], p.tensor_parallel, model)
             blocks = kv_capacity_tokens(spec, model) // lim.block_size
-            for i in range(p.replicas):
+            for i in range(p.replicas * per_machine):
                 wid = f"{p.name}-{i}"
-                self.workers[wid] = SimWorker(
-                    wid, p.name, p.role, spec, perf[p.machine], blocks, lim
-                )
+                self.workers[wid] = SimWorker(wid, p.name, p.role, spec, perf[key], blocks, lim)
         self._lendable = any(w.home_role != "mixed" for w in self.workers.values())
         self._events: list[tuple[float, int, int, object]] = []
         self._seq = 0

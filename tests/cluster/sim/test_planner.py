@@ -86,7 +86,8 @@ def test_plan_command_writes_table_yaml_and_plots(tmp_path, capsys) -> None:  # 
     pools = data["pools"]
     assert set(pools) in ({"prefill", "decode"}, {"mixed"})
     for p in pools.values():
-        assert set(p) == {"replicas", "machine"} and p["replicas"] >= 1
+        assert set(p) == {"replicas", "machine", "tensor_parallel_size"} and p["replicas"] >= 1
+        assert p["tensor_parallel_size"] == 8  # a whole DGX per worker, the table's TP8 rows
     assert text.splitlines()[1].startswith("  ") and "{replicas:" in text.splitlines()[1]
     assert (tmp_path / "plots" / "throughput_vs_cost.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 1000

@@ -1,0 +1,136 @@
+"""Splitwise's provisioning experiments at the paper's scale (code trace, Llama-2-70B, TP8).
+
+    python tests/bench/bench_paper.py run isopower --setting paper
+    python tests/bench/bench_paper.py run isocost --setting ours
+    python tests/bench/bench_paper.py run isothroughput --setting paper --rate 70
+    python tests/bench/bench_paper.py report            # tables (markdown) and plots
+
+Budgets are the paper's: the power of 40 DGX-H100s (= 70 DGX-A100s), their cost (= 86
+DGX-A100s). Each family's best split is searched design by design (`search.best_split`), each
+design's rate bisected to 2%. Results go to docs/img/simulator/paper/<experiment>_<setting>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from batonserve.cluster.sim.design import SPLITWISE_FAMILIES, Design
+from batonserve.cluster.sim.paper import plan_setup
+from batonserve.cluster.sim.planner import PlanRow
+from batonserve.cluster.sim.search import best_split, cheapest_at_rate, objective_of
+from batonserve.cluster.sim.trace import load_azure_trace
+
+OUT = Path(__file__).resolve().parents[2] / "docs" / "img" / "simulator" / "paper"
+BASELINES = ("Baseline-A", "Baseline-H")
+SPLITS = tuple(f for f in SPLITWISE_FAMILIES if f not in BASELINES)
+
+
+def _row(r: PlanRow) -> dict:
+    d = r.design
+    s = r.summary
+    return {
+        "label": d.label,
+        "prefill": d.num_prefill,
+        "decode": d.num_decode,
+        "machines": d.num_machines,
+        "cost": round(r.cost_per_hour, 3),
+        "power": round(r.power_w, 3),
+        "rate": round(r.max_rate, 3),
+        "ttft_p99": round(s.ttft_slowdown.p99, 3) if s else None,
+        "tbt_p90": round(s.tbt_slowdown.p90, 3) if s else None,
+    }
+
+
+def _design(d: Design | None, setup_machines: dict) -> dict | None:
+    if d is None:
+        return None
+    return {
+        "label": d.label,
+        "prefill": d.num_prefill,
+        "decode": d.num_decode,
+        "machines": d.num_machines,
+        "cost": round(d.cost_per_hour(setup_machines), 3),
+        "power": round(d.power_w(setup_machines), 3),
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    """One experiment under one setting; writes its JSON."""
+    setup = plan_setup(args.setting, load_azure_trace("code", limit=args.requests))
+    h100 = setup.machines["h100-80gb"]
+    t0 = time.time()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    families = [f for f in args.families.split(",") if f] or list(SPLITWISE_FAMILIES)
+    out: dict = {"experiment": args.experiment, "setting": args.setting}
+    out["requests"] = args.requests
+    if args.experiment in ("isopower", "isocost"):
+        budget, power = 1e12, 0.0
+        if args.experiment == "isopower":
+            power = args.h100 * h100.power_w
+        else:
+            budget = args.h100 * h100.cost_per_hour
+        out["budget"] = {"cost": budget if budget < 1e12 else None, "power": power or None}
+        out["families"] = {}
+        for fam in families:
+            fb = best_split(setup, fam, budget, power, progress)
+            out["families"][fam] = {
+                "best": _row(fb.best),
+                "tried": [_row(r) for r in fb.tried],
+            }
+            progress(f"== {fam}: {fb.best.design.label} {fb.best.max_rate:.2f} req/s")
+    else:
+        out["rate"] = args.rate
+        out["families"] = {}
+        for fam in families:
+            res = {}
+            for kind in ("cost", "power"):
+                if kind == "power" and fam in ("Splitwise-AA", "Baseline-A", "Baseline-H"):
+                    res[kind] = res["cost"]  # one machine type: fewest machines minimise both
+                    continue
+                d = cheapest_at_rate(
+                    setup, fam, args.rate, objective_of(kind, setup.machines), progress=progress
+                )
+                res[kind] = _design(d, dict(setup.machines))
+                progress(f"== {fam} {kind}-optimal: {res[kind]}")
+            out["families"][fam] = res
+    out["seconds"] = round(time.time() - t0, 1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{args.experiment}_{args.setting}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path} ({out['seconds']} s)")
+
+
+def main() -> None:
+    """Run an experiment or write the report."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("experiment", choices=["isopower", "isocost", "isothroughput"])
+    r.add_argument("--setting", choices=["paper", "ours"], default="paper")
+    r.add_argument("--requests", type=int, default=3000)
+    r.add_argument("--h100", type=int, default=40, help="budget = this many DGX-H100s")
+    r.add_argument("--rate", type=float, default=70.0, help="isothroughput: requests/s")
+    r.add_argument("--families", default="", help="comma list (default: all six)")
+    r.set_defaults(func=run)
+    rep = sub.add_parser("report")
+    rep.set_defaults(func=report)
+    args = p.parse_args()
+    args.func(args)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Markdown tables of paper vs ours from the JSON results, and plots."""
+    from paper_report import write_report
+
+    write_report(OUT)
+
+
+if __name__ == "__main__":
+    main()

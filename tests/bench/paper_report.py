@@ -1,0 +1,156 @@
+"""Tables and plots of bench_paper.py's results against the Splitwise paper's figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+# The paper's figures (Splitwise §6, code trace): (experiment, family, baseline, quantity, value).
+# quantity "throughput": family / baseline; "cost", "power": family / baseline at equal rate.
+PAPER = (
+    ("isopower", "Splitwise-AA", "Baseline-A", "throughput", 2.15),
+    ("isopower", "Splitwise-HA", "Baseline-H", "throughput", 1.18),
+    ("isocost", "Splitwise-AA", "Baseline-H", "throughput", 1.40),
+    ("isothroughput", "Splitwise-AA", "Baseline-H", "cost", 0.75),
+    ("isothroughput", "Splitwise-HHcap", "Baseline-H", "power", 0.75),
+)
+SETTINGS = ("paper", "ours")
+FAMS = (
+    "Splitwise-AA",
+    "Splitwise-HH",
+    "Splitwise-HA",
+    "Splitwise-HHcap",
+    "Baseline-A",
+    "Baseline-H",
+)
+
+
+def _load(out: Path, exp: str, setting: str) -> dict | None:
+    p = out / f"{exp}_{setting}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _ratio(res: dict | None, fam: str, base: str, quantity: str) -> float | None:
+    if res is None or fam not in res["families"] or base not in res["families"]:
+        return None
+    a, b = res["families"][fam], res["families"][base]
+    if quantity == "throughput":
+        x, y = a["best"]["rate"], b["best"]["rate"]
+    else:
+        if a.get(quantity) is None or b.get(quantity) is None:
+            return None
+        x, y = a[quantity][quantity], b[quantity][quantity]
+    return x / y if y else None
+
+
+def _fmt(x: float | None, paper: float | None = None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.2f}" + (f" ({x / paper:.2f})" if paper else "")
+
+
+def tables(out: Path) -> str:
+    """Markdown: per experiment, the paper's figure, both settings' (and their ratio to it)."""
+    lines = []
+    for exp in ("isopower", "isocost", "isothroughput"):
+        res = {s: _load(out, exp, s) for s in SETTINGS}
+        lines.append(f"\n### {exp}\n")
+        lines.append("| figure | paper | paper-faithful (/paper) | batonserve (/paper) |")
+        lines.append("| --- | ---: | ---: | ---: |")
+        for e, fam, base, q, val in PAPER:
+            if e != exp:
+                continue
+            cells = [_fmt(_ratio(res[s], fam, base, q), val) for s in SETTINGS]
+            lines.append(f"| {fam} / {base} {q} | {val:.2f} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+        lines.append(
+            "| family | "
+            + " | ".join(f"{s}: best design, req/s or $, power" for s in SETTINGS)
+            + " |"
+        )
+        lines.append("| --- | --- | --- |")
+        for fam in FAMS:
+            cells = []
+            for s in SETTINGS:
+                r = res[s]
+                if r is None or fam not in r["families"]:
+                    cells.append("n/a")
+                elif exp == "isothroughput":
+                    c, p = r["families"][fam]["cost"], r["families"][fam]["power"]
+                    cells.append(
+                        f"cost-opt {c['label']} ({c['cost']:.1f}, {c['power']:.0f}); "
+                        f"power-opt {p['label']} ({p['cost']:.1f}, {p['power']:.0f})"
+                        if c and p
+                        else "none passes"
+                    )
+                else:
+                    b = r["families"][fam]["best"]
+                    cells.append(f"{b['label']}: {b['rate']:.1f} req/s")
+            lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(out: Path) -> list[Path]:
+    """Throughput against split per family, and normalised bars per experiment."""
+    made = []
+    for exp in ("isopower", "isocost"):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
+        for ax, s in zip(axes, SETTINGS, strict=True):
+            r = _load(out, exp, s)
+            if r is None:
+                continue
+            for fam in FAMS:
+                if fam not in r["families"]:
+                    continue
+                tried = sorted(r["families"][fam]["tried"], key=lambda t: t["prefill"])
+                if fam.startswith("Baseline"):
+                    ax.axhline(
+                        tried[0]["rate"], ls="--", lw=1, label=f"{fam} ({tried[0]['machines']})"
+                    )
+                    continue
+                frac = [t["prefill"] / t["machines"] for t in tried]
+                ax.plot(frac, [t["rate"] for t in tried], marker="o", ms=3, label=fam)
+            ax.set_title(f"{exp}, {s} setting")
+            ax.set_xlabel("prompt machines / all machines")
+            ax.set_ylabel("throughput within SLO (req/s)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / f"{exp}_splits.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    labels, paper_v, ours_v, faithful_v = [], [], [], []
+    for exp, fam, base, q, val in PAPER:
+        labels.append(f"{exp}\n{fam.split('-')[1]}/{base.split('-')[1]} {q}")
+        paper_v.append(val)
+        faithful_v.append(_ratio(_load(out, exp, "paper"), fam, base, q) or 0.0)
+        ours_v.append(_ratio(_load(out, exp, "ours"), fam, base, q) or 0.0)
+    xs = range(len(labels))
+    w = 0.27
+    ax.bar([x - w for x in xs], paper_v, w, label="paper")
+    ax.bar(list(xs), faithful_v, w, label="paper-faithful sim")
+    ax.bar([x + w for x in xs], ours_v, w, label="batonserve sim")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("ratio to the baseline")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "ratios.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    made.append(p)
+    return made
+
+
+def write_report(out: Path) -> None:
+    """Print the tables and write the plots."""
+    print(tables(out))
+    for p in plots(out):
+        print(f"plot: {p}")

@@ -1,0 +1,101 @@
+"""The paper-faithful setting: Splitwise's batching rule, tensor parallelism as a design choice."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from sim_helpers import LLAMA, splitwise_perf
+
+from batonserve.cluster.cli import main
+from batonserve.cluster.cli_scale import load_plan
+from batonserve.cluster.sim.design import make_design
+from batonserve.cluster.sim.hardware import DEFAULT_MACHINES
+from batonserve.cluster.sim.paper import PAPER_MACHINES, plan_setup, setting_spec
+from batonserve.cluster.sim.paper_batching import SplitwiseBatching
+from batonserve.cluster.sim.perf_model import SPLITWISE_TABLE, TablePerfModel
+from batonserve.cluster.sim.simulator import Simulator
+from batonserve.cluster.sim.trace import TraceRequest
+from batonserve.workers.block_pool import BlockPool
+from batonserve.workers.request import Request
+from batonserve.workers.sampling_params import SamplingParams
+from batonserve.workers.scheduler import SampledToken, StepResult
+
+
+def _req(rid: str, prompt: int, out: int = 3) -> Request:
+    return Request(rid, [0] * prompt, SamplingParams(max_tokens=out, ignore_eos=True))
+
+
+def test_splitwise_batching_takes_whole_prompts_before_decodes() -> None:
+    s = SplitwiseBatching(BlockPool(1000, 16, False), max_num_batched_tokens=2048, max_num_seqs=3)
+    s.add(_req("long", 5000))
+    s.add(_req("a", 1000))
+    plan = s.schedule()  # a prompt alone may exceed the budget, and is never chunked
+    assert [(q.request_id, len(q.token_ids)) for q in plan.seqs] == [("long", 5000)]
+    s.update(plan, StepResult((SampledToken("long", 1),)))
+    s.add(_req("b", 1000))
+    s.add(_req("c", 100))
+    plan = s.schedule()  # prompts first (1000 + 1000 fit, c would not), then the decode
+    assert [(q.request_id, len(q.token_ids)) for q in plan.seqs] == [
+        ("a", 1000),
+        ("b", 1000),
+        ("long", 1),
+    ]
+    s.update(plan, StepResult(tuple(SampledToken(q.request_id, 1) for q in plan.seqs)))
+    plan = s.schedule()  # the batch cap (3) leaves one decode out
+    assert [q.request_id for q in plan.seqs] == ["c", "long", "a"]
+
+
+def test_perf_decode_axis_tokens_is_flat() -> None:
+    flat = TablePerfModel.from_csv(SPLITWISE_TABLE, "llama2-70b", "a100-80gb", 8, "tokens")
+    ours = TablePerfModel.from_csv(SPLITWISE_TABLE, "llama2-70b", "a100-80gb", 8)
+    assert flat.step_time(0, 512) < 1.1 * flat.step_time(0, 1)
+    assert ours.step_time(0, 64) > 1.5 * ours.step_time(0, 1)
+    with pytest.raises(ValueError, match="decode_axis"):
+        TablePerfModel.from_csv(SPLITWISE_TABLE, "llama2-70b", "a100-80gb", 8, "context")
+
+
+def test_paper_setting_is_what_the_paper_simulated() -> None:
+    spec = setting_spec("paper")
+    assert spec.limits.batching == "splitwise" and spec.limits.max_num_seqs == 512
+    assert not spec.scheduler.conditional_disaggregation and not spec.layerwise_transfer
+    assert spec.model.kv_bytes_per_token == 2 * 80 * 8192 * 2  # no GQA, as SplitwiseSim
+    a, h = PAPER_MACHINES["a100-80gb"], PAPER_MACHINES["h100-80gb"]
+    assert (
+        int(40 * h.power_w // a.power_w) == 70
+        and int(40 * h.cost_per_hour // a.cost_per_hour) == 86
+    )
+    trace = [TraceRequest(f"r{i}", 0.05 * i, 3000, 5) for i in range(20)]
+    setup = plan_setup("paper", trace)
+    res = Simulator(make_design("Splitwise-AA", 2, 1), setup.model, setup.machines, setup.perf, setup.sim).run(trace)  # fmt: skip
+    assert all(r.num_finishes == 1 and r.tokens_out == 5 for r in res.records)
+    # No chunking: each prompt's first token comes one 3000-token step after it starts.
+    one_step = setup.perf["a100-80gb"].step_time(3000, 0)
+    assert min(r.first_token_s - r.prefill_start_s for r in res.records) == pytest.approx(one_step)
+
+
+def test_tensor_parallel_splits_a_machine_into_workers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    perf = splitwise_perf()
+    perf["a100-80gb/tp4"] = TablePerfModel.from_csv(SPLITWISE_TABLE, "llama2-70b", "a100-80gb", 4)
+    design = make_design("Splitwise-AA", 1, 2, prefill_tp=0, decode_tp=4)
+    assert design.label == "Splitwise-AA 1P+2D TP-/4"
+    sim = Simulator(design, LLAMA, DEFAULT_MACHINES, perf)
+    dec = [w for w in sim.workers.values() if w.pool == "decode"]
+    pre = [w for w in sim.workers.values() if w.pool == "prefill"]
+    assert len(pre) == 1 and len(dec) == 4
+    assert dec[0].machine.num_gpus == 4 and dec[0].machine.link_gb_per_s == 100.0
+    assert dec[0].blocks.num_blocks < pre[0].blocks.num_blocks / 2  # weights take a bigger share
+    with pytest.raises(ValueError, match="no performance model"):
+        Simulator(make_design("Splitwise-AA", 1, 1, decode_tp=2), LLAMA, DEFAULT_MACHINES, perf)
+    out = tmp_path / "d.yaml"
+    rc = main(
+        [
+            "plan", "--budget", "60", "--families", "Splitwise-AA", "--requests", "30",
+            "--iters", "1", "--max-designs", "1", "--tp", "4,8", "--output", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    pools = yaml.safe_load(out.read_text())["pools"]
+    assert {p["tensor_parallel_size"] for p in pools.values()} <= {4, 8}
+    plan = load_plan(out)
+    assert {p.tensor_parallel_size for p in plan.pools.values()} <= {4, 8}
+    assert main(["plan", "--budget", "60", "--tp", "3"]) == 2
