@@ -41,3 +41,36 @@ fi
 "$TOOLS/bin/helm" version --short
 python3 -c "import kubernetes_validate" 2>/dev/null || python3 -m pip install --quiet "kubernetes-validate>=1.31"
 # --- end helm ---
+
+# --- image (issue 21, helper "image"): podman + runc + debootstrap, a Debian base image and a CPU
+# wheelhouse under .tools/image/ for tests/deploy/test_image.py (it skips without them). Needs root
+# (rootful podman, debootstrap); BATONSERVE_SKIP_IMAGE=1 skips it. Repeat runs cost seconds. ---
+if [ "${BATONSERVE_SKIP_IMAGE:-0}" != 1 ] && [ "$(id -u)" -eq 0 ]; then
+    IMAGE_DIR="$PWD/.tools/image"
+    mkdir -p "$IMAGE_DIR/wheels"
+    if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
+        || ! command -v debootstrap >/dev/null; then
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            podman runc debootstrap
+    fi
+    # Debian bookworm from the mirror, with the image's OS packages (no registry needed).
+    ENGINE="podman --root $IMAGE_DIR/containers --runroot $IMAGE_DIR/run" BASE_CACHE="$IMAGE_DIR" \
+        timeout 900 deploy/docker/debian-base.sh localhost/batonserve-base:bookworm
+    # The image's Python dependencies as cp311 wheels, with the CPU torch (never the CUDA one: the
+    # +cpu pin fails instead), downloaded again only when the list changes.
+    torch_spec="$(sed -n 's/^ARG TORCH_SPEC=//p' deploy/docker/Dockerfile.cpu)+cpu"
+    ray_version="$(sed -n 's/^ARG RAY_VERSION=//p' deploy/docker/Dockerfile.cpu)"
+    python3 - "$torch_spec" "ray[default]==$ray_version" > "$IMAGE_DIR/requirements.new" <<'PY'
+import sys, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print("\n".join([*sys.argv[1:], *deps, "setuptools>=68"]))
+PY
+    if ! cmp -s "$IMAGE_DIR/requirements.new" "$IMAGE_DIR/wheels/requirements.txt"; then
+        timeout 1200 python3 -m pip download -q --only-binary=:all: --python-version 3.11 \
+            -d "$IMAGE_DIR/wheels" -r "$IMAGE_DIR/requirements.new"
+        mv "$IMAGE_DIR/requirements.new" "$IMAGE_DIR/wheels/requirements.txt"
+    fi
+    rm -f "$IMAGE_DIR/requirements.new"
+fi
+# --- end image ---
