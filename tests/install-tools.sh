@@ -47,7 +47,7 @@ python3 -c "import kubernetes_validate" 2>/dev/null || python3 -m pip install --
 # (rootful podman, debootstrap); BATONSERVE_SKIP_IMAGE=1 skips it. Repeat runs cost seconds. ---
 if [ "${BATONSERVE_SKIP_IMAGE:-0}" != 1 ] && [ "$(id -u)" -eq 0 ]; then
     IMAGE_DIR="$PWD/.tools/image"
-    mkdir -p "$IMAGE_DIR/wheels"
+    mkdir -p "$IMAGE_DIR"
     if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
         || ! command -v debootstrap >/dev/null; then
         apt-get update -q
@@ -61,15 +61,25 @@ if [ "${BATONSERVE_SKIP_IMAGE:-0}" != 1 ] && [ "$(id -u)" -eq 0 ]; then
     # +cpu pin fails instead), downloaded again only when the list changes.
     torch_spec="$(sed -n 's/^ARG TORCH_SPEC=//p' deploy/docker/Dockerfile.cpu)+cpu"
     ray_version="$(sed -n 's/^ARG RAY_VERSION=//p' deploy/docker/Dockerfile.cpu)"
+    # The versions the suite is pinned to (tests/constraints.txt), so the image test is as
+    # reproducible as the rest; its digest is part of the list.
+    constraints=()
+    if [ -f tests/constraints.txt ]; then constraints=(-c tests/constraints.txt); fi
     python3 - "$torch_spec" "ray[default]==$ray_version" > "$IMAGE_DIR/requirements.new" <<'PY'
-import sys, tomllib
+import hashlib, pathlib, sys, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-print("\n".join([*sys.argv[1:], *deps, "setuptools>=68"]))
+pins = pathlib.Path("tests/constraints.txt")
+digest = hashlib.sha256(pins.read_bytes()).hexdigest() if pins.exists() else "none"
+print("\n".join([f"# constraints {digest}", *sys.argv[1:], *deps, "setuptools>=68"]))
 PY
     if ! cmp -s "$IMAGE_DIR/requirements.new" "$IMAGE_DIR/wheels/requirements.txt"; then
+        # Into a fresh folder: the image installs the newest wheel it finds, so none may linger.
+        rm -rf "$IMAGE_DIR/wheels.new"
         timeout 1200 python3 -m pip download -q --only-binary=:all: --python-version 3.11 \
-            -d "$IMAGE_DIR/wheels" -r "$IMAGE_DIR/requirements.new"
-        mv "$IMAGE_DIR/requirements.new" "$IMAGE_DIR/wheels/requirements.txt"
+            -d "$IMAGE_DIR/wheels.new" -r "$IMAGE_DIR/requirements.new" "${constraints[@]}"
+        mv "$IMAGE_DIR/requirements.new" "$IMAGE_DIR/wheels.new/requirements.txt"
+        rm -rf "$IMAGE_DIR/wheels"
+        mv "$IMAGE_DIR/wheels.new" "$IMAGE_DIR/wheels"
     fi
     rm -f "$IMAGE_DIR/requirements.new"
 fi
