@@ -54,6 +54,9 @@ class TokenDelta:
     usage: Usage | None = None
     # Aligned with token_ids when the request asked for logprobs (None where one is unknown).
     logprobs: tuple[TokenLogprobs | None, ...] = ()
+    # When a worker first scheduled the request (time.monotonic() of the router's process), once
+    # known: the end of its queue time for the metrics. None from clusters that cannot tell.
+    scheduled_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ class Metrics:
         self._waiting = 0
         self._running = 0
         self._workers: dict[str, _WorkerState] = {}
+        self._cache_info: dict[str, dict[str, str]] = {}  # worker -> its cache_config_info labels
         # Per worker: the last MoE totals seen, {(series, label values): total}, for deltas.
         self._moe_totals: dict[str, dict[tuple[str, tuple[str, ...]], float]] = {}
         # Per worker: the last expert-parallel tuner report (totals for deltas, exported buckets).
@@ -133,16 +134,27 @@ class Metrics:
             self._waiting += 1
             self._publish_request_gauges()
 
-    def request_started(self, queue_seconds: float) -> None:
-        """An admitted request started on a worker after `queue_seconds` in the queue."""
-        _check_seconds("request_started", queue_seconds)
+    def request_started(self, queue_seconds: float | None = None) -> None:
+        """An admitted request was scheduled on a worker after `queue_seconds` in the queue.
+
+        None: the queue time comes later, with request_finished (once the worker has said).
+        """
+        if queue_seconds is not None:
+            _check_seconds("request_started", queue_seconds)
         with self._lock:
             if self._waiting <= 0:
                 raise RuntimeError("Metrics.request_started: no admitted request is waiting")
             self._waiting -= 1
             self._running += 1
             self._publish_request_gauges()
-        self._observe("batonserve_request_queue_time_seconds", self._req, queue_seconds)
+        if queue_seconds is not None:
+            self._observe("batonserve_request_queue_time_seconds", self._req, queue_seconds)
+
+    def request_params(self, max_tokens: int, n: int | None = None) -> None:
+        """An admitted request's max_tokens, and its n once per client request (vLLM's params)."""
+        self._observe("batonserve_request_params_max_tokens", self._req, max_tokens)
+        if n is not None:
+            self._observe("batonserve_request_params_n", self._req, n)
 
     def first_token(self, ttft_seconds: float) -> None:
         """The first token of a request was sent, `ttft_seconds` after admission."""
@@ -172,12 +184,26 @@ class Metrics:
         req = self._req
         reason = rec.finish_reason or "none"
         self._inc("batonserve_requests_total", {**req, "code": rec.code, "finish_reason": reason})
-        self._observe("batonserve_request_duration_seconds", req, rec.duration_seconds)
+        self._observe("batonserve_e2e_request_latency_seconds", req, rec.duration_seconds)
         self._observe("batonserve_request_prompt_tokens", req, rec.prompt_tokens)
         self._observe("batonserve_request_generation_tokens", req, rec.generation_tokens)
         self._inc("batonserve_prompt_tokens_total", req, rec.prompt_tokens)
         self._inc("batonserve_generation_tokens_total", req, rec.generation_tokens)
         self._inc("batonserve_cached_prompt_tokens_total", req, rec.cached_tokens)
+        if rec.code == "OK" and rec.finish_reason is not None:
+            self._inc("batonserve_request_success_total", {**req, "finished_reason": reason})
+        phases = (
+            ("batonserve_request_queue_time_seconds", rec.queue_seconds),
+            ("batonserve_request_prefill_time_seconds", rec.prefill_seconds),
+            ("batonserve_request_decode_time_seconds", rec.decode_seconds),
+            ("batonserve_request_inference_time_seconds", rec.inference_seconds),
+        )
+        for name, value in phases:
+            if value is not None:
+                self._observe(name, req, value)
+        if rec.decode_seconds is not None and rec.generation_tokens > 1:
+            tpot = rec.decode_seconds / (rec.generation_tokens - 1)
+            self._observe("batonserve_request_time_per_output_token_seconds", req, tpot)
 
     def request_rejected(self, rej: Rejection, *, was_admitted: bool = False) -> None:
         """A request was refused (never call request_finished for it as well).
@@ -224,13 +250,31 @@ class Metrics:
             # Counters start at 0 when the worker appears, so increase() sees its first restart.
             for name in _WORKER_COUNTERS:
                 self._series[name].labels(**wl)
-        self._set("batonserve_kv_cache_usage_ratio", wl, snap.kv_cache_usage)
+        self._set("batonserve_kv_cache_usage_perc", wl, snap.kv_cache_usage)
         self._set("batonserve_worker_role", {**wl, "role": snap.role}, 1)
         self._set("batonserve_worker_running_batch_size", wl, snap.running)
         self._set("batonserve_worker_waiting_requests", wl, snap.waiting)
         self._set("batonserve_worker_pending_prefill_tokens", wl, snap.pending_prefill_tokens)
         for name, delta in zip(_WORKER_TOTALS, deltas, strict=True):
             self._inc(name, wl, delta)
+        if snap.num_blocks > 0:
+            info = {
+                **wl,
+                "block_size": str(snap.block_size),
+                "num_gpu_blocks": str(snap.num_blocks),
+            }
+            with self._lock:
+                stale = self._cache_info.get(snap.worker)
+                self._cache_info[snap.worker] = info
+            if stale is not None and stale != info:
+                self._remove("batonserve_cache_config_info", stale)
+            self._set("batonserve_cache_config_info", info, 1)
+
+    def iteration_tokens(self, worker: str, pool: str, tokens: Iterable[int]) -> None:
+        """Tokens computed by each of a worker's engine steps (vLLM's iteration_tokens_total)."""
+        wl = _wl(pool, worker)
+        for n in tokens:
+            self._observe("batonserve_iteration_tokens_total", wl, n)
 
     def worker_removed(self, worker: str) -> None:
         """A worker left for good (scale-down): its gauges stop being exported."""
@@ -394,14 +438,14 @@ class Metrics:
 
     def _publish_request_gauges(self) -> None:
         req = self._req
-        self._set("batonserve_requests_waiting", req, self._waiting)
-        self._set("batonserve_requests_running", req, self._running)
+        self._set("batonserve_num_requests_waiting", req, self._waiting)
+        self._set("batonserve_num_requests_running", req, self._running)
         self._set("batonserve_requests_in_flight", req, self._waiting + self._running)
 
     def _drop_worker_series(self, worker: str, old: _WorkerState) -> None:
         wl = _wl(old.pool, worker)
         for name in (
-            "batonserve_kv_cache_usage_ratio",
+            "batonserve_kv_cache_usage_perc",
             "batonserve_worker_running_batch_size",
             "batonserve_worker_waiting_requests",
             "batonserve_worker_pending_prefill_tokens",
@@ -409,6 +453,9 @@ class Metrics:
         ):
             self._remove(name, wl)
         self._remove("batonserve_worker_role", {**wl, "role": old.role})
+        info = self._cache_info.pop(worker, None)
+        if info is not None:
+            self._remove("batonserve_cache_config_info", info)
 
     def _add_totals(
         self,
@@ -467,7 +514,7 @@ class Metrics:
 _WORKER_TOTALS = (
     "batonserve_prefix_cache_queries_total",
     "batonserve_prefix_cache_hits_total",
-    "batonserve_preemptions_total",
+    "batonserve_num_preemptions_total",
     "batonserve_moe_regroup_deferred_total",
 )
 _WORKER_COUNTERS = (*_WORKER_TOTALS, "batonserve_worker_restarts_total")

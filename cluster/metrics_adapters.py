@@ -36,6 +36,8 @@ def snapshot_from_worker_stats(stats: WorkerStats, role: str | None = None) -> W
         pending_prefill_tokens=stats.pending_prefill_tokens,
         preemptions=stats.preemptions,
         regroup_deferred=stats.regroup_deferred,
+        block_size=stats.block_size,
+        num_blocks=stats.num_blocks,
     )
 
 

@@ -28,6 +28,9 @@ class RequestClock:
         self._now = now
         self._prompt_tokens = prompt_tokens
         self._admitted_at = now()
+        self._scheduled_at: float | None = None  # as the cluster reported it, or the first token
+        self._exact_schedule = False  # the cluster said when (else the first token stands in)
+        self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._generated = 0
         self._started = False
@@ -39,21 +42,37 @@ class RequestClock:
         """True once finished() has reported the request."""
         return self._done
 
-    def started(self) -> None:
-        """The request left the queue and started on a worker (idempotent)."""
-        if self._started or self._done:
+    def started(self, at: float | None = None) -> None:
+        """A worker first scheduled the request, at monotonic time `at` (default now); once.
+
+        The queue time itself is reported with finished(), so a schedule time the cluster learns
+        after the first token (a KV handoff that overtook the prefill report) still counts.
+        """
+        if self._done:
+            return
+        if at is not None and not self._exact_schedule:
+            self._exact_schedule = True
+            self._scheduled_at = min(max(at, self._admitted_at), self._now())
+        if self._started:
             return
         self._started = True
-        self._metrics.request_started(self._now() - self._admitted_at)
+        if self._scheduled_at is None:
+            self._scheduled_at = self._now()
+        self._metrics.request_started()
 
-    def tokens(self, count: int) -> None:
+    def tokens(self, count: int, scheduled_at: float | None = None) -> None:
         """`count` new tokens were sent to the client (one TokenDelta)."""
-        if count <= 0 or self._done:
+        if self._done:
+            return
+        if scheduled_at is not None:
+            self.started(scheduled_at)
+        if count <= 0:
             return
         # A first delta means the request runs somewhere, even if the cluster never said so.
         self.started()
         t = self._now()
         if self._last_token_at is None:
+            self._first_token_at = t
             self._metrics.first_token(t - self._admitted_at)
             # Extra tokens in the first delta arrived together with the first: no gap to report.
         else:
@@ -77,6 +96,7 @@ class RequestClock:
         if self._done:
             return
         self._done = True
+        sched, first, last = self._scheduled_at, self._first_token_at, self._last_token_at
         self._metrics.request_finished(
             RequestFinished(
                 code=code,
@@ -86,6 +106,10 @@ class RequestClock:
                 cached_tokens=usage.cached_tokens if usage else 0,
                 duration_seconds=self._now() - self._admitted_at,
                 started=self._started,
+                queue_seconds=None if sched is None else sched - self._admitted_at,
+                prefill_seconds=None if sched is None or first is None else max(0.0, first - sched),
+                decode_seconds=None if first is None or last is None else last - first,
+                inference_seconds=None if sched is None or last is None else max(0.0, last - sched),
             )
         )
 

@@ -65,6 +65,12 @@ class RequestFinished:
     cached_tokens: int  # prompt tokens served from the prefix cache
     duration_seconds: float  # admission to last byte sent
     started: bool  # True if request_started was reported (it left the waiting state)
+    # vLLM's request phases, when known: admission to first scheduled (queue), first scheduled
+    # to first token (prefill), first to last token (decode), first scheduled to last token.
+    queue_seconds: float | None = None
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None
+    inference_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.code not in GRPC_CODES:
@@ -81,6 +87,10 @@ class RequestFinished:
             cached_tokens=self.cached_tokens,
             duration_seconds=self.duration_seconds,
         )
+        for name in ("queue_seconds", "prefill_seconds", "decode_seconds", "inference_seconds"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < float("inf"):
+                raise ValueError(f"RequestFinished.{name}: must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,8 @@ class WorkerSnapshot:
     pending_prefill_tokens: int = 0  # prompt tokens queued or partly prefilled (the CLS's key)
     preemptions: int = 0  # requests preempted since the worker started (monotonic)
     regroup_deferred: int = 0  # decode tokens token regrouping held back a step (monotonic)
+    block_size: int = 0  # KV cache layout, for cache_config_info (0: unknown)
+    num_blocks: int = 0
 
     def __post_init__(self) -> None:
         for name in ("worker", "pool", "role"):

@@ -18,6 +18,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+N_BUCKETS = (1, 2, 5, 10, 20)  # vLLM's request_params_n
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # Splitwise reports ~5-8 ms visible transfer cost; resolve sub-millisecond to multi-second.
 KV_HANDOFF_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                       1.0, 2.5, 5.0, 10.0)  # fmt: skip
@@ -75,15 +77,15 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             _REQ,
         ),
         s(
-            "batonserve_requests_waiting",
+            "batonserve_num_requests_waiting",
             "gauge",
-            "Admitted requests not yet started on a worker.",
+            "Admitted requests no worker has scheduled yet (vLLM's num_requests_waiting).",
             _REQ,
         ),
         s(
-            "batonserve_requests_running",
+            "batonserve_num_requests_running",
             "gauge",
-            "Requests started on a worker and not yet finished.",
+            "Requests a worker has scheduled and that have not finished (num_requests_running).",
             _REQ,
         ),
         s(
@@ -107,18 +109,66 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             ITL_BUCKETS,
         ),
         s(
-            "batonserve_request_duration_seconds",
+            "batonserve_e2e_request_latency_seconds",
             "histogram",
-            "Admission to end of stream.",
+            "Admission to end of stream (vLLM's e2e_request_latency_seconds).",
             _REQ,
             REQUEST_LATENCY_BUCKETS,
         ),
         s(
             "batonserve_request_queue_time_seconds",
             "histogram",
-            "Admission to start on a worker.",
+            "Admission to the worker step that first scheduled the request (queue only).",
             _REQ,
             REQUEST_LATENCY_BUCKETS,
+        ),
+        s(
+            "batonserve_request_prefill_time_seconds",
+            "histogram",
+            "First scheduled to first token (the prefill phase, KV handoff included).",
+            _REQ,
+            REQUEST_LATENCY_BUCKETS,
+        ),
+        s(
+            "batonserve_request_decode_time_seconds",
+            "histogram",
+            "First token to last token (the decode phase).",
+            _REQ,
+            REQUEST_LATENCY_BUCKETS,
+        ),
+        s(
+            "batonserve_request_inference_time_seconds",
+            "histogram",
+            "First scheduled to last token (prefill plus decode).",
+            _REQ,
+            REQUEST_LATENCY_BUCKETS,
+        ),
+        s(
+            "batonserve_request_time_per_output_token_seconds",
+            "histogram",
+            "Per request: decode time divided by the output tokens after the first.",
+            _REQ,
+            ITL_BUCKETS,
+        ),
+        s(
+            "batonserve_request_success_total",
+            "counter",
+            "Requests that finished normally, by finish reason (stop, length, abort).",
+            (*_REQ, "finished_reason"),
+        ),
+        s(
+            "batonserve_request_params_max_tokens",
+            "histogram",
+            "The max_tokens of each admitted request.",
+            _REQ,
+            tok,
+        ),
+        s(
+            "batonserve_request_params_n",
+            "histogram",
+            "The n (choices) of each admitted request; 1 for the gRPC APIs.",
+            _REQ,
+            N_BUCKETS,
         ),
         s(
             "batonserve_request_prompt_tokens",
@@ -149,10 +199,23 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
         ),
         # Workers, from their step stats.
         s(
-            "batonserve_kv_cache_usage_ratio",
+            "batonserve_kv_cache_usage_perc",
             "gauge",
-            "Used fraction of the worker's KV blocks (0-1).",
+            "Used fraction of the worker's KV blocks (0-1; vLLM's kv_cache_usage_perc).",
             _WORKER,
+        ),
+        s(
+            "batonserve_cache_config_info",
+            "gauge",
+            "1 per worker, its KV cache layout in the labels (info-style, as vLLM's).",
+            (*_WORKER, "block_size", "num_gpu_blocks"),
+        ),
+        s(
+            "batonserve_iteration_tokens_total",
+            "histogram",
+            "Tokens computed by each engine step (prefill chunks plus decode tokens).",
+            _WORKER,
+            ITERATION_TOKEN_BUCKETS,
         ),
         s(
             "batonserve_worker_role",
@@ -186,7 +249,7 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             _WORKER,
         ),
         s(
-            "batonserve_preemptions_total",
+            "batonserve_num_preemptions_total",
             "counter",
             "Requests the worker preempted (KV blocks reclaimed, recomputed later).",
             _WORKER,

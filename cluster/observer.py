@@ -44,6 +44,10 @@ class ClusterObserver(Protocol):
         """A worker's expert-parallel tuner stats (its choice per token bucket, its totals)."""
         ...
 
+    def iteration_tokens(self, worker: str, pool: str, tokens: tuple[int, ...]) -> None:
+        """Tokens computed by each of a worker's engine steps since its last poll."""
+        ...
+
 
 class NullObserver:
     """Drops every record (no metrics wired)."""
@@ -67,6 +71,9 @@ class NullObserver:
         """Ignored."""
 
     def ep_tuner(self, worker: str, pool: str, stats: EPTunerStats) -> None:
+        """Ignored."""
+
+    def iteration_tokens(self, worker: str, pool: str, tokens: tuple[int, ...]) -> None:
         """Ignored."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,6 +35,7 @@ class Attempt:
     worker_request_id: str  # "<request_id>#<process-wide sequence number>"
     prefill: str  # equals decode when in place
     decode: str
+    started_at: float = field(default_factory=time.monotonic)  # submitted (router's clock)
     handoff_id: int | None = None
     phase: Phase = "prefill"  # "decode" once the decode side owns the request
     # The first token reaches the router twice (the prefill side's delta and the decode side's
@@ -62,6 +64,7 @@ class RequestState:
     attempts: int = 0
     cached_tokens: int = -1
     done: bool = False
+    scheduled_at: float | None = None  # router's clock: a worker first scheduled it (queue end)
 
     @property
     def request_id(self) -> str:
@@ -74,6 +77,11 @@ class RequestState:
         wid = f"{self.request_id}#{next(_WORKER_IDS)}"
         self.attempt = Attempt(self.attempts, wid, prefill, decode)
         return self.attempt
+
+    def scheduled(self, attempt: Attempt, queue_s: float) -> None:
+        """The worker says the first attempt waited `queue_s` in its queue (once; resumes aside)."""
+        if self.scheduled_at is None and attempt.number == 1:
+            self.scheduled_at = attempt.started_at + queue_s
 
     @property
     def resume_prompt(self) -> list[int]:
@@ -122,7 +130,9 @@ class RequestState:
             final = out.finish_reason if out.finished else None
             usage = self.usage() if out.finished else None
             lps = tuple(out.logprobs) if self.request.sampling.logprobs is not None else ()
-            self.queue.put_nowait(TokenDelta(tuple(out.token_ids), out.text, final, usage, lps))
+            self.queue.put_nowait(
+                TokenDelta(tuple(out.token_ids), out.text, final, usage, lps, self.scheduled_at)
+            )
             ended = ended or out.finished
         if ended:
             self.done = True

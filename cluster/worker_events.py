@@ -61,6 +61,8 @@ class WorkerEvents:
             self._on_event(name, ev)
         for d in r.deltas:
             self._on_delta(name, d)
+        if r.step_tokens:
+            self.observer.iteration_tokens(name, r.stats.pool, r.step_tokens)
         self.ring_reports(name, r.stats)
         now = time.monotonic()
         if now - self._last_snapshot.get(name, 0.0) >= SNAPSHOT_S:
@@ -79,6 +81,8 @@ class WorkerEvents:
             return  # an abandoned attempt: never taken
         if name not in (a.prefill, a.decode):
             return
+        if d.queue_s >= 0 and name == a.prefill:
+            st.scheduled(a, d.queue_s)
         if a.prefill != a.decode and name == a.prefill:
             if a.first_token_sent and not d.finished:
                 return  # the commit event already carried the first token

@@ -10,7 +10,8 @@ TRITONCLIENT_VERSION=2.73.0
 if ! "$TRITON_VENV/bin/python" -c "import tritonclient.grpc" 2>/dev/null; then
     rm -rf "$TRITON_VENV"
     python3 -m venv "$TRITON_VENV"
-    "$TRITON_VENV/bin/python" -m pip install -q "tritonclient[grpc]==$TRITONCLIENT_VERSION"
+    "$TRITON_VENV/bin/python" -m pip install -q "tritonclient[grpc]==$TRITONCLIENT_VERSION" \
+        -c tests/constraints-tritonclient.txt
 fi
 # --- end router ---
 

@@ -25,6 +25,7 @@ from batonserve.workers.scheduler import StepPlan
 from batonserve.workers.scripted_engine import ScriptedEngine
 from batonserve.workers.sp_serving.member import RingMember
 from batonserve.workers.sp_serving.types import RingJob, RingSetup
+from batonserve.workers.step_clock import MAX_STEP_RECORDS, StepClock
 from batonserve.workers.worker_types import (
     HandoffEvent,
     HandoffSpec,
@@ -66,6 +67,7 @@ class Worker:
         self.spec = spec
         self.role: WorkerRole = spec.role
         self.engine = build_engine(spec)
+        self.clock = StepClock(self.engine.scheduler)
         self.kv_spec = self.engine.kv_spec
         device = torch.device(getattr(self.engine, "device", "cpu"))
         self.transport = make_transport(
@@ -87,6 +89,7 @@ class Worker:
         self._aborted: dict[str, None] = {}  # insertion-ordered set of recently aborted ids
         self._cmds: list[Callable[[], None]] = []
         self._deltas: list[RequestDelta] = []
+        self._step_tokens: list[int] = []
         self._events: list[HandoffEvent] = []
         self._steps = 0
         self._hashes: tuple[int, ...] = ()
@@ -120,6 +123,7 @@ class Worker:
             if request_id not in self._aborted:
                 with self._refusal(request_id, len(prompt)):
                     self.engine.add_request(request_id, prompt, params)
+                    self.clock.added(request_id)
 
         self._enqueue(run)
 
@@ -137,6 +141,7 @@ class Worker:
                     handoff.params,
                     prefill_only=True,
                 )
+                self.clock.added(handoff.request_id)
 
         self._enqueue(run)
 
@@ -224,7 +229,8 @@ class Worker:
                 self._cv.wait(timeout_s)
             deltas, self._deltas = self._deltas, []
             events, self._events = self._events, []
-            return PollResult(tuple(deltas), tuple(events), self._stats)
+            steps, self._step_tokens = self._step_tokens, []
+            return PollResult(tuple(deltas), tuple(events), self._stats, tuple(steps))
 
     def stats(self) -> WorkerStats:
         """Latest stats."""
@@ -330,6 +336,7 @@ class Worker:
     def _publish(self, outputs: list[CoreOutput], wake: bool) -> None:
         deltas: list[RequestDelta] = []
         events: list[HandoffEvent] = []
+        self.clock.stepped(o.request_id for o in outputs)
         for o in outputs:
             ev = self.exporter.on_output(o)
             if ev is not None:
@@ -344,11 +351,15 @@ class Worker:
                     o.num_prompt_tokens,
                     o.num_cached_tokens,
                     logprobs=tuple(o.logprobs),
+                    queue_s=self.clock.take_queue_s(o.request_id),
                 )
             )
         stats = self._make_stats()
+        steps = self.clock.take_step_tokens()
         with self._cv:
             self._deltas.extend(deltas)
+            self._step_tokens.extend(steps)
+            del self._step_tokens[:-MAX_STEP_RECORDS]  # nobody polled for a while: keep the last
             self._events.extend(events)
             self._stats = stats
             if wake or deltas or events:  # a step's fresh load figures matter to the CLS too

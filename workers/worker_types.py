@@ -63,6 +63,9 @@ class RequestDelta:
     error: str = ""  # the engine refused the request (finish_reason "abort"); the worker lives on
     # One per token of token_ids when the request asked for logprobs (chosen token and top-n).
     logprobs: tuple[TokenLogprobs | None, ...] = ()
+    # With the request's first delta from this worker: seconds from its submit here to the step
+    # that first scheduled it (vLLM's queue time); -1 when unknown.
+    queue_s: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -120,3 +123,4 @@ class PollResult:
     deltas: tuple[RequestDelta, ...]
     events: tuple[HandoffEvent, ...]
     stats: WorkerStats
+    step_tokens: tuple[int, ...] = ()  # tokens computed by each engine step since the last poll

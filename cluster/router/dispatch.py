@@ -43,8 +43,13 @@ class Dispatcher:
             code = status_of(exc)
             self.metrics.request_rejected(Rejection(code.name.lower(), code.name))
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
-        """The request's deltas; a consumer that stops early (cancel, deadline) aborts it."""
+    async def stream(
+        self, request: GenerateRequest, n: int | None = 1
+    ) -> AsyncIterator[TokenDelta]:
+        """The request's deltas; a consumer that stops early (cancel, deadline) aborts it.
+
+        `n`: the client request's number of choices, given with its first choice only (metrics).
+        """
         rid = request.request_id
         if self.draining:
             err = RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
@@ -59,6 +64,8 @@ class Dispatcher:
         self._inflight.add(rid)
         self._idle.clear()
         clock = RequestClock(self.metrics, len(request.prompt_token_ids)) if self.metrics else None
+        if self.metrics is not None:
+            self.metrics.request_params(request.sampling.max_tokens, n)
         code, reason = "CANCELLED", None  # unless the stream ends otherwise
         usage: Usage | None = None
         finished = False
@@ -68,7 +75,7 @@ class Dispatcher:
             async for delta in deltas:
                 finished = delta.finish_reason is not None
                 if clock is not None:
-                    clock.tokens(len(delta.token_ids))
+                    clock.tokens(len(delta.token_ids), delta.scheduled_at)
                 if finished:
                     code, reason, usage = "OK", delta.finish_reason, delta.usage
                 yield delta

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -63,13 +64,20 @@ class ChoiceStreams:
 
     def __init__(self, dispatcher: Dispatcher, req: OpenAIRequest) -> None:
         self.queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
-        self._tasks = [
-            asyncio.create_task(self._pump(c.index, dispatcher, c.request)) for c in req.choices
-        ]
+        per_prompt = Counter(c.prompt_index for c in req.choices)
+        seen: set[int] = set()
+        self._tasks = []
+        for c in req.choices:
+            # The prompt's n goes with its first choice only (request_params_n counts requests).
+            n = None if c.prompt_index in seen else per_prompt[c.prompt_index]
+            seen.add(c.prompt_index)
+            self._tasks.append(asyncio.create_task(self._pump(c.index, dispatcher, c.request, n)))
 
-    async def _pump(self, index: int, dispatcher: Dispatcher, request: Any) -> None:
+    async def _pump(
+        self, index: int, dispatcher: Dispatcher, request: Any, n: int | None
+    ) -> None:
         try:
-            async with contextlib.aclosing(dispatcher.stream(request)) as deltas:
+            async with contextlib.aclosing(dispatcher.stream(request, n)) as deltas:
                 async for delta in deltas:
                     self.queue.put_nowait((index, delta))
             self.queue.put_nowait((index, _END))

@@ -211,6 +211,34 @@ def test_n_choices_with_a_seed_repeat(client: openai.OpenAI) -> None:
     assert texts() == first
 
 
+def _scrape(served: Served) -> dict[str, float]:
+    """Each sample summed over its label sets, by sample name."""
+    text = urllib.request.urlopen(served.metrics_url, timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_vllm_series_under_real_load(served: Served, client: openai.OpenAI) -> None:
+    client.completions.create(model="demo", prompt=PROMPT, max_tokens=4, n=2, seed=1)
+    s = _scrape(served)
+    done = s["batonserve_request_queue_time_seconds_count"]
+    assert done >= 8 and s["batonserve_request_prefill_time_seconds_count"] == done
+    # The queue ends when a worker schedules the request, well before its first token.
+    assert (
+        s["batonserve_request_queue_time_seconds_sum"]
+        < (s["batonserve_time_to_first_token_seconds_sum"])
+    )
+    assert s["batonserve_iteration_tokens_total_count"] > 0
+    assert s["batonserve_cache_config_info"] == 2  # one per worker
+    assert s["batonserve_request_success_total"] >= done - 1
+    assert s["batonserve_request_params_n_sum"] >= 2
+    assert s["batonserve_request_time_per_output_token_seconds_count"] > 0
+
+
 def test_client_disconnect_frees_the_request(
     served: Served, stub: generation_pb2_grpc.GenerationStub
 ) -> None:

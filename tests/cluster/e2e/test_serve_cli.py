@@ -78,7 +78,7 @@ def test_streamed_greedy_output_equals_offline_engine(server: Server) -> None:
         if ln.startswith("batonserve_requests_total{") and 'code="OK"' in ln
     ]
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in ok) == 1.0, ok
-    assert "batonserve_kv_cache_usage_ratio{" in body and 'worker="decode-0"' in body
+    assert "batonserve_kv_cache_usage_perc{" in body and 'worker="decode-0"' in body
 
 
 def test_prometheus_scrapes_the_served_router(server: Server, tmp_path: Path) -> None:

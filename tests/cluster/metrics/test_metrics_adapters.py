@@ -35,13 +35,13 @@ def test_engine_stats_become_worker_series(scrape) -> None:
     m.worker_snapshot(snapshot_from_engine_stats("decode-1", "decode", "decode", _engine_stats(50, 20, 1)))  # fmt: skip
     m.worker_snapshot(snapshot_from_engine_stats("decode-1", "decode", "decode", _engine_stats(80, 30, 3)))  # fmt: skip
     s = scrape(m)
-    assert s.value("batonserve_kv_cache_usage_ratio", **W) == 0.5
+    assert s.value("batonserve_kv_cache_usage_perc", **W) == 0.5
     assert s.value("batonserve_worker_running_batch_size", **W) == 6
     assert s.value("batonserve_worker_waiting_requests", **W) == 2
     assert s.value("batonserve_worker_pending_prefill_tokens", **W) == 300
     assert s.value("batonserve_prefix_cache_queries_total", **W) == 80
     assert s.value("batonserve_prefix_cache_hits_total", **W) == 30
-    assert s.value("batonserve_preemptions_total", **W) == 3
+    assert s.value("batonserve_num_preemptions_total", **W) == 3
 
 
 def test_worker_actor_stats_become_worker_series(scrape) -> None:
@@ -71,11 +71,11 @@ def test_worker_actor_stats_become_worker_series(scrape) -> None:
     s = scrape(m)
     w = {"pool": "prefill", "worker": "prefill-0"}
     assert s.value("batonserve_worker_role", role="mixed", **w) == 1
-    assert s.value("batonserve_kv_cache_usage_ratio", **w) == 0.75
+    assert s.value("batonserve_kv_cache_usage_perc", **w) == 0.75
     assert s.value("batonserve_worker_waiting_requests", **w) == 4
     assert s.value("batonserve_worker_pending_prefill_tokens", **w) == 900
     assert s.value("batonserve_prefix_cache_hits_total", **w) == 120
-    assert s.value("batonserve_preemptions_total", **w) == 2
+    assert s.value("batonserve_num_preemptions_total", **w) == 2
     assert s.value("batonserve_moe_regroup_deferred_total", **w) == 15
     # The controller's role wins over the one the worker last reported.
     m.worker_snapshot(snapshot_from_worker_stats(stats, role="decode"))

@@ -53,8 +53,12 @@ def _cluster_events(metrics: Metrics, wave: int) -> None:
     """Worker stats and cluster events of one wave, so every dashboard panel has data."""
     q = 100 * (wave + 1)
     metrics.worker_snapshot(
-        WorkerSnapshot("decode-0", "decode", "decode", 0.1 * (wave + 1), PER_WAVE, 0, q, q // 2)
-    )
+        WorkerSnapshot(
+            "decode-0", "decode", "decode", 0.1 * (wave + 1), PER_WAVE, 0, q, q // 2,
+            block_size=16, num_blocks=512,
+        )
+    )  # fmt: skip
+    metrics.iteration_tokens("decode-0", "decode", (PER_WAVE, PER_WAVE + 64, PER_WAVE))
     role = "mixed" if 2 <= wave < 6 else "prefill"
     metrics.worker_snapshot(
         WorkerSnapshot("prefill-0", "prefill", role, 0.95, 2, 1, q, q // 4, 500, preemptions=wave)
@@ -102,7 +106,8 @@ def test_prometheus_scrapes_counts_and_ttft_quantile(
         ids = range(wave * PER_WAVE, (wave + 1) * PER_WAVE)
         for i in ids:
             metrics.request_admitted()
-            metrics.request_started(queue_seconds=0.01)
+            metrics.request_params(max_tokens=16, n=1 + i % 2)
+            metrics.request_started()  # the queue time comes with request_finished
             metrics.first_token(_ttft(i))
             metrics.kv_handoff(HandoffRecord("prefill", "decode", seconds=0.006, bytes=65536))
         _cluster_events(metrics, wave)
@@ -112,9 +117,14 @@ def test_prometheus_scrapes_counts_and_ttft_quantile(
             for _ in range(tokens - 1):
                 metrics.inter_token(0.03)
             code, reason = ("CANCELLED", "abort") if i % 10 == 0 else ("OK", "stop")
+            decode = 0.03 * (tokens - 1)
             metrics.request_finished(
-                RequestFinished(code, reason, 16, tokens, 0, _ttft(i) + 0.1, started=True)
-            )
+                RequestFinished(
+                    code, reason, 16, tokens, 0, _ttft(i) + decode, True,
+                    queue_seconds=0.01, prefill_seconds=_ttft(i) - 0.01,
+                    decode_seconds=decode, inference_seconds=_ttft(i) - 0.01 + decode,
+                )
+            )  # fmt: skip
             generated += tokens
         time.sleep(0.1)
 
@@ -123,10 +133,14 @@ def test_prometheus_scrapes_counts_and_ttft_quantile(
     assert by_code == {"OK": N - WAVES, "CANCELLED": WAVES, "RESOURCE_EXHAUSTED": REJECTED}
     assert prom.scalar("sum(batonserve_generation_tokens_total)") == generated
     assert prom.scalar("sum(batonserve_rejections_total)") == REJECTED
+    by_reason = prom.query("sum by (finished_reason) (batonserve_request_success_total)")
+    assert {lab["finished_reason"]: v for lab, v in by_reason} == {"stop": N - WAVES}
+    assert prom.scalar("sum(batonserve_request_queue_time_seconds_count)") == N
+    assert prom.scalar("sum(batonserve_request_params_n_sum)") == sum(1 + i % 2 for i in range(N))
     assert prom.scalar("sum(batonserve_kv_handoffs_total)") == N + 2
     assert prom.scalar("sum(batonserve_kv_handoff_failures_total)") == 2
     assert prom.scalar("batonserve_requests_in_flight") == 0
-    assert prom.scalar('batonserve_kv_cache_usage_ratio{worker="decode-0"}') == pytest.approx(0.8)
+    assert prom.scalar('batonserve_kv_cache_usage_perc{worker="decode-0"}') == pytest.approx(0.8)
     # Requests were in flight during scrapes, not only before or after them.
     assert (prom.scalar("max_over_time(batonserve_requests_in_flight[1m])") or 0) >= 1
 

@@ -75,7 +75,7 @@ def test_key_series_reach_rays_metrics_export() -> None:
         here = ray.get_runtime_context().get_node_id()
         port = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == here)
         ok = ("ray_batonserve_requests_total", frozenset({("model", "demo"), ("code", "OK"), ("finish_reason", "stop")}))  # fmt: skip
-        kv = ("ray_batonserve_kv_cache_usage_ratio", frozenset({("pool", "decode"), ("worker", "decode-0")}))  # fmt: skip
+        kv = ("ray_batonserve_kv_cache_usage_perc", frozenset({("pool", "decode"), ("worker", "decode-0")}))  # fmt: skip
         ttft = ("ray_batonserve_time_to_first_token_seconds_count", frozenset({("model", "demo")}))
         deadline = time.monotonic() + DEADLINE_S
         got: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}

@@ -54,7 +54,7 @@ def _snap(**kw: object) -> WorkerSnapshot:
 
 def test_fresh_registry_exports_zeroed_request_series(scrape) -> None:
     s = scrape(Metrics("demo"))
-    for name in ("requests_in_flight", "requests_waiting", "requests_running"):
+    for name in ("requests_in_flight", "num_requests_waiting", "num_requests_running"):
         assert s.value(f"batonserve_{name}", **M) == 0
     assert s.value("batonserve_time_to_first_token_seconds_count", **M) == 0
     assert s.value("batonserve_generation_tokens_total", **M) == 0
@@ -65,16 +65,16 @@ def test_request_lifecycle_moves_gauges_histograms_and_counters(scrape) -> None:
     m = Metrics("demo")
     m.request_admitted()
     s = scrape(m)
-    assert s.value("batonserve_requests_waiting", **M) == 1
+    assert s.value("batonserve_num_requests_waiting", **M) == 1
     assert s.value("batonserve_requests_in_flight", **M) == 1
-    assert s.value("batonserve_requests_running", **M) == 0
+    assert s.value("batonserve_num_requests_running", **M) == 0
 
     m.request_started(queue_seconds=0.4)
     m.first_token(ttft_seconds=0.05)
     m.inter_token(0.06)
     m.inter_token(0.2, tokens=2)  # one delta with two tokens: two gaps of 0.1 s
     s = scrape(m)
-    assert (s.value("batonserve_requests_waiting", **M), s.value("batonserve_requests_running", **M)) == (0, 1)  # fmt: skip
+    assert (s.value("batonserve_num_requests_waiting", **M), s.value("batonserve_num_requests_running", **M)) == (0, 1)  # fmt: skip
     assert s.value("batonserve_requests_in_flight", **M) == 1
     assert s.value("batonserve_request_queue_time_seconds_sum", **M) == pytest.approx(0.4)
     assert s.value("batonserve_request_queue_time_seconds_bucket", le="0.3", **M) == 0
@@ -90,10 +90,10 @@ def test_request_lifecycle_moves_gauges_histograms_and_counters(scrape) -> None:
     s = scrape(m)
     assert s.value("batonserve_requests_total", code="OK", finish_reason="stop", **M) == 1
     assert s.value("batonserve_requests_in_flight", **M) == 0
-    assert s.value("batonserve_requests_running", **M) == 0
-    assert s.value("batonserve_request_duration_seconds_sum", **M) == pytest.approx(1.2)
-    assert s.value("batonserve_request_duration_seconds_bucket", le="1.0", **M) == 0
-    assert s.value("batonserve_request_duration_seconds_bucket", le="1.5", **M) == 1
+    assert s.value("batonserve_num_requests_running", **M) == 0
+    assert s.value("batonserve_e2e_request_latency_seconds_sum", **M) == pytest.approx(1.2)
+    assert s.value("batonserve_e2e_request_latency_seconds_bucket", le="1.0", **M) == 0
+    assert s.value("batonserve_e2e_request_latency_seconds_bucket", le="1.5", **M) == 1
     assert s.value("batonserve_prompt_tokens_total", **M) == 12
     assert s.value("batonserve_generation_tokens_total", **M) == 7
     assert s.value("batonserve_cached_prompt_tokens_total", **M) == 4
@@ -110,7 +110,7 @@ def test_request_cancelled_while_waiting_leaves_gauges_balanced(scrape) -> None:
     m.request_finished(_finished(code="CANCELLED", finish_reason="abort", started=False))
     m.request_finished(_finished(code="UNAVAILABLE", finish_reason=None, started=False))
     s = scrape(m)
-    assert s.value("batonserve_requests_waiting", **M) == 0
+    assert s.value("batonserve_num_requests_waiting", **M) == 0
     assert s.value("batonserve_requests_in_flight", **M) == 0
     assert s.value("batonserve_requests_total", code="CANCELLED", finish_reason="abort", **M) == 1
     assert s.value("batonserve_requests_total", code="UNAVAILABLE", finish_reason="none", **M) == 1
@@ -149,7 +149,7 @@ def test_worker_snapshot_gauges_and_prefix_cache_deltas(scrape) -> None:
     m.worker_snapshot(_snap())
     m.worker_snapshot(_snap(kv_cache_usage=0.75, running=5, waiting=0, prefix_cache_queries=130, prefix_cache_hits=50))  # fmt: skip
     s = scrape(m)
-    assert s.value("batonserve_kv_cache_usage_ratio", **w) == 0.75
+    assert s.value("batonserve_kv_cache_usage_perc", **w) == 0.75
     assert s.value("batonserve_worker_running_batch_size", **w) == 5
     assert s.value("batonserve_worker_waiting_requests", **w) == 0
     assert s.value("batonserve_worker_role", role="decode", **w) == 1
@@ -180,7 +180,7 @@ def test_worker_removed_drops_its_gauges_but_keeps_counters(scrape) -> None:
     m.worker_snapshot(_snap(worker="decode-1"))
     m.worker_removed("decode-0")
     s = scrape(m)
-    workers = {ls["worker"] for ls in s.labelsets("batonserve_kv_cache_usage_ratio")}
+    workers = {ls["worker"] for ls in s.labelsets("batonserve_kv_cache_usage_perc")}
     assert workers == {"decode-1"}
     assert [ls["worker"] for ls in s.labelsets("batonserve_worker_role")] == ["decode-1"]
     assert s.value("batonserve_prefix_cache_queries_total", pool="decode", worker="decode-0") == 100
@@ -242,7 +242,7 @@ def test_buckets_are_vllms(scrape) -> None:
     assert TTFT_BUCKETS[:4] == (0.001, 0.005, 0.01, 0.02) and TTFT_BUCKETS[-1] == 2560.0
     assert les("batonserve_inter_token_latency_seconds") == list(ITL_BUCKETS)
     assert len(ITL_BUCKETS) == 19 and len(REQUEST_LATENCY_BUCKETS) == 21
-    assert les("batonserve_request_duration_seconds") == list(REQUEST_LATENCY_BUCKETS)
+    assert les("batonserve_e2e_request_latency_seconds") == list(REQUEST_LATENCY_BUCKETS)
     assert les("batonserve_request_prompt_tokens") == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]  # fmt: skip
     assert token_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
     with pytest.raises(ValueError, match="max_model_len"):

@@ -56,5 +56,5 @@ def test_outcomes_are_counted_by_code(make_router: Callable[..., RouterHarness])
     assert _total(s, "batonserve_time_to_first_token_seconds_count") == 3
     assert _total(s, "batonserve_inter_token_latency_seconds_count") == 12
     # Every admitted request has left the gauges.
-    assert _total(s, "batonserve_requests_running") == 0
-    assert _total(s, "batonserve_requests_waiting") == 0
+    assert _total(s, "batonserve_num_requests_running") == 0
+    assert _total(s, "batonserve_num_requests_waiting") == 0
