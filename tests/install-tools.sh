@@ -51,8 +51,8 @@ if [ "${BATONSERVE_SKIP_IMAGE:-0}" != 1 ] && [ "$(id -u)" -eq 0 ]; then
     mkdir -p "$IMAGE_DIR"
     if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
         || ! command -v debootstrap >/dev/null; then
-        apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        timeout 600 apt-get update -q
+        DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q --no-install-recommends \
             podman runc debootstrap
     fi
     # Debian bookworm from the mirror, with the image's OS packages (no registry needed).
