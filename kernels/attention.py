@@ -107,7 +107,9 @@ def plan_prefill(
     mask = mask | ~has_key[:, 0, :, :].expand_as(mask) & (kj == 0)[None, None, :]
     all_have_keys = bool(has_key[:, 0, :, 0][q_valid].all())
     row_seq = row_last = None
-    if block_tables is not None and causal:
+    # The CPU kernel takes a prefill only where a cached prefix would otherwise be gathered;
+    # a plain prompt (keys = its own new tokens) stays on SDPA, which tiles long prompts better.
+    if block_tables is not None and causal and bool((k_lens > q_lens).any()):
         row_seq = torch.arange(num_seqs, device=device)[:, None].expand(-1, max_q)[q_valid]
         row_last = q_pos[q_valid]
     return PrefillPlan(

@@ -14,8 +14,13 @@ EXPERT_CACHE_POLICIES = ("lru", "popularity", "predictive")
 class EngineConfig:
     """Per-worker engine limits (the machine-level scheduler and the KV cache)."""
 
+    # auto: bf16 on a CPU with native bf16 matmul (AVX-512-BF16/AMX), else fp32 on CPU; the
+    # checkpoint's dtype on GPU. The KV cache is kept in the same dtype.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # CPU threads of this engine's ops; 0 keeps torch's default, which in a Ray actor is the
+    # actor's num_cpus (Ray sets OMP_NUM_THREADS from it).
+    num_threads: int = 0
     block_size: int = 16
     num_kv_blocks: int = 0  # 0 sizes the cache from kv_cache_bytes
     kv_cache_bytes: int = 256 * 1024 * 1024
@@ -38,6 +43,9 @@ class EngineConfig:
     expert_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        nt = self.num_threads
+        if isinstance(nt, bool) or not isinstance(nt, int) or nt < 0:
+            raise ValueError(f"num_threads: must be an integer >= 0 (0 = default), got {nt!r}")
         if self.expert_cache_policy not in ("", *EXPERT_CACHE_POLICIES):
             raise ValueError(
                 f"expert_cache_policy: unknown policy {self.expert_cache_policy!r}; use one of "

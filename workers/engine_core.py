@@ -17,7 +17,7 @@ from batonserve.workers.forward_batch import ForwardBatch
 from batonserve.workers.outputs import CoreOutput, TokenLogprobs
 from batonserve.workers.regroup import ExpertPath, RegroupConfig
 from batonserve.workers.request import Request, RequestStatus
-from batonserve.workers.sampler import Sampler, make_generator
+from batonserve.workers.sampler import Sampler
 from batonserve.workers.scheduler import (
     RequestUpdate,
     SampledToken,
@@ -106,18 +106,14 @@ class EngineCore:
             self.pool, max_num_batched_tokens, max_num_seqs, regroup, expert_path
         )
         self.sampler = Sampler(runner.device, seed)
-        self._generators: dict[str, torch.Generator] = {}
         self.last_plan: StepPlan | None = None  # the plan of the step running / just run
 
     def add_request(self, req: Request) -> None:
         """Queue a request (already validated by the caller)."""
         self.scheduler.add(req)
-        if req.params.seed is not None:
-            self._generators[req.request_id] = make_generator(req.params.seed, self.runner.device)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if unknown."""
-        self._generators.pop(request_id, None)
         return self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
@@ -148,9 +144,10 @@ class EngineCore:
 
         logits = self.runner.execute(batch, layer_hook=hook)  # [num_sampled, vocab] float32
         sampled_ids = [s.request_id for s in plan.seqs if s.sample]
-        params = [self.scheduler.requests[r].params for r in sampled_ids]
-        gens = [self._generators.get(r) for r in sampled_ids]
-        out = self.sampler.sample(logits, params, gens)
+        reqs = [self.scheduler.requests[r] for r in sampled_ids]
+        # A seeded draw is keyed by the position of the token it makes (prompt + output so far),
+        # so a request resumed elsewhere from prompt + tokens sent draws exactly the same.
+        out = self.sampler.sample(logits, [r.params for r in reqs], [r.num_tokens for r in reqs])
         result = StepResult(
             tuple(SampledToken(r, t) for r, t in zip(sampled_ids, out.token_ids, strict=True))
         )
@@ -162,8 +159,6 @@ class EngineCore:
     ) -> list[CoreOutput]:
         outs = []
         for u in updates:
-            if u.finished:
-                self._generators.pop(u.request_id, None)
             lp = logprobs.get(u.request_id)
             outs.append(
                 CoreOutput(
@@ -205,18 +200,11 @@ class EngineCore:
 
     def release(self, request_id: str) -> bool:
         """Free a prefilled request's pinned blocks; False if unknown."""
-        self._generators.pop(request_id, None)
         return self.scheduler.release(request_id)
 
     def import_request(self, req: Request) -> torch.Tensor:
         """Reserve blocks for a request prefilled elsewhere; returns its prompt slots."""
         self.scheduler.import_request(req)
-        if req.params.seed is not None:
-            gen = make_generator(req.params.seed, self.runner.device)
-            if not req.params.greedy:
-                # The prefill side drew the first token from this seed: skip that draw here too.
-                torch.empty(self.vocab_size, device=self.runner.device).exponential_(generator=gen)
-            self._generators[req.request_id] = gen
         return self.slots_of(req.request_id)
 
     def commit_import(self, request_id: str) -> None:

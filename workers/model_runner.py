@@ -27,6 +27,33 @@ if TYPE_CHECKING:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX-512-BF16 or AMX), so bf16 beats fp32."""
+    cpu = torch.cpu
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """The serving dtype: `dtype` as given, or for "auto" bf16 on a CPU with native bf16 matmul,
+    fp32 on other CPUs (fp16 has no fast CPU path), and the checkpoint's dtype on accelerators."""
+    if dtype == "auto":
+        if device.type == "cpu":
+            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+        else:
+            dtype = checkpoint_dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: unsupported {dtype!r}; use one of {list(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else as given."""
     if device == "auto":
@@ -46,16 +73,17 @@ class ModelRunner:
         self.model_config = ModelConfig.from_dir(self.model_dir)
         mc = self.model_config
         self.device = resolve_device(config.device)
-        dtype_name = mc.torch_dtype if config.dtype == "auto" else config.dtype
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"dtype: unsupported {dtype_name!r}; use one of {list(_DTYPES)}")
-        self.dtype = _DTYPES[dtype_name]
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)  # process-wide: one engine per worker
+        self.dtype = resolve_dtype(config.dtype, mc.torch_dtype, self.device)
+        dtype_name = str(self.dtype).removeprefix("torch.")
         if config.block_size < 1:
             raise ValueError(f"block_size: must be >= 1, got {config.block_size}")
         self.block_size = config.block_size
         with torch.inference_mode():
             self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device)
             load_weights(self.model_dir, self.model.weight_specs())
+            self.model.prepack()
         self.model.eval()
         self.expert_store: ExpertStore | None = None
         self.moe_controller: MoEController | None = None

@@ -75,6 +75,7 @@ Models = Callable[[str], Path]
 def _engine(path: Path, **kw: object) -> Engine:
     kw.setdefault("block_size", 4)
     kw.setdefault("num_kv_blocks", 128)
+    kw.setdefault("dtype", "float32")  # parity with transformers' float32 ("auto" may be bf16)
     return Engine.from_model(path, **kw)  # type: ignore[arg-type]
 
 

@@ -22,16 +22,20 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cache_sizing_device_and_shapes(model_dir: Path) -> None:
-    runner = ModelRunner(model_dir, EngineConfig(num_kv_blocks=7, block_size=8))
+    runner = ModelRunner(model_dir, EngineConfig(dtype="float32", num_kv_blocks=7, block_size=8))
     mc = runner.model_config
     assert runner.num_blocks == 7 and runner.block_size == 8
     assert runner.device == torch.device("cpu") and runner.dtype == torch.float32
     assert runner.kv_cache.shape == (3, 2, 7, 8, mc.num_kv_heads, mc.head_dim)
     per_block = 2 * 3 * 16 * mc.num_kv_heads * mc.head_dim * 4
-    sized = ModelRunner(model_dir, EngineConfig(kv_cache_bytes=per_block * 5 + 1, block_size=16))
+    sized = ModelRunner(
+        model_dir, EngineConfig(dtype="float32", kv_cache_bytes=per_block * 5 + 1, block_size=16)
+    )
     assert sized.num_blocks == 5
     with pytest.raises(ValueError, match="kv_cache_bytes"):
-        ModelRunner(model_dir, EngineConfig(kv_cache_bytes=per_block - 1, block_size=16))
+        ModelRunner(
+            model_dir, EngineConfig(dtype="float32", kv_cache_bytes=per_block - 1, block_size=16)
+        )
     assert runner.tokenizer_path.is_file()
 
 
@@ -104,3 +108,47 @@ def test_two_runners_in_two_threads_match_sequential(model_dir: Path) -> None:
     for t in threads:
         t.join(timeout=60)
     assert torch.equal(concurrent[0], sequential[0]) and torch.equal(concurrent[1], sequential[1])
+
+
+def test_auto_dtype_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: bf16 on a CPU with native bf16 matmul, fp32 on other CPUs, the checkpoint's on GPU."""
+    from batonserve.workers import model_runner as mr
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(mr, "cpu_has_native_bf16", lambda: True)
+    assert mr.resolve_dtype("auto", "float16", cpu) == torch.bfloat16
+    assert mr.resolve_dtype("float32", "float16", cpu) == torch.float32  # an explicit dtype wins
+    monkeypatch.setattr(mr, "cpu_has_native_bf16", lambda: False)
+    assert mr.resolve_dtype("auto", "bfloat16", cpu) == torch.float32
+    assert mr.resolve_dtype("auto", "float16", gpu) == torch.float16
+    with pytest.raises(ValueError, match="dtype"):
+        mr.resolve_dtype("auto", "int8", gpu)
+
+
+def test_prepacked_weights_give_the_same_logits(model_dir: Path) -> None:
+    """The oneDNN-packed linear weights (CPU) match F.linear on the plain weights."""
+    runner = ModelRunner(model_dir, EngineConfig(dtype="float32", num_kv_blocks=8, block_size=4))
+    assert runner.model.lm_head_packed is not None  # oneDNN is in every CPU torch wheel
+
+    def prefill() -> torch.Tensor:
+        seqs = PagedSeqs(block_size=4, num_blocks=8)
+        return runner.execute(seqs.step({seqs.add(): [5, 6, 7, 8, 9]}, all_logits=True))
+
+    packed = prefill()
+    for m in runner.model.modules():
+        for name in ("qkv_packed", "o_packed", "gate_up_packed", "down_packed", "lm_head_packed"):
+            if hasattr(m, name):
+                setattr(m, name, None)
+    plain = prefill()
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_num_threads_knob(model_dir: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        ModelRunner(model_dir, EngineConfig(num_threads=1, num_kv_blocks=4, block_size=4))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_threads"):
+        EngineConfig(num_threads=-1)

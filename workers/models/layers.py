@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batonserve.kernels.linear import linear, pack_weight
 from batonserve.kernels.moe import moe_swiglu
 from batonserve.kernels.norm import fused_add_rms_norm, rms_norm
 from batonserve.kernels.rope import apply_rope
@@ -59,6 +60,13 @@ class Attention(nn.Module):
         self.qkv_weight = new_param(qkv, cfg.hidden_size, dtype=dtype, device=device)
         self.qkv_bias = new_param(qkv, dtype=dtype, device=device) if cfg.attention_bias else None
         self.o_weight = new_param(cfg.hidden_size, self.q_size, dtype=dtype, device=device)
+        self.qkv_packed: torch.Tensor | None = None  # set by prepack() once weights are loaded
+        self.o_packed: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        """Pack the loaded projection weights for the CPU GEMM (kernels/linear.py)."""
+        self.qkv_packed = pack_weight(self.qkv_weight)
+        self.o_packed = pack_weight(self.o_weight)
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names q/k/v/o_proj under `prefix` (e.g. 'model.layers.0.self_attn.')."""
@@ -82,7 +90,7 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         t = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv, self.head_dim
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 Hkv) d]
+        qkv = linear(x, self.qkv_weight, self.qkv_bias, self.qkv_packed)  # [T, (H + 2 Hkv) d]
         assert ctx.rope_cos is not None and ctx.rope_sin is not None
         # RoPE on q and k together: they are adjacent columns of qkv.
         qk = apply_rope(
@@ -100,7 +108,7 @@ class Attention(nn.Module):
             out = ctx.sp.attend(q, k, v, self.window)  # [T, H, d]
         else:
             out = ctx.attn.attend(q, k_cache, v_cache, self.window)  # [T, H, d]
-        return F.linear(out.reshape(t, self.q_size), self.o_weight)
+        return linear(out.reshape(t, self.q_size), self.o_weight, None, self.o_packed)
 
 
 class SwiGLU(nn.Module):
@@ -111,6 +119,13 @@ class SwiGLU(nn.Module):
         self.inter = cfg.intermediate_size
         self.gate_up = new_param(2 * self.inter, cfg.hidden_size, dtype=dtype, device=device)
         self.down = new_param(cfg.hidden_size, self.inter, dtype=dtype, device=device)
+        self.gate_up_packed: torch.Tensor | None = None  # set by prepack()
+        self.down_packed: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        """Pack the loaded weights for the CPU GEMM (kernels/linear.py)."""
+        self.gate_up_packed = pack_weight(self.gate_up)
+        self.down_packed = pack_weight(self.down)
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names gate/up/down_proj under `prefix` (e.g. 'model.layers.0.mlp.')."""
@@ -122,8 +137,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
-        gu = F.linear(x, self.gate_up)  # [T, 2I]
-        return F.linear(F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.down)
+        gu = linear(x, self.gate_up, None, self.gate_up_packed)  # [T, 2I]
+        return linear(
+            F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.down, None, self.down_packed
+        )
 
 
 class SparseMoE(nn.Module):

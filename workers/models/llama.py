@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batonserve.kernels.linear import linear, pack_weight
 from batonserve.kernels.rope import rope_cos_sin, rope_inv_freq
 from batonserve.workers.forward_context import get_forward_context
 from batonserve.workers.models.config import ModelConfig
@@ -80,6 +81,7 @@ class LlamaForCausalLM(nn.Module):
             if cfg.tie_word_embeddings
             else new_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         )
+        self.lm_head_packed: torch.Tensor | None = None  # set by prepack()
         inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
         self.register_buffer("inv_freq", inv, persistent=False)  # [head_dim / 2] float32
 
@@ -95,6 +97,14 @@ class LlamaForCausalLM(nn.Module):
             specs += layer.weight_specs(f"model.layers.{i}.")  # type: ignore[operator]
         return specs
 
+    def prepack(self) -> None:
+        """Pack loaded dense weights for the CPU GEMM (kernels/linear.py): call after loading."""
+        for module in self.modules():
+            pack = getattr(module, "prepack", None) if module is not self else None
+            if pack is not None:
+                pack()
+        self.lm_head_packed = pack_weight(self.lm_head)
+
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor
     ) -> torch.Tensor:
@@ -108,4 +118,4 @@ class LlamaForCausalLM(nn.Module):
         assert residual is not None
         # Norm is per row: keep only the rows whose logits are wanted before norm and lm_head.
         h = (h + residual)[logits_indices]
-        return F.linear(self.norm(h), self.lm_head).float()
+        return linear(self.norm(h), self.lm_head, None, self.lm_head_packed).float()

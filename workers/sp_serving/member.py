@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from batonserve.workers.kv_transfer.base import FINAL_LAYER, KVChunk, KVTransport
 from batonserve.workers.parallel import SPGroup, shard_batch
-from batonserve.workers.sampler import make_generator
 from batonserve.workers.sp_serving.forward import SPForward, attention_dims, sp_prefill_forward
 from batonserve.workers.sp_serving.report import SPStepReport
 from batonserve.workers.sp_serving.types import RingJob, RingSetup, contiguous_runs
@@ -201,9 +200,7 @@ class RingMember:
         """Leader: sample the first token, stream it, and send the handoff's final marker."""
         h = job.handoff
         p = h.params
-        device = self.engine.runner.device
-        gen = make_generator(p.seed, device) if p.seed is not None else None
-        tok = int(self.engine.core.sampler.sample(logits, [p], [gen]).token_ids[0])
+        tok = int(self.engine.core.sampler.sample(logits, [p], [h.prompt_len]).token_ids[0])
         req = self.engine.engine._request(h.request_id, list(h.prompt_token_ids), p)
         req.output_token_ids.append(tok)
         reason = req.check_stop()

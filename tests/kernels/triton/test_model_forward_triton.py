@@ -40,8 +40,11 @@ def test_model_logits_match_reference(
 ) -> None:
     """Llama (dense), Mixtral (router + grouped experts), Mistral with a sliding window: 2 layers each."""
     model_dir = make_tiny_model(arch, tmp_path / arch, num_hidden_layers=2, **overrides)
-    cfg = EngineConfig(num_kv_blocks=24, block_size=4, device=device.type)
-    ref = _steps(ModelRunner(model_dir, EngineConfig(num_kv_blocks=24, block_size=4)))
+    # float32 on both sides ("auto" may pick bf16 on CPU): the tolerance is float32's.
+    cfg = EngineConfig(dtype="float32", num_kv_blocks=24, block_size=4, device=device.type)
+    ref = _steps(
+        ModelRunner(model_dir, EngineConfig(dtype="float32", num_kv_blocks=24, block_size=4))
+    )
     dispatch.set_triton_enabled(True, any_device=device.type == "cpu")
     try:
         got = _steps(ModelRunner(model_dir, cfg))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from batonserve.workers.engine import Engine
+from batonserve.workers.model_runner import cpu_has_native_bf16
 from batonserve.workers.models.bundled.demo_export import RoutingStats, hf_router_logits
 from batonserve.workers.models.bundled.demo_export import routing_stats as stats_of
 from batonserve.workers.models.layers import SparseMoE
@@ -179,10 +180,12 @@ def test_moe_routing_reproducible_and_nonuniform(tok: Any, hf_models: dict[str, 
     assert sum(a.entropy) / 4 < 0.5 * a.uniform_entropy
 
 
-def test_batonserve_loads_both_in_checkpoint_dtype() -> None:
+def test_batonserve_loads_both_with_the_cpu_auto_dtype() -> None:
+    # "auto" on CPU: bf16 where the CPU multiplies bf16 natively, else fp32 (not the fp16 on disk).
+    auto = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     for name in NAMES:
         eng = Engine.from_model(name, num_kv_blocks=64)
-        assert eng.runner.dtype == torch.float16  # "auto" takes the config's dtype
+        assert eng.runner.dtype == auto
         out = eng.generate("def ", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
         assert out[0].completion_tokens == 8 and out[0].text
 

@@ -31,7 +31,7 @@ def _hf_logits(hf: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
 def test_varlen_prefill_logits_match_hf(arch: str, hf_tiny_dir: Callable[..., Path]) -> None:
     """Several prompts of different lengths in one varlen batch: every row's logits within 1e-4."""
     path = hf_tiny_dir(arch)
-    runner = ModelRunner(path, EngineConfig(num_kv_blocks=48, block_size=4))
+    runner = ModelRunner(path, EngineConfig(dtype="float32", num_kv_blocks=48, block_size=4))
     hf = load_hf_model(path)
     prompts = _prompts(runner.model_config.vocab_size, [1, 5, 12, 23], seed=1)
     seqs = PagedSeqs(block_size=4, num_blocks=48)
@@ -52,7 +52,7 @@ def test_incremental_chunked_prefill_and_decode_match_hf(
     identical to HF's `generate`.
     """
     path = hf_tiny_dir(arch)
-    runner = ModelRunner(path, EngineConfig(num_kv_blocks=64, block_size=4))
+    runner = ModelRunner(path, EngineConfig(dtype="float32", num_kv_blocks=64, block_size=4))
     hf = load_hf_model(path)
     prompts = _prompts(runner.model_config.vocab_size, [9, 14, 3], seed=2)
     seqs = PagedSeqs(block_size=4, num_blocks=64, seed=3)
@@ -90,7 +90,7 @@ def test_sliding_window_matches_hf_and_changes_the_result(
 ) -> None:
     """Mistral with a window shorter than the prompt: parity with HF, and differs from full attention."""
     path = hf_tiny_dir("mistral", sliding_window=5)
-    runner = ModelRunner(path, EngineConfig(num_kv_blocks=32, block_size=4))
+    runner = ModelRunner(path, EngineConfig(dtype="float32", num_kv_blocks=32, block_size=4))
     assert runner.model_config.sliding_window == 5
     hf = load_hf_model(path)
     prompt = _prompts(runner.model_config.vocab_size, [13], seed=4)[0]

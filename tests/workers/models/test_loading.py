@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from batonserve.kernels.rope import RopeScaling
 from batonserve.workers.config import EngineConfig
-from batonserve.workers.model_runner import ModelRunner
+from batonserve.workers.model_runner import ModelRunner, cpu_has_native_bf16
 from batonserve.workers.models.config import ModelConfig
 
 BASE = {
@@ -145,9 +145,9 @@ def test_sharded_checkpoint_loads_same_weights(hf_tiny_dir: Callable[..., Path])
 def test_half_precision_checkpoints_load_and_run(
     arch: str, dtype: str, hf_tiny_dir: Callable[..., Path]
 ) -> None:
-    """A half-precision checkpoint loads as that dtype ('auto') and tracks HF's float32 logits."""
+    """A half-precision checkpoint served in that dtype tracks HF's float32 logits."""
     path = hf_tiny_dir(arch, dtype=dtype)
-    runner = ModelRunner(path, EngineConfig(num_kv_blocks=16, block_size=8))
+    runner = ModelRunner(path, EngineConfig(dtype=dtype, num_kv_blocks=16, block_size=8))
     assert runner.dtype == getattr(torch, dtype) and runner.kv_cache.dtype == runner.dtype
     tokens = [3, 50, 200, 17, 99, 123, 8, 64, 31]
     seqs = PagedSeqs(block_size=8, num_blocks=16)
@@ -166,6 +166,7 @@ def test_dtype_override_on_float32_checkpoint(hf_tiny_dir: Callable[..., Path]) 
     path = hf_tiny_dir("llama")
     runner = ModelRunner(path, EngineConfig(dtype="bfloat16", num_kv_blocks=8))
     assert runner.dtype == torch.bfloat16
-    assert ModelRunner(path, EngineConfig(num_kv_blocks=8)).dtype == torch.float32
+    auto = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # "auto" on CPU
+    assert ModelRunner(path, EngineConfig(num_kv_blocks=8)).dtype == auto
     logits = _prefill_logits(runner, [3, 4, 5, 6])
     assert torch.isfinite(logits).all()
