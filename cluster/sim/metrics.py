@@ -98,6 +98,17 @@ class Reference:
         """Time between tokens alone (batch 1; the paper reads its curve at the prompt length)."""
         return self.perf.step_time(0, prompt_tokens if self.paper else 1)
 
+    def counts_tbt(self, tokens_out: int) -> bool:
+        """Whether a request of `tokens_out` tokens has a TBT (the paper counts every request)."""
+        return self.paper or tokens_out > 1
+
+    def measured_tbt(self, rec: RequestRecord) -> float:
+        """A request's TBT: ours the mean gap between its tokens; the paper's (SplitwiseSim's
+        `tbt_times`) divides the time after the first token by *all* its tokens."""
+        if self.paper:
+            return (rec.finish_s - rec.first_token_s) / max(1, rec.tokens_out)
+        return rec.tbt
+
 
 class SLOGuard:
     """Stops a run once an SLO is surely broken, whatever the requests still running will do.
@@ -111,7 +122,7 @@ class SLOGuard:
         self.reference = reference
         self.slo = slo
         n_all = len(trace)
-        n_tbt = sum(1 for r in trace if r.output_tokens > 1)
+        n_tbt = sum(1 for r in trace if reference.counts_tbt(r.output_tokens))
         self._need = {
             (m, i): max(1, n - math.floor((n - 1) * q / 100))
             for m, n in (("ttft", n_all), ("tbt", n_tbt), ("e2e", n_all))
@@ -144,7 +155,8 @@ class SLOGuard:
         """Count its TBT and end-to-end slowdowns."""
         tbt_ref = self.reference.tbt(rec.prompt_tokens)
         ref_e2e = self.reference.ttft(rec.prompt_tokens) + tbt_ref * (rec.tokens_out - 1)
-        if rec.tokens_out > 1 and self._count("tbt", rec.tbt / tbt_ref):
+        tbt = self.reference.measured_tbt(rec)
+        if self.reference.counts_tbt(rec.tokens_out) and self._count("tbt", tbt / tbt_ref):
             return True
         return self._count("e2e", rec.e2e / ref_e2e)
 
@@ -197,9 +209,10 @@ def summarize(
         ttft_sd.append(s_ttft)
         e2e_sd.append(s_e2e)
         ok = s_ttft <= slo.ttft[1] and s_e2e <= slo.e2e[1]
-        if r.tokens_out > 1:
-            tbt_sd.append(r.tbt / tbt_ref)
-            ok = ok and r.tbt / tbt_ref <= slo.tbt[1]
+        if reference.counts_tbt(r.tokens_out):
+            tbt = reference.measured_tbt(r) / tbt_ref
+            tbt_sd.append(tbt)
+            ok = ok and tbt <= slo.tbt[1]
         good += ok
     sd = {
         "ttft": Percentiles.of(ttft_sd),
@@ -225,7 +238,9 @@ def summarize(
         num_completed=len(done),
         num_rejected=rejected,
         ttft=Percentiles.of([r.ttft for r in done]),
-        tbt=Percentiles.of([r.tbt for r in done if r.tokens_out > 1]),
+        tbt=Percentiles.of(
+            [reference.measured_tbt(r) for r in done if reference.counts_tbt(r.tokens_out)]
+        ),
         e2e=Percentiles.of([r.e2e for r in done]),
         ttft_slowdown=sd["ttft"],
         tbt_slowdown=sd["tbt"],
