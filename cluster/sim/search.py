@@ -60,6 +60,8 @@ def best_split(
     budget: float,
     power_budget: float = 0.0,
     progress: Progress | None = None,
+    first: int = 5,
+    rel_tol: float = 0.02,
 ) -> FamilyBest:
     """The family's highest-throughput design that spends the budget, over every split."""
     designs = budget_designs(FAMILIES[family], setup.machines, budget, power_budget, 10_000)
@@ -68,12 +70,12 @@ def best_split(
     rows: dict[int, PlanRow] = {}
 
     def score(i: int) -> float:
-        rows[i] = max_rate(setup, designs[i], iters=12)
+        rows[i] = max_rate(setup, designs[i], iters=12, rel_tol=rel_tol)
         if progress:
             progress(f"{designs[i].label}: {rows[i].max_rate:.2f} req/s")
         return rows[i].max_rate
 
-    best = refine_max(len(designs), score)
+    best = refine_max(len(designs), score, first)
     return FamilyBest(family, rows[best], tuple(rows[i] for i in sorted(rows)))
 
 

@@ -68,8 +68,20 @@ def run(args: argparse.Namespace) -> None:
         print(f"[{time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
     families = [f for f in args.families.split(",") if f] or list(SPLITWISE_FAMILIES)
-    out: dict = {"experiment": args.experiment, "setting": args.setting}
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{args.experiment}_{args.setting}.json"
+    # Families accumulate across runs (several processes may each take some families).
+    out: dict = json.loads(path.read_text()) if path.exists() else {"families": {}}
+    out.update({"experiment": args.experiment, "setting": args.setting})
     out["requests"] = args.requests
+
+    def save() -> None:
+        out["seconds"] = round(time.time() - t0, 1)
+        latest = json.loads(path.read_text()) if path.exists() else {"families": {}}
+        latest["families"].update(out["families"])
+        out["families"] = latest["families"]
+        path.write_text(json.dumps(out, indent=1) + "\n")
+
     if args.experiment in ("isopower", "isocost"):
         budget, power = 1e12, 0.0
         if args.experiment == "isopower":
@@ -77,17 +89,16 @@ def run(args: argparse.Namespace) -> None:
         else:
             budget = args.h100 * h100.cost_per_hour
         out["budget"] = {"cost": budget if budget < 1e12 else None, "power": power or None}
-        out["families"] = {}
         for fam in families:
-            fb = best_split(setup, fam, budget, power, progress)
+            fb = best_split(setup, fam, budget, power, progress, args.first, args.rel_tol)
             out["families"][fam] = {
                 "best": _row(fb.best),
                 "tried": [_row(r) for r in fb.tried],
             }
+            save()
             progress(f"== {fam}: {fb.best.design.label} {fb.best.max_rate:.2f} req/s")
     else:
         out["rate"] = args.rate
-        out["families"] = {}
         for fam in families:
             res = {}
             for kind in ("cost", "power"):
@@ -100,10 +111,8 @@ def run(args: argparse.Namespace) -> None:
                 res[kind] = _design(d, dict(setup.machines))
                 progress(f"== {fam} {kind}-optimal: {res[kind]}")
             out["families"][fam] = res
-    out["seconds"] = round(time.time() - t0, 1)
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{args.experiment}_{args.setting}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
+            save()
+    save()
     print(f"wrote {path} ({out['seconds']} s)")
 
 
@@ -118,6 +127,8 @@ def main() -> None:
     r.add_argument("--h100", type=int, default=40, help="budget = this many DGX-H100s")
     r.add_argument("--rate", type=float, default=70.0, help="isothroughput: requests/s")
     r.add_argument("--families", default="", help="comma list (default: all six)")
+    r.add_argument("--first", type=int, default=5, help="splits sampled before refining")
+    r.add_argument("--rel-tol", type=float, default=0.02, help="rate bisection tolerance")
     r.set_defaults(func=run)
     rep = sub.add_parser("report")
     rep.set_defaults(func=report)
