@@ -155,8 +155,13 @@ def test_cpu_image_builds_and_generates_as_the_chart_runs_it() -> None:
         timeout=BUILD_TIMEOUT_S,
     )
     assert build.returncode == 0, build.stdout[-6000:] + build.stderr[-4000:]
-    # Older builds of the tag become dangling: drop them so the storage stays bounded.
-    subprocess.run([*_engine(), "image", "prune", "-f"], capture_output=True, timeout=120)
+    # Older builds of the tag become dangling: drop them so the storage stays bounded (those of
+    # the last hour stay, so that a build running beside this one keeps its fresh layers).
+    subprocess.run(
+        [*_engine(), "image", "prune", "-f", "--filter", "until=1h"],
+        capture_output=True,
+        timeout=120,
+    )
 
     inspect = subprocess.run(
         [*_engine(), "image", "inspect", TAG], capture_output=True, text=True, timeout=60
