@@ -15,6 +15,7 @@ from batonserve.cluster.sim.paper import PAPER_MACHINES, plan_setup, setting_spe
 from batonserve.cluster.sim.paper_batching import SplitwiseBatching
 from batonserve.cluster.sim.perf_model import SPLITWISE_TABLE, TablePerfModel
 from batonserve.cluster.sim.planner import max_rate
+from batonserve.cluster.sim.search import refine_max
 from batonserve.cluster.sim.simulator import RequestRecord, Simulator
 from batonserve.cluster.sim.trace import TraceRequest, load_azure_trace
 from batonserve.workers.block_pool import BlockPool
@@ -123,3 +124,15 @@ def test_paper_setting_reproduces_splitwise_aa_iso_power_ratio() -> None:
     assert base.power_w == pytest.approx(split.power_w)
     ratio = split.max_rate / base.max_rate
     assert abs(ratio / 2.15 - 1) <= 0.15, ratio
+
+
+def test_refine_max_finds_the_best_split_without_trying_them_all() -> None:
+    for n, peak in ((1, 0), (2, 1), (7, 2), (70, 66), (200, 13)):
+        calls: list[int] = []
+
+        def score(i: int, peak: int = peak, calls: list[int] = calls) -> float:
+            calls.append(i)
+            return -abs(i - peak)
+
+        assert refine_max(n, score) == peak
+        assert len(calls) == len(set(calls)) <= max(n, 16)  # each split once, few of them
