@@ -73,9 +73,7 @@ class ChoiceStreams:
             seen.add(c.prompt_index)
             self._tasks.append(asyncio.create_task(self._pump(c.index, dispatcher, c.request, n)))
 
-    async def _pump(
-        self, index: int, dispatcher: Dispatcher, request: Any, n: int | None
-    ) -> None:
+    async def _pump(self, index: int, dispatcher: Dispatcher, request: Any, n: int | None) -> None:
         try:
             async with contextlib.aclosing(dispatcher.stream(request, n)) as deltas:
                 async for delta in deltas:
