@@ -26,8 +26,9 @@ PROMPTS = ([0, 17, 301, 42, 9, 1000, 77], [0, 5, 6, 7], [0, 2222, 333, 44, 555])
 
 
 def runner() -> ModelRunner:
-    """A fresh demo-moe runner on CPU in its checkpoint dtype."""
-    return ModelRunner(MODEL, EngineConfig(device="cpu", num_kv_blocks=32, block_size=16))
+    """A fresh demo-moe runner on CPU in its checkpoint dtype (float16; "auto" may pick bf16)."""
+    cfg = EngineConfig(dtype="float16", device="cpu", num_kv_blocks=32, block_size=16)
+    return ModelRunner(MODEL, cfg)
 
 
 @dataclass
