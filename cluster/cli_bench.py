@@ -14,7 +14,7 @@ import grpc
 from batonserve.cluster.bench.drivers import Connection, RequestResult
 from batonserve.cluster.bench.plots import write_plots
 from batonserve.cluster.bench.report import SLO, BenchReport, format_report, summarize
-from batonserve.cluster.bench.runner import BenchConfig, run_bench
+from batonserve.cluster.bench.runner import PROTOCOLS, BenchConfig, run_bench
 from batonserve.cluster.bench.workload import (
     BenchRequest,
     LengthSpec,
@@ -31,7 +31,16 @@ def register(subparsers: Any) -> None:
         help="load generator: Poisson rate(s), closed-loop concurrency or an Azure trace replay",
     )
     add_connection_args(p)
-    p.add_argument("--protocol", choices=("native", "kserve"), default="native")
+    p.add_argument(
+        "--protocol",
+        default="native",
+        help="native, kserve or openai; a comma list (native,openai) runs the same load over each",
+    )
+    p.add_argument(
+        "--http-target",
+        default="127.0.0.1:8000",
+        help="the OpenAI-compatible API's HOST:PORT (or URL), for --protocol openai",
+    )
     how = p.add_argument_group("arrivals (default: closed loop, concurrency 1)")
     how.add_argument(
         "--rate", help="open loop: Poisson arrivals, req/s; a comma list sweeps (1,2,4)"
@@ -59,6 +68,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--context-length", type=int, default=0, help="KServe: when not queryable")
     p.add_argument("--progress-interval", type=float, default=2.0, help="seconds; 0: quiet")
     p.set_defaults(func=run)
+
+
+def parse_protocols(text: str) -> list[str]:
+    """'native,openai' -> ['native', 'openai'] (each known, none twice)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in PROTOCOLS]
+    if not names or bad or len(set(names)) != len(names):
+        raise ValueError(
+            f"--protocol: a comma list of {', '.join(PROTOCOLS)} (each once), got {text!r}"
+        )
+    return names
 
 
 def parse_rates(text: str | None) -> list[float | None]:
@@ -96,7 +116,8 @@ async def _run_all(
 ) -> list[tuple[BenchReport, list[RequestResult]]]:
     runs = []
     for label, rate, cfg, requests in configs:
-        print(f"bench: {label} against {args.target} ({args.protocol})", file=sys.stderr)
+        where = cfg.connection.target
+        print(f"bench: {label} against {where} ({cfg.protocol})", file=sys.stderr)
         results, wall = await run_bench(cfg, requests)
         rep = summarize(results, wall, slo, label, rate)
         print(format_report(rep), flush=True)
@@ -111,25 +132,29 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--rate and --concurrency: choose open loop or closed loop, not both")
     concurrency = args.concurrency or (0 if args.rate or args.trace else 1)
     slo = SLO(args.slo_ttft_ms / 1000, args.slo_tbt_ms / 1000, args.slo_e2e_ms / 1000)
-    conn = Connection(args.target, args.ca_file, args.token_file, args.timeout)
+    protocols = parse_protocols(args.protocol)
     configs = []
     for rate in rates:
-        cfg = BenchConfig(
-            connection=conn,
-            protocol=args.protocol,
-            concurrency=concurrency,
-            duration_s=args.duration,
-            seed=args.seed,
-            progress_interval_s=args.progress_interval,
-            model=args.model,
-            context_length=args.context_length,
-        )
         label = (
             f"rate={rate:g}/s"
             if rate
             else (f"concurrency={concurrency}" if concurrency else "trace replay")
         )
-        configs.append((label, rate, cfg, workload(args, rate)))  # user errors before any call
+        requests = workload(args, rate)  # user errors before any call
+        for protocol in protocols:  # the very same requests over each protocol, side by side
+            target = args.http_target if protocol == "openai" else args.target
+            cfg = BenchConfig(
+                connection=Connection(target, args.ca_file, args.token_file, args.timeout),
+                protocol=protocol,  # type: ignore[arg-type]
+                concurrency=concurrency,
+                duration_s=args.duration,
+                seed=args.seed,
+                progress_interval_s=args.progress_interval,
+                model=args.model,
+                context_length=args.context_length,
+            )
+            name = f"{protocol} {label}" if len(protocols) > 1 else label
+            configs.append((name, rate, cfg, requests))
     try:
         # One event loop for every run: grpc.aio does not survive a second asyncio.run.
         runs = asyncio.run(_run_all(configs, slo, args))

@@ -88,7 +88,7 @@ def open_channel(conn: Connection) -> tuple[grpc.aio.Channel, tuple[tuple[str, s
     return channel, ((("authorization", f"Bearer {token}"),) if token else ())
 
 
-class _Timer:
+class Timer:
     """Records token arrivals into a RequestResult."""
 
     def __init__(self, result: RequestResult, t0: float) -> None:
@@ -96,6 +96,7 @@ class _Timer:
         self.last: float | None = None
 
     def tokens(self, n: int) -> None:
+        """`n` tokens arrived now."""
         now = time.perf_counter() - self.t0
         if n <= 0:
             return
@@ -152,7 +153,7 @@ class NativeDriver:
             sampling=gpb.SamplingParams(max_tokens=o, ignore_eos=True),
         )
         result = RequestResult(req.index, time.perf_counter() - t0, p)
-        timer = _Timer(result, t0)
+        timer = Timer(result, t0)
         try:
             async for resp in self._stub.Generate(
                 msg, timeout=self._timeout, metadata=self._metadata
@@ -225,7 +226,7 @@ class KServeDriver:
             p, o = fit_to_context(p, o, self.context_length)
             p = max(1, min(p, (self.context_length - o) * 3 // 4))
         result = RequestResult(req.index, time.perf_counter() - t0, p)
-        timer = _Timer(result, t0)
+        timer = Timer(result, t0)
         call = self._stub.ModelStreamInfer(timeout=self._timeout, metadata=self._metadata)
         try:
             await call.write(self._request(req, p, o))

@@ -17,9 +17,11 @@ from batonserve.cluster.bench.drivers import (
     RequestResult,
     open_channel,
 )
+from batonserve.cluster.bench.openai_driver import OpenAIDriver
 from batonserve.cluster.bench.workload import BenchRequest
 
-Protocol = Literal["native", "kserve"]
+Protocol = Literal["native", "kserve", "openai"]
+PROTOCOLS = ("native", "kserve", "openai")
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,8 @@ class BenchConfig:
     context_length: int = 0  # KServe only, when the server cannot say
 
     def __post_init__(self) -> None:
-        if self.protocol not in ("native", "kserve"):
-            raise ValueError(f"--protocol: native or kserve, got {self.protocol!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol: one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.concurrency < 0:
             raise ValueError(f"--concurrency: must be >= 0, got {self.concurrency}")
         if self.duration_s <= 0:
@@ -52,6 +54,9 @@ class _Progress:
 
 
 def _driver(cfg: BenchConfig) -> tuple[Driver, Callable[[], Awaitable[None]]]:
+    if cfg.protocol == "openai":  # HTTP: cfg.connection.target is the OpenAI API's address
+        http = OpenAIDriver(cfg.connection, cfg.seed, cfg.model)
+        return http, http.close
     channel, metadata = open_channel(cfg.connection)
     timeout = cfg.connection.timeout_s
     driver: Driver
