@@ -30,10 +30,12 @@ def refine_max(n: int, score: Callable[[int], float], first: int = 5) -> int:
             seen[i] = score(i)
         return seen[i]
 
+    # Samples at the middles of k equal slices: the extreme splits (one prompt machine, one
+    # token machine) are tried only if the search walks there, and they are the slowest to rate.
     k = min(n, max(2, first))
     for j in range(k):
-        at(round(j * (n - 1) / (k - 1)) if k > 1 else 0)
-    step = max(1, math.ceil((n - 1) / (k - 1))) if k > 1 else 1
+        at(min(n - 1, int((j + 0.5) * n / k)))
+    step = max(1, math.ceil(n / k))
     while True:
         best = max(seen, key=lambda i: (seen[i], -i))
         step = max(1, step // 2) if step > 1 else 1
