@@ -34,6 +34,29 @@ static inline void store_f16(const float* s, _Float16* d, int64_t n) {
     for (int64_t i = 0; i < n; i++) d[i] = (_Float16)s[i];
 }
 
+/* e^x for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer power
+   (exponent bits) and 2^f, f in [0, 1), by a degree-6 polynomial (relative error ~1e-7). Plain
+   arithmetic, so loops over it vectorise without -ffast-math (whose crtfastmath would set
+   flush-to-zero for the whole process). */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float t = x * 1.44269504088896341f;
+    int32_t i = (int32_t)t;
+    i -= (t < (float)i);                    /* floor for t <= 0 */
+    const float f = t - (float)i;
+    float p = 0.000218712622881867f;
+    p = p * f + 0.001238241558894515f;
+    p = p * f + 0.009686185978353024f;
+    p = p * f + 0.055478911846876144f;
+    p = p * f + 0.24023109674453735f;
+    p = p * f + 0.693146824836731f;
+    p = p * f + 1.0f;
+    const uint32_t bits = (uint32_t)(i + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 #define DEFINE_KERNEL(NAME, T, LOAD, STORE)                                                     \
 void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
           const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
@@ -70,36 +93,49 @@ void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,              
         for (int64_t g = 0; g < G; g++)                                                         \
             LOAD(q + r * q_row_stride + (h * G + g) * q_head_stride, qf + g * d, d);            \
         const int32_t* table = block_tables + row_seq[r] * bt_stride;                           \
-        for (int64_t j = lo; j <= hi; j++) {                                                    \
-            const T* kp = k + (((int64_t)table[j / bs] * bs + j % bs) * Hkv + h) * d;           \
-            LOAD(kp, kf, d);                                                                    \
-            for (int64_t g = 0; g < G; g++) {                                                   \
-                const float* qg = qf + g * d;                                                   \
-                float s = 0.f;                                                                  \
-                _Pragma("omp simd reduction(+:s)")                                              \
-                for (int64_t i = 0; i < d; i++) s += qg[i] * kf[i];                             \
-                scores[g * n + (j - lo)] = s * scale;                                           \
+        const int64_t key_stride = Hkv * d;                                                     \
+        for (int64_t j = lo; j <= hi;) { /* block by block: one table lookup per block */       \
+            const int64_t off = j % bs;                                                         \
+            const int64_t cnt = (bs - off < hi - j + 1) ? bs - off : hi - j + 1;                \
+            const T* kp = k + (((int64_t)table[j / bs] * bs + off) * Hkv + h) * d;              \
+            for (int64_t c = 0; c < cnt; c++, kp += key_stride) {                               \
+                LOAD(kp, kf, d);                                                                \
+                for (int64_t g = 0; g < G; g++) {                                               \
+                    const float* qg = qf + g * d;                                               \
+                    float s = 0.f;                                                              \
+                    _Pragma("omp simd reduction(+:s)")                                          \
+                    for (int64_t i = 0; i < d; i++) s += qg[i] * kf[i];                         \
+                    scores[g * n + (j - lo + c)] = s * scale;                                   \
+                }                                                                               \
             }                                                                                   \
+            j += cnt;                                                                           \
         }                                                                                       \
         float m[64], sum[64];                                                                   \
         for (int64_t g = 0; g < G; g++) {                                                       \
             float* sg = scores + g * n;                                                         \
             float mx = sg[0];                                                                   \
+            _Pragma("omp simd reduction(max:mx)")                                               \
             for (int64_t j = 1; j < n; j++) mx = sg[j] > mx ? sg[j] : mx;                       \
             float tot = 0.f;                                                                    \
-            for (int64_t j = 0; j < n; j++) { sg[j] = expf(sg[j] - mx); tot += sg[j]; }         \
+            _Pragma("omp simd reduction(+:tot)")                                                \
+            for (int64_t j = 0; j < n; j++) { sg[j] = exp_nonpos(sg[j] - mx); tot += sg[j]; }   \
             m[g] = mx; sum[g] = tot;                                                            \
         }                                                                                       \
         memset(acc, 0, sizeof(float) * G * d);                                                  \
-        for (int64_t j = lo; j <= hi; j++) {                                                    \
-            const T* vp = v + (((int64_t)table[j / bs] * bs + j % bs) * Hkv + h) * d;           \
-            LOAD(vp, kf, d);                                                                    \
-            for (int64_t g = 0; g < G; g++) {                                                   \
-                const float p = scores[g * n + (j - lo)];                                       \
-                float* ag = acc + g * d;                                                        \
-                _Pragma("omp simd")                                                             \
-                for (int64_t i = 0; i < d; i++) ag[i] += p * kf[i];                             \
+        for (int64_t j = lo; j <= hi;) {                                                        \
+            const int64_t off = j % bs;                                                         \
+            const int64_t cnt = (bs - off < hi - j + 1) ? bs - off : hi - j + 1;                \
+            const T* vp = v + (((int64_t)table[j / bs] * bs + off) * Hkv + h) * d;              \
+            for (int64_t c = 0; c < cnt; c++, vp += key_stride) {                               \
+                LOAD(vp, kf, d);                                                                \
+                for (int64_t g = 0; g < G; g++) {                                               \
+                    const float p = scores[g * n + (j - lo + c)];                               \
+                    float* ag = acc + g * d;                                                    \
+                    _Pragma("omp simd")                                                         \
+                    for (int64_t i = 0; i < d; i++) ag[i] += p * kf[i];                         \
+                }                                                                               \
             }                                                                                   \
+            j += cnt;                                                                           \
         }                                                                                       \
         for (int64_t g = 0; g < G; g++) {                                                       \
             const float inv = 1.f / sum[g];                                                     \
