@@ -51,6 +51,9 @@ class Reports:
         """Keep it."""
         self.sp.append(report)
 
+    def iteration_tokens(self, worker: str, pool: str, tokens: tuple[int, ...]) -> None:
+        """Ignored."""
+
 
 async def ttft(cluster: Cluster, rid: str, prompt: list[int]) -> float:
     """Seconds from submit to the first streamed token (the rest is drained)."""
