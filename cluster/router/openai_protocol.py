@@ -106,7 +106,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     raise invalid("stop", "must be a string or an array of strings")
 
 
-def _int_list(value: object, name: str) -> list[int] | None:
+def _int_list(value: object) -> list[int] | None:
     if isinstance(value, list) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in value
     ):
@@ -116,7 +116,7 @@ def _int_list(value: object, name: str) -> list[int] | None:
 
 def _values(body: Mapping[str, Any], max_tokens: str, logprobs: int | None) -> SamplingValues:
     stop_ids = body.get("stop_token_ids")
-    ids = _int_list(stop_ids, "stop_token_ids") if stop_ids is not None else []
+    ids = _int_list(stop_ids) if stop_ids is not None else []
     if ids is None:
         raise invalid("stop_token_ids", "must be an array of token ids")
     return SamplingValues(
@@ -198,9 +198,9 @@ def parse_completion(
         texts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         texts = list(prompt)
-    elif (ids := _int_list(prompt, "prompt")) is not None and ids:
+    elif (ids := _int_list(prompt)) is not None and ids:
         prompts = [ids]
-    elif isinstance(prompt, list) and prompt and all(_int_list(p, "prompt") for p in prompt):
+    elif isinstance(prompt, list) and prompt and all(_int_list(p) for p in prompt):
         prompts = [list(p) for p in prompt]
     else:
         raise invalid(
@@ -278,6 +278,8 @@ def parse_chat(
     logprobs = (top or 0) if want else None
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else None
     values = _values(body, limit or "max_tokens", logprobs)
+    if values.max_tokens is None:  # as OpenAI and vLLM: a chat answer may use the whole context
+        values = replace(values, max_tokens=max(1, info.context_length - len(ids)))
     names = {"logprobs": "top_logprobs", **({"max_tokens": limit} if limit else {})}
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     choices = _choices(rid, [ids], values, info, n, "messages", names)

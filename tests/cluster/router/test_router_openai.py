@@ -133,6 +133,13 @@ def test_chat_whole_and_streamed(api: Api) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_chat_default_max_tokens_is_the_rest_of_the_context(api: Api) -> None:
+    client = api.client()
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    sent = api.cluster.requests[-1]
+    assert sent.sampling.max_tokens == 128 - len(sent.prompt_token_ids)
+
+
 def test_models_and_health(api: Api) -> None:
     assert [m.id for m in api.client().models.list()] == ["tiny"]
     base = api.url.removesuffix("/v1")
