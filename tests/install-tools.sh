@@ -44,7 +44,7 @@ python3 -c "import kubernetes_validate" 2>/dev/null || python3 -m pip install --
 # --- end helm ---
 
 # --- image (issue 21, helper "image"): podman + runc + debootstrap, a Debian base image and a CPU
-# wheelhouse under .tools/image/ for tests/deploy/test_image.py (it skips without them). Needs root
+# wheelhouse under .tools/image/ for tests/deploy/test_image.py (it fails without them). Needs root
 # (rootful podman, debootstrap); BATONSERVE_SKIP_IMAGE=1 skips it. Repeat runs cost seconds. ---
 if [ "${BATONSERVE_SKIP_IMAGE:-0}" != 1 ] && [ "$(id -u)" -eq 0 ]; then
     IMAGE_DIR="$PWD/.tools/image"

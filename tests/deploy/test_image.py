@@ -116,6 +116,16 @@ def _require_builder() -> None:
             "run `bash tests/install-tools.sh` as root first",
             pytrace=False,
         )
+    import tomllib  # Python 3.11+, as the image (and CI)
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = set((WHEELS / "requirements.txt").read_text().splitlines())
+    if stale := [dep for dep in deps if dep not in listed]:
+        pytest.fail(
+            f"the wheelhouse predates pyproject.toml ({', '.join(stale)}): "
+            "run `bash tests/install-tools.sh` again",
+            pytrace=False,
+        )
     probe = subprocess.run(
         [*_engine(), "image", "exists", BASE_IMAGE], capture_output=True, timeout=60
     )
