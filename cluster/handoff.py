@@ -3,6 +3,10 @@
     OPEN --first token--> PREFILLED --decode side acks--> COMMITTED --prefill side frees--> RELEASED
       \\_______________________ lease ends / failure / abort ______________________> ABORTED
 
+A lease is renewed on progress, not only at the first token: while the prefill worker reports
+the request queued or prefilling (and sending, layer by layer), and while the decode worker
+reports the complete handoff waiting for free blocks, so a long queue is never re-prefilled.
+
 Plain Python with an injected clock: the live cluster and the tests drive the same object. Each
 transition returns what the caller must do (free the prefill blocks, or abort both sides), and
 every transition out of a final state is a no-op, so aborts are idempotent and a late ack of an
@@ -14,7 +18,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -85,6 +89,14 @@ class HandoffLedger:
         h.state = HandoffState.PREFILLED
         h.deadline = self.clock() + self.lease_s
         return True
+
+    def renew(self, handoff_ids: Iterable[int]) -> None:
+        """Progress was reported on these handoffs: their leases start again (live ones only)."""
+        deadline = self.clock() + self.lease_s
+        for hid in handoff_ids:
+            h = self.handoffs.get(hid)
+            if h is not None and h.state in (HandoffState.OPEN, HandoffState.PREFILLED):
+                h.deadline = max(h.deadline, deadline)
 
     def committed(self, handoff_id: int, nbytes: int = 0) -> bool:
         """The decode side acknowledged: True means free the prefill blocks now; False means the

@@ -39,7 +39,8 @@ class WorkerEvents:
         h = self.controller.workers[name]
         while not self._closing and h.incarnation == incarnation:
             try:
-                result: PollResult = await h.actor.poll.remote(POLL_S)
+                owned = tuple(ho.handoff_id for ho in self.ledger.involving(name))
+                result: PollResult = await h.actor.poll.remote(POLL_S, owned)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -52,6 +53,8 @@ class WorkerEvents:
 
     def _on_poll(self: Cluster, name: str, r: PollResult) -> None:
         h = self.controller.workers[name]
+        if h.stats is None or r.stats.steps != h.stats.steps:  # it stepped: progress, not a hang
+            self.ledger.renew(r.stats.handoffs_in_progress)
         h.stats = r.stats
         self._views.pop(name, None)  # fresh stats replace the optimistic adjustments
         if self._prefix_epochs.get(name) != r.stats.prefix_epoch:

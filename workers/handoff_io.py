@@ -5,13 +5,17 @@ is read out of the paged cache and queued on the transport while the next layer 
 first token follows as a final marker. Decode side: chunks land in a contiguous staging buffer
 per handoff; only when every layer of every prompt position and the first token are there is
 the request imported into the engine, so a partial or aborted handoff is never decoded from.
+A complete handoff that does not fit the engine's free KV blocks waits (first come, first
+served) until decoding frees room, instead of failing and being prefilled again; its blocks
+count as reserved from `begin` on, as the simulator models it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,14 +112,23 @@ class KVExporter:
         """Every export to `peer` has failed."""
         return [self._fail(ex, detail) for ex in list(self.exports.values()) if ex.spec.dst == peer]
 
-    def stale(self, older_than_s: float) -> list[HandoffEvent]:
+    def in_progress(self) -> list[int]:
+        """Handoffs still queued or prefilling here (the cluster renews their leases)."""
+        return [ex.spec.handoff_id for ex in self.exports.values() if ex.prefilled_at == 0]
+
+    def stale(self, older_than_s: float, vouched: Collection[int] = ()) -> list[HandoffEvent]:
         """Fail exports prefilled longer ago than `older_than_s` and still not released.
 
         A backstop only: the cluster's ledger ends leases first; this frees pinned blocks even
-        if the cluster that owned the handoff is gone.
+        if the cluster that owned the handoff is gone. Handoffs in `vouched` (their owner said
+        lately that they are live) are left to the owner.
         """
         cut = time.monotonic() - older_than_s
-        old = [ex for ex in self.exports.values() if 0 < ex.prefilled_at < cut]
+        old = [
+            ex
+            for ex in self.exports.values()
+            if 0 < ex.prefilled_at < cut and ex.spec.handoff_id not in vouched
+        ]
         return [self._fail(ex, "lease backstop: never released") for ex in old]
 
     def _fail(self, ex: _Export, detail: str) -> HandoffEvent:
@@ -156,6 +169,7 @@ class KVImporter:
         self.spec = spec
         self.device = device
         self.imports: dict[int, _Import] = {}
+        self.waiting: deque[int] = deque()  # complete handoffs waiting for free blocks, FCFS
         self._lock = threading.Lock()  # chunks arrive on transport threads
 
     def begin(self, spec: HandoffSpec) -> None:
@@ -185,12 +199,49 @@ class KVImporter:
                 return True
             return False
 
-    def commit(self, handoff_id: int) -> HandoffEvent | None:
-        """Import a complete handoff into the engine (loop thread); None if it was aborted."""
+    def commit(self, handoff_id: int) -> list[HandoffEvent]:
+        """A handoff became complete (loop thread): import it, or queue it until it fits."""
         with self._lock:
-            imp = self.imports.pop(handoff_id, None)
-        if imp is None:
-            return None
+            if handoff_id in self.imports:
+                self.waiting.append(handoff_id)
+        return self.drain()
+
+    def drain(self) -> list[HandoffEvent]:
+        """Import waiting handoffs in arrival order while the engine has the blocks (loop thread).
+
+        A later handoff never overtakes the head: a long prompt would otherwise wait forever.
+        """
+        events: list[HandoffEvent] = []
+        while True:
+            with self._lock:
+                while self.waiting and self.waiting[0] not in self.imports:
+                    self.waiting.popleft()  # aborted while it waited
+                if not self.waiting:
+                    return events
+                imp = self.imports[self.waiting[0]]
+                need = self.blocks_for(imp.spec.prompt_len)
+                if need > self.engine.pool.num_free_blocks and need <= self.engine.pool.num_blocks:
+                    return events  # decoding frees blocks; the worker calls drain after each step
+                self.waiting.popleft()
+                del self.imports[imp.spec.handoff_id]
+            events.append(self._import(imp))
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """KV blocks a prompt of `num_tokens` takes in the engine."""
+        return -(-num_tokens // self.spec.block_size)
+
+    def reserved_blocks(self) -> int:
+        """Blocks promised to handoffs begun here and not yet imported (hidden from the CLS)."""
+        with self._lock:
+            return sum(self.blocks_for(i.spec.prompt_len) for i in self.imports.values())
+
+    def in_progress(self) -> list[int]:
+        """Complete handoffs waiting for room (the cluster renews their leases meanwhile)."""
+        with self._lock:
+            return [h for h in self.waiting if h in self.imports]
+
+    def _import(self, imp: _Import) -> HandoffEvent:
+        handoff_id = imp.spec.handoff_id
         sp = imp.spec
         try:
             slots = self.engine.import_request(
@@ -225,11 +276,15 @@ class KVImporter:
             for i in dead
         ]
 
-    def stale(self, older_than_s: float) -> list[HandoffEvent]:
+    def stale(self, older_than_s: float, vouched: Collection[int] = ()) -> list[HandoffEvent]:
         """Drop staged handoffs begun longer ago than `older_than_s` (backstop, as above)."""
         cut = time.monotonic() - older_than_s
         with self._lock:
-            old = [i for i in self.imports.values() if i.created < cut and not i.queued]
+            old = [
+                i
+                for i in self.imports.values()
+                if i.created < cut and i.spec.handoff_id not in vouched
+            ]
             for i in old:
                 del self.imports[i.spec.handoff_id]
         return [

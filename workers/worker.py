@@ -97,6 +97,10 @@ class Worker:
         self._prefix_epoch = 0
         self._error = ""
         self._stopped = False
+        # Handoffs the owning cluster said were live at its latest poll, and when: the backstop
+        # leaves those to it, so a long prefill queue is not mistaken for a dead owner.
+        self._vouched: frozenset[int] = frozenset()
+        self._vouched_at = 0.0
         self._stats = self._make_stats()
         self._thread = threading.Thread(target=self._loop, name=f"step-{spec.name}", daemon=True)
         self._thread.start()
@@ -222,9 +226,13 @@ class Worker:
 
         self._enqueue(run)
 
-    def poll(self, timeout_s: float = 1.0) -> PollResult:
-        """Long-poll: every delta and event since the last call (waits up to timeout_s for one)."""
+    def poll(self, timeout_s: float = 1.0, live_handoffs: tuple[int, ...] = ()) -> PollResult:
+        """Long-poll: every delta and event since the last call (waits up to timeout_s for one).
+
+        `live_handoffs`: the handoffs involving this worker that the cluster still owns.
+        """
         with self._cv:
+            self._vouched, self._vouched_at = frozenset(live_handoffs), time.monotonic()
             if not self._deltas and not self._events and not self._stopped:
                 self._cv.wait(timeout_s)
             deltas, self._deltas = self._deltas, []
@@ -302,6 +310,7 @@ class Worker:
                 if stepped:
                     outputs = self.engine.step()
                     self._steps += 1
+                    self._events_out(self.importer.drain())  # the step may have freed blocks
                 self._backstop()
                 self._publish(outputs, wake=stepped)
                 for rid in self.exporter.take_failed():  # after the step: not mid-forward
@@ -316,8 +325,11 @@ class Worker:
     def _backstop(self) -> None:
         """Free handoffs whose owner never ended them (BACKSTOP_LEASES leases later)."""
         limit = BACKSTOP_LEASES * self.spec.kv.lease_s
+        with self._cv:
+            fresh = time.monotonic() - self._vouched_at < limit
+            vouched = self._vouched if fresh else frozenset()
         # Stale exports end their engine requests through take_failed; a staged import has none.
-        events = self.exporter.stale(limit) + self.importer.stale(limit)
+        events = self.exporter.stale(limit, vouched) + self.importer.stale(limit, vouched)
         if self.ring is not None:
             self.ring.stale(limit)
         if events:
@@ -371,10 +383,12 @@ class Worker:
             self._enqueue(lambda: self._commit(hid))
 
     def _commit(self, handoff_id: int) -> None:
-        ev = self.importer.commit(handoff_id)
-        if ev is not None:
+        self._events_out(self.importer.commit(handoff_id))
+
+    def _events_out(self, events: list[HandoffEvent]) -> None:
+        if events:
             with self._cv:
-                self._events.append(ev)
+                self._events.extend(events)
 
     def _on_transport_error(self, peer: str, err: Exception) -> None:
         def run() -> None:
@@ -416,13 +430,15 @@ class Worker:
             waiting=s.num_waiting,
             pinned=s.num_pinned,
             pending_prefill_tokens=s.pending_prefill_tokens,
-            num_free_blocks=pool.num_free_blocks,
+            # Blocks promised to staged imports are not free to the CLS (reserved at pairing).
+            num_free_blocks=max(0, pool.num_free_blocks - self.importer.reserved_blocks()),
             num_blocks=pool.num_blocks,
             block_size=pool.block_size,
             kv_usage=s.kv_usage,
             prefix_queries=s.prefix_queries,
             prefix_hits=s.prefix_hits,
             steps=self._steps,
+            handoffs_in_progress=(*self.exporter.in_progress(), *self.importer.in_progress()),
             exports=len(self.exporter.exports) + (len(self.ring.held) if self.ring else 0),
             imports=len(self.importer),
             error=self._error[-2000:],

@@ -114,6 +114,9 @@ class WorkerStats:
     moe: ExpertStoreStats | None = None
     # The expert-parallel overlap tuner's choices when this worker leads an EP group.
     ep_tuner: EPTunerStats | None = None
+    # Handoffs this worker is still working on: queued or prefilling (prefill side), or complete
+    # and waiting for free blocks (decode side). The cluster renews their leases while steps run.
+    handoffs_in_progress: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
