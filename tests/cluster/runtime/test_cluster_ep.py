@@ -33,8 +33,15 @@ pytestmark = pytest.mark.cluster
 
 MODEL = "demo-moe"
 NAMESPACE = "batonserve-ep"
+# float32, as the other resume tests: "auto" may pick bf16 on CPU, where a resumed request's
+# greedy tokens (recomputed from prompt + tokens sent) can differ from the uninterrupted reference.
 ENGINE = EngineConfig(
-    device="cpu", block_size=4, num_kv_blocks=128, max_num_batched_tokens=64, expert_parallel_size=2
+    dtype="float32",
+    device="cpu",
+    block_size=4,
+    num_kv_blocks=128,
+    max_num_batched_tokens=64,
+    expert_parallel_size=2,
 )
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PREFILL = PoolConfig(name="prefill", role="prefill", num_cpus=0.5, resources={"prefill_node": 1})
