@@ -243,11 +243,16 @@ class Cluster(WorkerEvents, RingRouting):
         if ring is not None:
             self.spawn(self.launch_ring(st, a, ring))
         else:
-            self.spawn(self._launch(st, a.number))
+            self.spawn(self._launch(st, a))
 
-    async def _launch(self, st: RequestState, number: int) -> None:
-        a = st.attempt
-        assert a is not None
+    async def _launch(self, st: RequestState, a: Attempt) -> None:
+        # The attempt this task was spawned for, not whatever `st.attempt` is when it runs: a
+        # second restart in the same loop turn (two workers gone at once) replaces the attempt
+        # before this task starts, and launching the newer one here too would submit one
+        # worker-level id twice (the worker refuses the second: "already in use").
+        if st.attempt is not a or st.done:
+            return
+        number = a.number
         prompt, params = st.resume_prompt, st.resume_params
         workers = self.controller.workers
         try:
