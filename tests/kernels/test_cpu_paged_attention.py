@@ -125,3 +125,11 @@ def test_unsupported_inputs_take_the_reference() -> None:
     k, _, _ = _paged([4], 4, 1, 8, torch.float32)
     assert not cpa.supports(torch.randn(1, 2, 8, dtype=torch.float64), k.double())
     assert not cpa.supports(torch.randn(1, 2, 8, dtype=torch.bfloat16), k)  # dtypes differ
+
+
+def test_no_compiler_means_no_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a C compiler the build gives up quietly and callers keep the reference."""
+    from batonserve.kernels.cpu import native
+
+    monkeypatch.setattr(native.shutil, "which", lambda _name: None)
+    assert native.build("never_built", "int f(void) { return 1; }") is None
