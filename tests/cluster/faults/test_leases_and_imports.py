@@ -1,10 +1,14 @@
-"""Handoff leases under a long prefill queue, and imports that must wait for decode KV, on a live
-two-node Ray cluster (127.0.0.1) of scripted workers (real scheduler, block pool and transport).
+"""Handoff leases under a long prefill queue, imports that must wait for decode KV, and attempts
+restarted twice at once, on a live two-node Ray cluster (127.0.0.1) of scripted workers (real
+scheduler, block pool and transport).
 
 - A request that waits in the prefill queue longer than one lease is not re-prefilled: the
   lease is renewed while the prefill worker reports it queued, prefilling or sending.
 - A complete handoff that does not fit the decode worker's free KV blocks waits there until
   decoding frees room, instead of failing and being prefilled again.
+- Two restarts of one request in the same event-loop turn (two workers gone at once, as the
+  chaos harness does it) launch each attempt once: the older launch task must not launch the
+  newer attempt too, which submitted one worker-level id twice ("already in use").
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from loop_thread import LoopThread
 from observer_recorder import Recorder
 from scripted_reference import scripted_reference
 
+from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
 from batonserve.cluster.runtime import Cluster, start_cluster
 from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
@@ -103,4 +108,36 @@ def test_an_import_that_does_not_fit_waits_for_room(
     outs = _serve_all(cluster, loop_thread, prompts, params)
     assert outs == scripted_reference(scripted, prompts, params)
     assert rec.outcomes() == ["ok"] * len(prompts), rec.outcomes()  # no import failed
+    wait_idle(cluster)
+
+
+def test_two_restarts_in_one_turn_launch_each_attempt_once(
+    ray_cluster: str, loop_thread: LoopThread, running: list[Cluster]
+) -> None:
+    # The shipped scheduler: a short prompt runs in place on the decode worker.
+    scripted = ScriptedEngineConfig(layer_delay_s=0.005)
+    cfg = ServeConfig(
+        model="scripted",
+        ray=RayConfig(address=ray_cluster, namespace=f"attempts-{next(_SEQ)}"),
+        pools=(PREFILL, DECODE),
+    )
+    cluster = loop_thread.run(start_cluster(cfg, lambda _: None, scripted=scripted))
+    running.append(cluster)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompt = prompt_of(5, 10)  # short: in place on the decode worker
+
+    async def run() -> tuple[list[int], int]:
+        stream = cluster.generate(GenerateRequest("twice", tuple(prompt), params))
+        st = cluster.requests["twice"]
+        toks: list[int] = []
+        async for d in stream:
+            toks += d.token_ids
+            if len(toks) == 2:  # mid-stream: restart twice before any launch task runs
+                cluster.restart(st, "test: first")
+                cluster.restart(st, "test: second")
+        return toks, st.attempts
+
+    toks, attempts = loop_thread.run(run(), timeout=60)
+    assert toks == scripted_reference(scripted, [prompt], params)[0]
+    assert attempts == 3  # the first, then one per restart: no refusal forced a fourth
     wait_idle(cluster)
