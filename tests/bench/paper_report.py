@@ -109,9 +109,9 @@ def plots(out: Path) -> list[Path]:
                     continue
                 tried = sorted(r["families"][fam]["tried"], key=lambda t: t["prefill"])
                 if fam.startswith("Baseline"):
-                    ax.axhline(
-                        tried[0]["rate"], ls="--", lw=1, label=f"{fam} ({tried[0]['machines']})"
-                    )
+                    style = "--" if fam == "Baseline-A" else ":"
+                    label = f"{fam} ({tried[0]['machines']})"
+                    ax.axhline(tried[0]["rate"], color="k", ls=style, lw=1, label=label)
                     continue
                 frac = [t["prefill"] / t["machines"] for t in tried]
                 ax.plot(frac, [t["rate"] for t in tried], marker="o", ms=3, label=fam)
