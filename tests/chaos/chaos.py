@@ -31,6 +31,8 @@ from batonserve.cluster.metrics_inputs import PoolChange
 from batonserve.cluster.observer import NullObserver
 from batonserve.cluster.runtime import Cluster, start_cluster
 from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
+from batonserve.workers.kv_transfer import KVTransferConfig
+from batonserve.workers.kv_transfer.config import TransportName
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
 
@@ -217,7 +219,7 @@ async def settle(cluster: Cluster, timeout_s: float = 60.0) -> str:
     return f"not back to baseline: handoffs {live}, stats {[w.stats for w in ws]}"
 
 
-def serve_config(address: str, namespace: str) -> ServeConfig:
+def serve_config(address: str, namespace: str, transport: TransportName) -> ServeConfig:
     """Two prefill and two decode scripted workers, the shipped scheduler (see SCHEDULER)."""
     res = {"prefill_node": 1} if address else {}
     dres = {"decode_node": 1} if address else {}
@@ -229,6 +231,7 @@ def serve_config(address: str, namespace: str) -> ServeConfig:
             PoolConfig("decode", "decode", 2, num_cpus=0.25, resources=dres),
         ),
         scheduler=SCHEDULER,
+        kv_transfer=KVTransferConfig(transport=transport),
     )
 
 
@@ -239,11 +242,12 @@ async def chaos(
     namespace: str = "chaos",
     streams: int = 12,
     max_tokens: int = 24,
+    transport: TransportName = "torch_dist",
 ) -> Report:
     """Run `runs` seeded runs on one cluster (workers are replaced as they die)."""
     rng = random.Random(seed)
     report = Report()
-    cfg = serve_config(address, namespace)
+    cfg = serve_config(address, namespace, transport)
     observer = RoleChanges(report)
     cluster = await start_cluster(cfg, lambda _: None, scripted=SCRIPTED, observer=observer)
     try:
@@ -263,11 +267,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--streams", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--transport", choices=("torch_dist", "object_store"), default="torch_dist")
     ap.add_argument("--ray-address", default="", help="an existing Ray (default: a local one)")
     args = ap.parse_args(argv)
     report = asyncio.run(
         chaos(
-            args.seed, args.runs, args.ray_address, streams=args.streams, max_tokens=args.max_tokens
+            args.seed,
+            args.runs,
+            args.ray_address,
+            streams=args.streams,
+            max_tokens=args.max_tokens,
+            transport=args.transport,
         )
     )
     for f in report.failures:

@@ -8,12 +8,14 @@ import asyncio
 import pytest
 from chaos import chaos
 
+from batonserve.workers.kv_transfer.config import TransportName
+
 pytestmark = pytest.mark.cluster
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_chaos_seed(ray_cluster: str, seed: int) -> None:
-    report = asyncio.run(chaos(seed, runs=2, address=ray_cluster, namespace=f"chaos-{seed}"))
+@pytest.mark.parametrize(("seed", "transport"), [(1, "torch_dist"), (2, "object_store")])
+def test_chaos_seed(ray_cluster: str, seed: int, transport: TransportName) -> None:
+    report = asyncio.run(chaos(seed, 2, ray_cluster, f"chaos-{seed}", transport=transport))
     print(report.line())
     assert not report.failures, report.failures
     assert report.runs == 2 and sum(report.faults.values()) >= 2
