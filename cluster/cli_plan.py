@@ -119,8 +119,8 @@ def _model(name: str, tp: int) -> ModelSpec:
     return model_spec_from_hf(resolve_model_dir(name), name=name, tensor_parallel=tp)
 
 
-def build_setup(args: argparse.Namespace) -> tuple[PlanSetup, list[str]]:
-    """Everything the search needs, from the command line."""
+def build_setup(args: argparse.Namespace) -> tuple[PlanSetup, list[str], list[int]]:
+    """Everything the search needs, from the command line; the TP degrees to try (0: default)."""
     tps = _tp_list(args.tp)
     model = _model(args.model, max(tps))
     all_rows = [r for r in read_table(args.perf_table) if r.model == model.name]
@@ -137,8 +137,9 @@ def build_setup(args: argparse.Namespace) -> tuple[PlanSetup, list[str]]:
         )
     rows = [r for r in all_rows if r.tensor_parallel == model.tensor_parallel]
     hardware = sorted({r.hardware for r in rows})
+    degrees = [0 if t == model.tensor_parallel else t for t in tps]
     if args.setting == "paper":
-        return _paper_setup(args, model, tps, hardware)
+        return (*_paper_setup(args, model, tps, hardware), degrees)
     machines = dict(DEFAULT_MACHINES)
     for text in args.machine:
         m = parse_machine(text, machines)
@@ -170,7 +171,7 @@ def build_setup(args: argparse.Namespace) -> tuple[PlanSetup, list[str]]:
         seed=args.seed,
     )
     families = [f.strip() for f in args.families.split(",") if f.strip()] or families_for(hardware)
-    return setup, families
+    return setup, families, degrees
 
 
 def _perf_models(
@@ -260,7 +261,7 @@ def design_yaml(design: Design, row: PlanRow | None = None, default_tp: int = 8)
 
 def run(args: argparse.Namespace) -> int:
     """Search, print the table, and write plots and the chosen design when asked."""
-    setup, families = build_setup(args)
+    setup, families, degrees = build_setup(args)
     t0 = time.time()
 
     def progress(msg: str) -> None:
@@ -274,7 +275,6 @@ def run(args: argparse.Namespace) -> int:
     if args.rate > 0:
         rows = plan_cost(setup, families, args.rate, args.budget, progress=progress)
     else:
-        tps = [0 if t == setup.model.tensor_parallel else t for t in _tp_list(args.tp)]
         rows = plan_throughput(
             setup,
             families,
@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
             args.max_designs,
             args.iters,
             progress,
-            tensor_parallel=tps,
+            tensor_parallel=degrees,
         )
     print(format_table(rows, args.top))
     if args.plot:

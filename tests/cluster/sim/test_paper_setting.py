@@ -136,3 +136,13 @@ def test_refine_max_finds_the_best_split_without_trying_them_all() -> None:
 
         assert refine_max(n, score) == peak
         assert len(calls) == len(set(calls)) <= max(n, 16)  # each split once, few of them
+
+
+def test_plan_command_plans_in_the_paper_setting(capsys) -> None:  # type: ignore[no-untyped-def]
+    rc = main(
+        [
+            "plan", "--setting", "paper", "--budget", "7", "--families", "Baseline-A",
+            "--requests", "20", "--iters", "1", "--max-designs", "1",
+        ]
+    )  # fmt: skip
+    assert rc == 0 and "Baseline-A 3" in capsys.readouterr().out  # 3 x 2.21, the paper's units
