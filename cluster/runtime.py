@@ -254,17 +254,24 @@ class Cluster(WorkerEvents, RingRouting):
             return
         number = a.number
         prompt, params = st.resume_prompt, st.resume_params
-        workers = self.controller.workers
+        # The actors paired now. If one dies while this launch awaits, its replacement takes
+        # the same name; a late call must fail on the dead actor, not start an abandoned
+        # attempt on the replacement (aborts skip a worker still starting, so nothing would
+        # free it there).
+        prefill = self.controller.workers[a.prefill].actor
+        decode = self.controller.workers[a.decode].actor
         try:
             if a.prefill != a.decode:
                 spec = await self.open_handoff(st, a, (a.prefill,))
                 if spec is None:
                     return
-                await workers[a.decode].actor.begin_import.remote(spec)
-                await workers[a.prefill].actor.submit_prefill.remote(spec)
+                await decode.begin_import.remote(spec)
+                if st.attempt is not a:
+                    return  # abandoned meanwhile: its abort reached the decode side
+                await prefill.submit_prefill.remote(spec)
             else:
                 a.phase = "decode"
-                await workers[a.decode].actor.submit.remote(a.worker_request_id, prompt, params)
+                await decode.submit.remote(a.worker_request_id, prompt, params)
         except Exception as e:
             log.warning("attempt %s of %s failed to start: %s", number, st.request_id, e)
             if st.attempt is a:

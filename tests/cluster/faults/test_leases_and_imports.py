@@ -79,12 +79,14 @@ def _serve_all(
 def test_a_queue_longer_than_the_lease_is_prefilled_once(
     ray_cluster: str, loop_thread: LoopThread, running: list[Cluster]
 ) -> None:
-    # 24 prompts of 48 tokens through one prefill worker at 8 tokens and ~20 ms a step: the
-    # queue takes about 3 s, three leases; the last requests wait far longer than one lease.
+    # 32 prompts of 48 tokens through one prefill worker at 8 tokens and ~20 ms a step: the
+    # queue takes 4 s or more, two leases; the last requests wait far longer than one lease.
+    # (A lease of 2 s, not less: a starved event loop may run the lease check before it reads
+    # the polls that renewed it.)
     scripted = ScriptedEngineConfig(num_blocks=512, max_num_batched_tokens=8, layer_delay_s=0.01)
-    cluster, rec = _cluster(ray_cluster, loop_thread, scripted, lease_s=1.0)
+    cluster, rec = _cluster(ray_cluster, loop_thread, scripted, lease_s=2.0)
     running.append(cluster)
-    prompts = [prompt_of(i, 48) for i in range(24)]
+    prompts = [prompt_of(i, 48) for i in range(32)]
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     outs = _serve_all(cluster, loop_thread, prompts, params)
     assert outs == scripted_reference(scripted, prompts, params)
