@@ -74,7 +74,11 @@ def test_causal_skip_halves_work_on_the_diagonal() -> None:
 
 
 def test_row_chunking_bounds_scores_without_changing_results(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A tiny score budget forces row chunks inside every tile; results are bit-identical."""
+    """A tiny score budget forces row chunks inside every tile; results equal to float32 rounding.
+
+    Not bit-identical: the BLAS may pick another kernel for a smaller row count (it does where
+    the CPU lacks AMX), and that changes the last bit of a few sums.
+    """
     import batonserve.kernels.ring as ring
 
     g = torch.Generator().manual_seed(2)
@@ -85,4 +89,5 @@ def test_row_chunking_bounds_scores_without_changing_results(monkeypatch) -> Non
     want_out, want_lse = block_attention(q, k, v, plan)
     monkeypatch.setattr(ring, "MAX_SCORES", 4 * 50)
     out, lse = block_attention(q, k, v, plan)
-    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-6, atol=2e-6)
