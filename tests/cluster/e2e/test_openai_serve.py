@@ -10,19 +10,14 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import os
-import re
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import openai
 import pytest
+from serve_process import Server
 
 from batonserve.proto import generation_pb2 as pb
 from batonserve.proto import generation_pb2_grpc
@@ -46,44 +41,19 @@ scheduler:
 """
 
 
-class Served:
-    """`batonserve serve` in a subprocess with its two endpoints."""
+class Served(Server):
+    """`batonserve serve` in a subprocess with its three endpoints."""
 
-    def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batonserve.cluster.cli", "serve", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-            cwd=Path(__file__).parent,  # not the repo root: its folders would shadow packages
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.grpc_target = ""
-        self.http_url = ""
-        self.metrics_url = ""
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            time.sleep(0.2)
-        raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines))
+    grpc_target = ""
+    http_url = ""
+    metrics_url = ""
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     cfg = tmp_path_factory.mktemp("openai") / "config.yaml"
     cfg.write_text(CONFIG)
-    s = Served(cfg)
+    s = Served(["--config", str(cfg)])
     try:
         s.wait_for(r"batonserve: ready", timeout=240)
         s.grpc_target = s.wait_for(r"router listening on (127\.0\.0\.1:\d+)", 5).group(1)
@@ -91,13 +61,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         s.metrics_url = s.wait_for(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", 5).group(1)
         yield s
     finally:
-        if s.proc.poll() is None:
-            s.proc.terminate()
-            try:
-                s.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
-                s.proc.wait(30)
+        s.stop(60)
 
 
 @pytest.fixture(scope="module")
