@@ -27,22 +27,23 @@ async def collect(cluster: Any, rid: str, prompt: list[int], params: SamplingPar
     return toks
 
 
-def wait_idle(cluster: Any, timeout: float = 30) -> None:
+def idle(cluster: Any) -> bool:
     """Every worker healthy with all KV blocks free, nothing running, pinned or in a handoff."""
+    return not cluster.ledger.live() and all(
+        w.healthy
+        and w.stats is not None
+        and w.stats.num_free_blocks == w.stats.num_blocks
+        and not (w.stats.pinned or w.stats.imports or w.stats.exports)
+        and not (w.stats.running or w.stats.waiting)
+        for w in cluster.controller.workers.values()
+    )
+
+
+def wait_idle(cluster: Any, timeout: float = 30) -> None:
+    """Wait until `idle(cluster)`; fails with every worker's stats after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ws = list(cluster.controller.workers.values())
-        if (
-            all(
-                w.healthy
-                and w.stats is not None
-                and w.stats.num_free_blocks == w.stats.num_blocks
-                and not (w.stats.pinned or w.stats.imports or w.stats.exports)
-                and not (w.stats.running or w.stats.waiting)
-                for w in ws
-            )
-            and not cluster.ledger.live()
-        ):
+        if idle(cluster):
             return
         time.sleep(0.05)
     raise AssertionError(f"not idle: {[w.stats for w in cluster.controller.workers.values()]}")

@@ -37,6 +37,7 @@ from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: shared helpers
+from cluster_checks import idle
 from scripted_reference import scripted_reference
 
 # Kinds of fault: a random worker of a pool; the sending or receiving side of a handoff in
@@ -200,21 +201,10 @@ async def settle(cluster: Cluster, timeout_s: float = 60.0) -> str:
     """Wait for every worker healthy and idle with all blocks free and no handoff; "" or why not."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        ws = list(cluster.controller.workers.values())
-        if (
-            not cluster.ledger.live()
-            and not cluster.requests
-            and all(
-                w.healthy
-                and w.stats is not None
-                and w.stats.num_free_blocks == w.stats.num_blocks
-                and not (w.stats.pinned or w.stats.imports or w.stats.exports)
-                and not (w.stats.running or w.stats.waiting)
-                for w in ws
-            )
-        ):
+        if not cluster.requests and idle(cluster):
             return ""
         await asyncio.sleep(0.05)
+    ws = list(cluster.controller.workers.values())
     live = [(h.handoff_id, h.state.value) for h in cluster.ledger.live()]
     return f"not back to baseline: handoffs {live}, stats {[w.stats for w in ws]}"
 
