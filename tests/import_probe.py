@@ -12,7 +12,7 @@ def test_kernels_is_the_installed_distribution_and_transformers_runs() -> None:
     import kernels  # Hugging Face's, which transformers 5 imports; never the repo's kernels/
 
     origin = Path(kernels.__file__).resolve()
-    assert REPO not in origin.parents, origin
+    assert (REPO / "kernels") not in origin.parents, origin  # (a .venv inside the repo is fine)
     dist = importlib.metadata.distribution("kernels")
     assert origin.is_relative_to(Path(str(dist.locate_file(""))).resolve()), origin
 
