@@ -12,6 +12,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+QUIET = """
+model: demo
+ray:
+  include_dashboard: false
+router:
+  port: 0
+  http_port: 0
+  metrics_port: 0
+  grace_period_s: 10
+"""
+
+
+def serve_config(folder: Path, extra: str = "", ray: str = "") -> str:
+    """A config file for a test server: the demo model, no dashboard, every port a free one."""
+    path = folder / "config.yaml"
+    path.write_text(QUIET.replace("ray:\n", "ray:\n" + ray) + extra)
+    return str(path)
+
+
 CLI = [sys.executable, "-m", "batonserve.cluster.cli"]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import grpc
 import openai
 import pytest
-from serve_process import Server
+from serve_process import Server, serve_config
 
 from batonserve.proto import generation_pb2 as pb
 from batonserve.proto import generation_pb2_grpc
@@ -27,18 +27,6 @@ from batonserve.workers.sampling_params import SamplingParams
 pytestmark = pytest.mark.cluster
 
 PROMPT = "def main("
-CONFIG = """
-model: demo
-ray:
-  include_dashboard: false
-router:
-  port: 0
-  http_port: 0
-  metrics_port: 0
-  grace_period_s: 5
-scheduler:
-  in_place_max_tokens: 0
-"""
 
 
 class Served(Server):
@@ -51,9 +39,9 @@ class Served(Server):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    cfg = tmp_path_factory.mktemp("openai") / "config.yaml"
-    cfg.write_text(CONFIG)
-    s = Served(["--config", str(cfg)])
+    disaggregated = "scheduler:\n  in_place_max_tokens: 0\n"  # the first token crosses the handoff
+    cfg = serve_config(tmp_path_factory.mktemp("openai"), disaggregated)
+    s = Served(["--config", cfg])
     try:
         s.wait_for(r"batonserve: ready", timeout=240)
         s.grpc_target = s.wait_for(r"router listening on (127\.0\.0\.1:\d+)", 5).group(1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_server import PrometheusServer
-from serve_process import Server, cli
+from serve_process import Server, cli, serve_config
 
 from batonserve.cluster.metrics import TTFT_BUCKETS
 
@@ -23,23 +23,11 @@ pytestmark = pytest.mark.cluster
 
 PROMPT = "def main("
 REQUESTS = 6
-CONFIG = """
-model: demo
-ray:
-  include_dashboard: false
-router:
-  port: 0
-  http_port: 0
-  metrics_port: 0
-  grace_period_s: 10
-"""
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    cfg = tmp_path_factory.mktemp("serve") / "config.yaml"
-    cfg.write_text(CONFIG)
-    s = Server(["--config", str(cfg)])
+    s = Server(["--config", serve_config(tmp_path_factory.mktemp("serve"))])
     try:
         s.wait_for(r"batonserve: ready", timeout=240)
         yield s

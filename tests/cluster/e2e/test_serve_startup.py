@@ -8,27 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serve_process import Server, cli
+from serve_process import Server, cli, serve_config
 
 from batonserve.cluster.config import PoolConfig
 from batonserve.cluster.placement import StartupError, check_pools_fit, local_num_cpus
-
-QUIET = """
-model: demo
-ray:
-  include_dashboard: false
-router:
-  port: 0
-  http_port: 0
-  metrics_port: 0
-  grace_period_s: 5
-"""
-
-
-def _config(tmp_path: Path, extra: str = "", ray: str = "") -> str:
-    path = tmp_path / "config.yaml"
-    path.write_text(QUIET.replace("ray:\n", "ray:\n" + ray) + extra)
-    return str(path)
 
 
 def test_local_ray_grows_to_the_pools() -> None:
@@ -63,7 +46,7 @@ def test_fit_check_names_the_pool_and_the_shortfall() -> None:
 def test_more_workers_than_cores_start_and_serve(tmp_path: Path, prefill: int, decode: int) -> None:
     """The issue's case: 1+2 (and 2+2) workers on the local default of a 2-core machine."""
     flags = ["--prefill-workers", str(prefill), "--decode-workers", str(decode)]
-    server = Server(["--config", _config(tmp_path), *flags], cpus=2)
+    server = Server(["--config", serve_config(tmp_path), *flags], cpus=2)
     try:
         server.wait_for(r"batonserve: ready", timeout=300)
         port = server.wait_for(r"router listening on 127\.0\.0\.1:(\d+)", 5).group(1)
@@ -85,7 +68,7 @@ pools:
   - {name: prefill, role: prefill}
   - {name: gpu-decode, role: decode, num_gpus: 1}
 """
-    out = cli("serve", "--config", _config(tmp_path, pools), timeout=120)
+    out = cli("serve", "--config", serve_config(tmp_path, pools), timeout=120)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "pool 'gpu-decode'" in out.stderr and "GPU=1" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
@@ -99,7 +82,7 @@ pools:
   - {name: special, role: decode, resources: {special_chip: 1}}
 """
     ray = "  wait_for_resources: true\n  worker_start_timeout_s: 12\n"
-    cfg = _config(tmp_path, pools, ray)
+    cfg = serve_config(tmp_path, pools, ray)
     out = cli("serve", "--config", cfg, timeout=180)
     assert out.returncode == 1, out.stdout + out.stderr
     err = out.stderr
@@ -116,7 +99,7 @@ def test_worker_that_crashes_fails_with_its_error(tmp_path: Path) -> None:
     model.mkdir()
     for f in bundled.glob("*.json"):
         shutil.copy(f, model / f.name)
-    cfg = _config(tmp_path, "pools:\n  - {name: decode, role: decode}\n")
+    cfg = serve_config(tmp_path, "pools:\n  - {name: decode, role: decode}\n")
     out = cli("serve", "--config", cfg, "--model", str(model), timeout=180)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "worker decode-0 (pool 'decode') failed to start:" in out.stderr, out.stderr
