@@ -73,6 +73,13 @@ class ChoiceStreams:
             seen.add(c.prompt_index)
             self._tasks.append(asyncio.create_task(self._pump(c.index, dispatcher, c.request, n)))
 
+    async def next(self) -> tuple[int, object]:
+        """The next (choice index, delta or end marker); a choice's error is raised here."""
+        index, item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return index, item
+
     async def _pump(self, index: int, dispatcher: Dispatcher, request: Any, n: int | None) -> None:
         try:
             async with contextlib.aclosing(dispatcher.stream(request, n)) as deltas:
@@ -234,9 +241,7 @@ class OpenAIServer:
         """Fold deltas into states until `until_ended` choices ended; errors raise."""
         ended = 0
         while ended < until_ended:
-            index, item = await streams.queue.get()
-            if isinstance(item, BaseException):
-                raise item
+            index, item = await streams.next()
             if item is _END:
                 ended += 1
                 continue
@@ -255,9 +260,7 @@ class OpenAIServer:
         held: list[tuple[int, object]] = []
         started: set[int] = set()
         while len(started) < len(states):
-            index, item = await streams.queue.get()
-            if isinstance(item, BaseException):
-                raise item
+            index, item = await streams.next()
             held.append((index, item))
             started.add(index)
         resp = web.StreamResponse(
@@ -272,9 +275,7 @@ class OpenAIServer:
 
         try:
             while ended < len(states):
-                index, item = held.pop(0) if held else await streams.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                index, item = held.pop(0) if held else await streams.next()
                 if item is _END:
                     ended += 1
                     continue
