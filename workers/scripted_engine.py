@@ -18,6 +18,7 @@ from batonserve.workers.block_pool import BlockPool
 from batonserve.workers.kv_transfer.base import KVSpec
 from batonserve.workers.outputs import CoreOutput
 from batonserve.workers.request import Request
+from batonserve.workers.sampler import Sampler
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import (
     SampledToken,
@@ -62,6 +63,7 @@ class ScriptedEngine:
             cfg.num_layers, cfg.num_blocks * cfg.block_size, 2, cfg.num_kv_heads, cfg.head_dim
         )
         self.layer_hook: LayerHook | None = None
+        self.sampler = Sampler()  # seeded rows draw from (seed, position): exact across a resume
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -152,7 +154,8 @@ class ScriptedEngine:
         for seq in plan.seqs:
             if seq.sample:
                 end = seq.start_pos + len(seq.token_ids)
-                token = self._next_token(self.slots(seq.block_ids, 0, end))
+                params = self.scheduler.requests[seq.request_id].params
+                token = self._next_token(self.slots(seq.block_ids, 0, end), params)
                 sampled.append(SampledToken(seq.request_id, token))
         updates = self.scheduler.update(plan, StepResult(tuple(sampled)))
         return [
@@ -170,12 +173,17 @@ class ScriptedEngine:
             for u in updates
         ]
 
-    def _next_token(self, slots: list[int]) -> int:
-        """A deterministic hash of every layer's cached KV for the sequence."""
+    def _next_token(self, slots: list[int], params: SamplingParams) -> int:
+        """A deterministic hash of every layer's cached KV for the sequence (greedy), or a draw
+        by the real sampler from logits that are a function of that hash (temperature > 0)."""
         kv = self.cache[:, torch.tensor(slots, dtype=torch.long)].double()  # [L, n, 2, H, D]
         weights = torch.arange(1, len(slots) + 1, dtype=torch.float64)[None, :, None, None, None]
         h = int((kv * weights).sum().item()) * 7 + 13 * len(slots)
-        return h % self.cfg.vocab_size
+        if params.greedy:
+            return h % self.cfg.vocab_size
+        gen = torch.Generator().manual_seed(h % (1 << 63))
+        logits = 2.0 * torch.randn(1, self.cfg.vocab_size, generator=gen)  # [1, vocab]
+        return self.sampler.sample(logits, [params], [len(slots)]).token_ids[0]
 
     def _request(
         self, request_id: str, prompt: list[int], params: SamplingParams, prefill_only: bool
