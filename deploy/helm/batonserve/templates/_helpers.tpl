@@ -48,6 +48,20 @@ ray.io/node-type: head
 {{- toYaml (omit .Values "global") -}}
 {{- end -}}
 
+{{/* The hash in the head template's `checksum/config`: the config without the pools' scale
+     (replicas, min_replicas, max_replicas), which the running controller picks up from the
+     mounted file, so a replicas-only upgrade changes no pod template (KubeRay's own Recreate
+     hash leaves these out too). */}}
+{{- define "batonserve.configChecksum" -}}
+{{- $pools := list -}}
+{{- range .Values.pools -}}
+{{- $pools = append $pools (omit . "replicas" "min_replicas" "max_replicas") -}}
+{{- end -}}
+{{- $v := omit .Values "global" "pools" -}}
+{{- $_ := set $v "pools" $pools -}}
+{{- toYaml $v | sha256sum -}}
+{{- end -}}
+
 {{/* Ray's own ports in every pod; the router's ports must differ from them. */}}
 {{- define "batonserve.rayMetricsPort" -}}8080{{- end -}}
 
