@@ -78,6 +78,8 @@ class PoolConfig:
     max_replicas: int = 0  # 0 means equal to replicas
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # GPUs per worker, as `batonserve plan` writes it; only 1 until tensor parallelism is served.
+    tensor_parallel_size: int = 1
     accelerator_type: str = ""  # passed to Ray, e.g. "H100"
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     node_labels: dict[str, str] = field(default_factory=dict)  # Ray node label selector
@@ -111,6 +113,11 @@ class ServeConfig:
         for i, p in enumerate(self.pools):
             if p.replicas < 0:
                 raise ConfigError(f"pools[{i}].replicas: must be >= 0, got {p.replicas}")
+            if p.tensor_parallel_size != 1:
+                raise ConfigError(
+                    f"pools[{i}].tensor_parallel_size: {p.tensor_parallel_size} is not supported "
+                    "yet (each worker runs on one GPU until tensor parallelism lands); use 1"
+                )
         self._check_expert_parallel()
         if self.ray.worker_start_timeout_s <= 0:
             raise ConfigError(

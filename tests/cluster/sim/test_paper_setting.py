@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 from sim_helpers import LLAMA, splitwise_perf
 
 from batonserve.cluster.cli import main
-from batonserve.cluster.cli_scale import load_plan
+from batonserve.cluster.cli_scale import PlanPool, load_plan
+from batonserve.cluster.config import ConfigError, PoolConfig, load_config
 from batonserve.cluster.sim.design import make_design
 from batonserve.cluster.sim.hardware import DEFAULT_MACHINES
 from batonserve.cluster.sim.metrics import Reference
@@ -102,6 +105,17 @@ def test_tensor_parallel_splits_a_machine_into_workers(tmp_path) -> None:  # typ
     plan = load_plan(out)
     assert {p.tensor_parallel_size for p in plan.pools.values()} <= {4, 8}
     assert main(["plan", "--budget", "60", "--tp", "3"]) == 2
+
+
+def test_serving_config_names_tensor_parallel_size_like_the_plan() -> None:
+    """The plan's `tensor_parallel_size` is the serving config's field; > 1 is refused for now."""
+    assert "tensor_parallel_size" in {f.name for f in dataclasses.fields(PlanPool)}
+    assert PoolConfig("p", "prefill").tensor_parallel_size == 1
+    pools = {"pools": [{"name": "p", "role": "prefill"}, {"name": "d", "role": "decode"}]}
+    assert load_config(overrides=pools).pools[0].tensor_parallel_size == 1
+    pools["pools"][1]["tensor_parallel_size"] = 4
+    with pytest.raises(ConfigError, match=r"pools\[1\]\.tensor_parallel_size: 4 is not supported"):
+        load_config(overrides=pools)
 
 
 def test_paper_tbt_divides_by_every_token() -> None:
