@@ -6,7 +6,9 @@ A live cluster of scripted workers (the real scheduler, block pool, handoff and 
 next token is a hash of the KV the worker holds, so wrong, stale or partial KV changes tokens)
 with two prefill and two decode workers, the shipped scheduler (conditional disaggregation, the
 mixed pool with thresholds scaled to the scripted load so roles do flip) serves streams of mixed
-prompt lengths while a seeded schedule kills workers. After each run, per stream: the tokens
+prompt lengths, half of them greedy and half seeded samples (temperature > 0), while a seeded
+schedule kills workers, some at random moments and some at exact ones (an import commit, a role
+flip, a first token). After each run, per stream: the tokens
 equal an undisturbed run's (none missing, none repeated) or the stream ended with a clear
 status; then every block pool is back to its baseline and no handoff is left open.
 """
@@ -19,37 +21,55 @@ import collections
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 
 from batonserve.cluster.api import AdmissionRejected, ClusterUnavailable, GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
+from batonserve.cluster.controller import WorkerHandle
 from batonserve.cluster.metrics_inputs import PoolChange
 from batonserve.cluster.observer import NullObserver
 from batonserve.cluster.runtime import Cluster, start_cluster
-from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
+from batonserve.cluster.scheduling import MixedPoolConfig, RoleChange, SchedulerConfig
 from batonserve.workers.kv_transfer import KVTransferConfig
 from batonserve.workers.kv_transfer.config import TransportName
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
+from batonserve.workers.worker_types import HandoffEvent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: shared helpers
 from cluster_checks import idle
 from scripted_reference import scripted_reference
 
 # Kinds of fault: a random worker of a pool; the sending or receiving side of a handoff in
-# flight; a decode worker right after a stream's first token; two workers at once.
-KINDS = ("prefill", "decode", "handoff_src", "handoff_dst", "first_token", "two_at_once")
+# flight; two workers at once. Armed ones fire at the next exact moment after their token count:
+# a decode worker right after a stream's first token; the decode side of a handoff as the
+# cluster reads its import commit; the worker whose role the mixed pool just flipped; a worker
+# while it is lent to the mixed pool.
+KINDS = (
+    "prefill",
+    "decode",
+    "handoff_src",
+    "handoff_dst",
+    "first_token",
+    "two_at_once",
+    "import_commit",
+    "role_flip",
+    "mixed",
+)
+ARMED = ("first_token", "import_commit", "role_flip", "mixed")
+SAMPLED_SHARE = 0.5  # streams with temperature > 0 and a seed (the rest greedy)
 SCRIPTED = ScriptedEngineConfig(
     num_blocks=1024, block_size=4, max_num_batched_tokens=64, layer_delay_s=0.002
 )
 # Shipped defaults except the mixed pool's thresholds, scaled to these prompts so that decode
 # workers really are borrowed into the mixed pool (and returned) while workers die.
 SCHEDULER = SchedulerConfig(
-    mixed_pool=MixedPoolConfig(borrow_prefill_tokens=600, return_prefill_tokens=150, cooldown_s=0.2)
+    mixed_pool=MixedPoolConfig(borrow_prefill_tokens=400, return_prefill_tokens=150, cooldown_s=0.2)
 )
 
 
@@ -70,6 +90,8 @@ class Report:
     killed: int = 0  # workers killed (a two-at-once fault kills two)
     role_changes: int = 0  # mixed-pool borrows and returns while the faults ran
     clear_errors: int = 0
+    missed: int = 0  # armed faults whose moment did not come before the run ended (not counted)
+    sampled: int = 0  # streams checked that were seeded samples (temperature > 0)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     failures: list[str] = field(default_factory=list)
 
@@ -79,8 +101,9 @@ class Report:
         return (
             f"{self.runs} runs, {sum(self.faults.values())} faults ({kinds}; {self.killed} "
             f"workers killed), {self.streams} "
-            f"streams checked, {self.clear_errors} ended with a clear status, "
-            f"{self.role_changes} role changes, {len(self.failures)} failures"
+            f"streams checked ({self.sampled} sampled), {self.clear_errors} ended with a clear status, "
+            f"{self.role_changes} role changes, {self.missed} armed faults missed their moment, "
+            f"{len(self.failures)} failures"
         )
 
 
@@ -105,8 +128,19 @@ def schedule(rng: random.Random, streams: int, max_tokens: int) -> list[Fault]:
     faults = []
     for _ in range(rng.choice((1, 1, 2, 3))):
         kind = rng.choice(KINDS)
-        faults.append(Fault(kind, 0 if kind == "first_token" else rng.randint(1, reach)))
+        # An armed kind waits for its moment after its count: arm it early enough to meet one.
+        last = reach // 2 if kind in ARMED else reach
+        faults.append(Fault(kind, 0 if kind == "first_token" else rng.randint(1, last)))
     return sorted(faults, key=lambda f: f.after_tokens)
+
+
+def params_for(rng: random.Random, max_tokens: int) -> SamplingParams:
+    """Greedy, or a seeded sample (its noise is keyed by seed and position: exact on resume)."""
+    n = rng.randint(max_tokens // 2, max_tokens)
+    if rng.random() < SAMPLED_SHARE:
+        seed = rng.randrange(1 << 31)
+        return SamplingParams(max_tokens=n, temperature=0.8, top_p=0.95, seed=seed, ignore_eos=True)
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
 def prompts_for(rng: random.Random, streams: int) -> list[list[int]]:
@@ -133,39 +167,92 @@ def pick_victims(cluster: Cluster, kind: str, rng: random.Random) -> tuple[str, 
     if kind in ("prefill", "decode", "first_token"):
         pool = by_pool["prefill" if kind == "prefill" else "decode"]
         return kind, [rng.choice(pool)] if pool else []
+    if kind == "mixed":
+        lent = sorted(n for n, h in ws.items() if h.role == "mixed")
+        return kind, [rng.choice(lent)] if lent else []
     pre, dec = by_pool["prefill"], by_pool["decode"]
     return kind, ([rng.choice(pre)] if pre else []) + ([rng.choice(dec)] if dec else [])
 
 
+class Moments:
+    """Calls back at exact moments of the cluster's life: the cluster reads a decode worker's
+    import commit (before it acts on it), or the mixed pool flips a worker's role (just after
+    the cluster applied it). Wraps two methods of one Cluster instance; no product hook."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.on_commit: Callable[[str], None] | None = None
+        self.on_role_change: Callable[[str], None] | None = None
+        on_event, rebalance = cluster._on_event, cluster.cls.rebalance
+
+        def on_event_hook(name: str, ev: HandoffEvent) -> None:
+            if ev.kind == "committed" and self.on_commit is not None:
+                self.on_commit(name)
+            on_event(name, ev)
+
+        def rebalance_hook(views: Any, now: float) -> list[RoleChange]:
+            changes = rebalance(views, now)
+            for c in changes:  # the cluster applies the change right after this returns
+                if self.on_role_change is not None:
+                    asyncio.get_running_loop().call_soon(self.on_role_change, c.worker_id)
+            return changes
+
+        cluster._on_event = on_event_hook  # type: ignore[method-assign]
+        cluster.cls.rebalance = rebalance_hook  # type: ignore[method-assign]
+
+
 async def one_run(
-    cluster: Cluster, rng: random.Random, run: int, report: Report, streams: int, max_tokens: int
+    cluster: Cluster,
+    moments: Moments,
+    rng: random.Random,
+    run: int,
+    report: Report,
+    streams: int,
+    max_tokens: int,
 ) -> None:
     """Streams under a fault schedule; checks every stream, then the pools and the ledger."""
     prompts = prompts_for(rng, streams)
-    lengths = [rng.randint(max_tokens // 2, max_tokens) for _ in prompts]
+    params = [params_for(rng, max_tokens) for _ in prompts]
     faults = collections.deque(schedule(rng, streams, max_tokens))
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
     expected = [
         scripted_reference(SCRIPTED, [p], sp)[0] for p, sp in zip(prompts, params, strict=True)
     ]
     received = 0
-    first_token_armed: list[bool] = []
+    armed: collections.Counter[str] = collections.Counter()  # exact-moment faults waiting
 
     def inject() -> None:
         while faults and received >= faults[0].after_tokens:
             f = faults.popleft()
-            if f.kind == "first_token":
-                first_token_armed.append(True)  # the next stream to get its first token
+            if f.kind in ARMED:
+                armed[f.kind] += 1  # fires at its next moment (see moments())
                 continue
             kill(f.kind)
+        if armed["mixed"] and any(h.healthy and h.role == "mixed" for h in workers()):
+            armed["mixed"] -= 1
+            kill("mixed")
 
-    def kill(kind: str) -> None:
-        used, victims = pick_victims(cluster, kind, rng)
+    def workers() -> list[WorkerHandle]:
+        return list(cluster.controller.workers.values())
+
+    def kill(kind: str, victims: list[str] | None = None) -> None:
+        if victims is None:
+            kind, victims = pick_victims(cluster, kind, rng)
         for name in victims:
             ray.kill(cluster.controller.workers[name].actor)
         if victims:
-            report.faults[used] += 1
+            report.faults[kind] += 1
             report.killed += len(victims)
+
+    def on_commit(dst: str) -> None:
+        if armed["import_commit"] and cluster.controller.workers[dst].healthy:
+            armed["import_commit"] -= 1
+            kill("import_commit", [dst])
+
+    def on_role_change(worker: str) -> None:
+        if armed["role_flip"] and cluster.controller.workers[worker].healthy:
+            armed["role_flip"] -= 1
+            kill("role_flip", [worker])
+
+    moments.on_commit, moments.on_role_change = on_commit, on_role_change
 
     async def stream(i: int) -> list[int] | str:
         nonlocal received
@@ -175,8 +262,8 @@ async def one_run(
             async for d in cluster.generate(req):
                 toks += d.token_ids
                 received += len(d.token_ids)
-                if len(toks) == len(d.token_ids) and d.token_ids and first_token_armed:
-                    first_token_armed.pop()
+                if len(toks) == len(d.token_ids) and d.token_ids and armed["first_token"]:
+                    armed["first_token"] -= 1
                     kill("first_token")
                 inject()
         except (ClusterUnavailable, AdmissionRejected) as e:
@@ -184,10 +271,15 @@ async def one_run(
         return toks
 
     inject()  # arms a first-token fault
-    outs = await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(streams))), 300)
+    try:
+        outs = await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(streams))), 300)
+    finally:
+        moments.on_commit = moments.on_role_change = None
     report.runs += 1  # faults not reached (the run ended first) are not counted
+    report.missed += sum(armed.values()) + sum(f.kind in ARMED for f in faults)
     for i, out in enumerate(outs):
         report.streams += 1
+        report.sampled += not params[i].greedy
         if isinstance(out, str):
             report.clear_errors += 1
         elif out != expected[i]:
@@ -233,6 +325,7 @@ async def chaos(
     streams: int = 12,
     max_tokens: int = 24,
     transport: TransportName = "torch_dist",
+    progress: bool = False,
 ) -> Report:
     """Run `runs` seeded runs on one cluster (workers are replaced as they die)."""
     rng = random.Random(seed)
@@ -240,11 +333,14 @@ async def chaos(
     cfg = serve_config(address, namespace, transport)
     observer = RoleChanges(report)
     cluster = await start_cluster(cfg, lambda _: None, scripted=SCRIPTED, observer=observer)
+    moments = Moments(cluster)
     try:
         problem = await settle(cluster)
         assert not problem, problem
         for run in range(runs):
-            await one_run(cluster, rng, run, report, streams, max_tokens)
+            await one_run(cluster, moments, rng, run, report, streams, max_tokens)
+            if progress:
+                print(f"run {run}: {report.line()}", flush=True)
     finally:
         await cluster.shutdown()
     return report
@@ -268,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             streams=args.streams,
             max_tokens=args.max_tokens,
             transport=args.transport,
+            progress=True,
         )
     )
     for f in report.failures:
