@@ -1,5 +1,9 @@
 """The controller: creates the worker pools as named Ray actors, keeps them at size, sets roles,
-and builds the per-pair KV channels (rebuilt whenever a worker is replaced)."""
+and builds the per-pair KV channels (rebuilt whenever a worker is replaced).
+
+Pool sizes are desired sizes (`desired`, changed at run time by `set_replicas`); the cluster's
+reconcile loop (cluster/reconcile.py) starts and drains workers to match them.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class WorkerHandle:
     stats: WorkerStats | None = None
     kv_spec: KVSpec | None = None
     incarnation: int = 0  # bumps on every replacement
+    draining: bool = False  # being removed: gets no new pairings (see cluster/reconcile.py)
 
     @property
     def name(self) -> str:
@@ -117,7 +122,15 @@ class Controller:
         self.kv = kv
         self.progress = progress
         self.workers: dict[str, WorkerHandle] = {}
+        # Workers being added at run time, not ready yet (waiting for a node with room).
+        self.pending: dict[str, WorkerHandle] = {}
         self._pools = {p.name: p for p in config.pools}
+        self.desired = {p.name: p.replicas for p in config.pools}
+        self._next_index = {p.name: p.replicas for p in config.pools}  # names are never reused
+        self.serving = False  # after start(): a worker that cannot be placed waits, never fails
+        self.changed: Callable[[], None] = lambda: None  # wakes the reconcile loop
+        self.scripted = scripted
+        self.model = model
         self._channels: set[tuple[str, str]] = set()
         self._channel_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._remote = ray.remote(Worker)
@@ -127,23 +140,100 @@ class Controller:
             self.ring = RingGroup(self, config, _head_ip())
         for pool in config.pools:
             for i in range(pool.replicas):
-                spec = WorkerSpec(
-                    name=f"{pool.name}-{i}",
-                    pool=pool.name,
-                    role=pool.role,
-                    model=model,
-                    engine=config.engine,
-                    kv=kv,
-                    namespace=self.namespace,
-                    scripted=scripted,
-                )
-                self.workers[spec.name] = WorkerHandle(spec, pool.role, None, pool.role)
+                h = self._handle(pool, i)
+                self.workers[h.name] = h
+
+    def _handle(self, pool: PoolConfig, index: int) -> WorkerHandle:
+        spec = WorkerSpec(
+            name=f"{pool.name}-{index}",
+            pool=pool.name,
+            role=pool.role,
+            model=self.model,
+            engine=self.config.engine,
+            kv=self.kv,
+            namespace=self.namespace,
+            scripted=self.scripted,
+        )
+        return WorkerHandle(spec, pool.role, None, pool.role)
 
     async def start(self) -> None:
         """Create every actor and wait until each has built its engine."""
         await asyncio.gather(*(self._launch(h) for h in self.workers.values()))
         if self.ring is not None and not await self.ring.build():
             log.warning("the ring group could not be built: long prompts take the normal path")
+        self.serving = True
+
+    # ---- desired size -------------------------------------------------------------------------
+
+    def set_replicas(self, pool: str, n: int) -> None:
+        """Make `n` the desired size of `pool`; the reconcile loop adds or drains workers.
+
+        Call it on the cluster's event loop (it only records the number and wakes the loop).
+        Raises ValueError naming the bound when `n` is out of range; a pool's last worker is
+        never drained, so `n` is at least 1.
+        """
+        p = self._pools.get(pool)
+        if p is None:
+            raise ValueError(f"pool: no pool named {pool!r}; pools are {sorted(self._pools)}")
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"replicas of pool {pool!r}: expected an integer, got {n!r}")
+        low = max(1, p.min_replicas)
+        if n < low:
+            raise ValueError(
+                f"replicas of pool {pool!r}: {n} is below {low} (min_replicas {p.min_replicas}; "
+                "a pool's last worker is never drained)"
+            )
+        if p.max_replicas and n > p.max_replicas:
+            raise ValueError(f"replicas of pool {pool!r}: {n} is above max_replicas {p.max_replicas}")
+        if self.desired[pool] != n:
+            log.info("pool %s: desired replicas %d -> %d", pool, self.desired[pool], n)
+            self.desired[pool] = n
+        self.changed()
+
+    def new_pending(self, pool: str) -> WorkerHandle:
+        """A handle for one more worker of `pool`, under a name never used before."""
+        i = self._next_index[pool]
+        self._next_index[pool] = i + 1
+        h = self._handle(self._pools[pool], i)
+        self.pending[h.name] = h
+        return h
+
+    async def start_pending(self, h: WorkerHandle) -> None:
+        """Create a pending worker's actor and wait, without a deadline, until it is ready.
+
+        Ray keeps an actor that fits no node pending until one joins (KubeRay scaling up); the
+        reason is logged every PROGRESS_S. Raises StartupError if the actor dies starting.
+        """
+        try:
+            await self._launch(h)
+        except BaseException:
+            self.pending.pop(h.name, None)
+            self._kill(h)
+            raise
+        self.pending.pop(h.name, None)
+        self.workers[h.name] = h
+
+    def cancel_pending(self, name: str) -> None:
+        """Forget a worker that never became ready (its start task is cancelled by the caller)."""
+        h = self.pending.pop(name, None)
+        if h is not None:
+            self._kill(h)
+
+    async def remove(self, name: str) -> None:
+        """Stop a drained worker for good: its name leaves `workers`, its actor ends."""
+        h = self.workers.pop(name)
+        h.healthy = False
+        self.forget_channels(name)
+        if h.actor is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(h.actor.shutdown.remote(), 5)
+        self._kill(h)
+
+    @staticmethod
+    def _kill(h: WorkerHandle) -> None:
+        if h.actor is not None:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(h.actor, no_restart=True)
 
     async def _launch(self, h: WorkerHandle) -> None:
         pool = self._pools[h.spec.pool]
@@ -161,11 +251,15 @@ class Controller:
         start = time.monotonic()
         while True:
             left = limit - (time.monotonic() - start)
+            wait = PROGRESS_S if self.serving else max(min(PROGRESS_S, left), 0)
             try:
-                return await asyncio.wait_for(asyncio.shield(ready), max(min(PROGRESS_S, left), 0))
+                return await asyncio.wait_for(asyncio.shield(ready), wait)
             except asyncio.TimeoutError:
                 why = await asyncio.to_thread(_why_not_ready, h.actor, pool)
                 waited = time.monotonic() - start
+                if self.serving:  # the cluster serves meanwhile; a node may still join
+                    log.info("worker %s pending (%.0fs): %s", h.name, waited, why)
+                    continue
                 if waited >= limit:
                     ready.cancel()
                     raise StartupError(
@@ -241,6 +335,8 @@ class Controller:
             task.cancel()
         if self.ring is not None:
             await self.ring.shutdown()
+        for name in list(self.pending):
+            self.cancel_pending(name)
         for h in self.workers.values():
             if h.actor is None:
                 continue

@@ -206,6 +206,7 @@ class Cluster(WorkerEvents, RingRouting):
             num_free_blocks=s.num_free_blocks if s else 0,
             num_total_blocks=s.num_blocks if s else 0,
             block_size=s.block_size if s else 16,
+            draining=h.draining,
         )
 
     def views(self) -> list[WorkerView]:
@@ -213,7 +214,7 @@ class Cluster(WorkerEvents, RingRouting):
         out = []
         for h in self.controller.workers.values():
             v = self._views.get(h.name) or self._view(h)
-            if v.healthy != h.healthy or v.role != h.role:
+            if v.healthy != h.healthy or v.role != h.role or v.draining != h.draining:
                 v = self._view(h)
             out.append(v)
         return out

@@ -30,7 +30,7 @@ class MixedPool:
         cfg = self.config
         if not cfg.enabled or now - self._last_change < cfg.cooldown_s:
             return []
-        healthy = sorted((w for w in workers if w.healthy), key=lambda w: w.worker_id)
+        healthy = sorted((w for w in workers if w.schedulable), key=lambda w: w.worker_id)
         pre = [w for w in healthy if w.role in PREFILL_CAPABLE]
         dec = [w for w in healthy if w.role in DECODE_CAPABLE]
         if not pre or not dec:

@@ -67,7 +67,7 @@ class ClusterScheduler:
                 RejectReason.PROMPT_TOO_LONG,
                 f"prompt has {request.prompt_len} tokens; the limit is {adm.max_prompt_tokens}",
             )
-        healthy = sorted((w for w in workers if w.healthy), key=lambda w: w.worker_id)
+        healthy = sorted((w for w in workers if w.schedulable), key=lambda w: w.worker_id)
         pre = [w for w in healthy if w.role in PREFILL_CAPABLE]
         dec = [w for w in healthy if w.role in DECODE_CAPABLE]
         if not dec:

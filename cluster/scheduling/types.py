@@ -33,6 +33,12 @@ class WorkerView:
     num_total_blocks: int = 0
     block_size: int = 16
     machine: str = ""  # machine type, e.g. "h100-80gb" (informational)
+    draining: bool = False  # being removed (scale-down): finishes its requests, takes no new ones
+
+    @property
+    def schedulable(self) -> bool:
+        """May take new pairings and role changes: healthy and not draining."""
+        return self.healthy and not self.draining
 
     @property
     def free_kv_tokens(self) -> int:
