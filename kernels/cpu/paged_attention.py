@@ -22,11 +22,18 @@ _FUNCS = {
     torch.bfloat16: "paged_attention_bf16",
     torch.float16: "paged_attention_f16",
 }
+# The AVX-512 kernels (one pass, online softmax over 16-key tiles): head_dim % 16 == 0 only.
+_FAST = {
+    torch.float32: "paged_attention_fast_f32",
+    torch.bfloat16: "paged_attention_fast_bf16",
+    torch.float16: "paged_attention_fast_f16",
+}
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _P]
 _ARGTYPES += [_I64, _I64, _I64, _I64, _I64, _F32, _I64, _I64]
 MAX_GROUP = 64  # query heads per KV head the kernel's stack arrays hold
 _enabled = True
+_fast_enabled = True
 
 
 def set_cpu_kernels_enabled(enabled: bool) -> None:
@@ -39,11 +46,23 @@ def set_cpu_kernels_enabled(enabled: bool) -> None:
 def _library() -> ctypes.CDLL | None:
     lib = load("paged_attention", SOURCE)
     if lib is not None:
-        for name in _FUNCS.values():
+        lib.has_fast_kernels.restype = _I64
+        names = list(_FUNCS.values()) + (list(_FAST.values()) if lib.has_fast_kernels() else [])
+        for name in names:
             fn = getattr(lib, name)
             fn.argtypes = _ARGTYPES
             fn.restype = None
     return lib
+
+
+def _use_fast(lib: ctypes.CDLL, head_dim: int) -> bool:
+    return _fast_enabled and head_dim % 16 == 0 and bool(lib.has_fast_kernels())
+
+
+def set_fast_kernels_enabled(enabled: bool) -> None:
+    """Use the AVX-512 kernels where built (default) or always the generic C one (A/B checks)."""
+    global _fast_enabled
+    _fast_enabled = enabled
 
 
 def available() -> bool:
@@ -104,7 +123,7 @@ def paged_attention_cpu(
     out = torch.empty(t, num_heads, head_dim, dtype=q.dtype)
     lse = torch.empty(t, num_heads, dtype=torch.float32) if return_lse else None
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    fn = getattr(lib, _FUNCS[q.dtype])
+    fn = getattr(lib, (_FAST if _use_fast(lib, head_dim) else _FUNCS)[q.dtype])
     head = (q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr())
     head += (tables.data_ptr(), tables.stride(0) if tables.dim() == 2 else 0)
     head += (row_seq.data_ptr(), row_last.data_ptr(), out.data_ptr())

@@ -153,4 +153,162 @@ DEFINE_KERNEL(paged_attention_bf16, uint16_t, load_bf16, store_bf16)
 DEFINE_KERNEL(paged_attention_f16, _Float16, load_f16, store_f16)
 
 int64_t max_group_size(void) { return 64; }
+
+/* ---- AVX-512 path: one pass with an online softmax over tiles of up to 16 keys ----------------
+   Scores of a tile land in one vector, so the max, exp and sum are vector ops; each key's dot
+   product is d/16 FMAs and one horizontal add. Needs head_dim % 16 == 0 (else the generic kernel
+   above runs). Same float32 accumulation; only the summation order differs from the generic one. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define FAST_KERNELS 1
+static inline __m512 ld16_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld16_bf16(const uint16_t* p) {
+    __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+static inline __m512 ld16_f16(const _Float16* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+static inline void st16_f32(__m512 v, float* p) { _mm512_storeu_ps(p, v); }
+static inline void st16_bf16(__m512 v, uint16_t* p) {  /* round to nearest even */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+static inline void st16_f16(__m512 v, _Float16* p) {
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+/* exp_nonpos on 16 lanes (same polynomial) */
+static inline __m512 exp16_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, fi);
+    __m512 p = _mm512_set1_ps(0.000218712622881867f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.001238241558894515f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009686185978353024f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055478911846876144f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023109674453735f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693146824836731f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(fi), _mm512_set1_epi32(127));
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+}
+
+#define DEFINE_FAST_KERNEL(NAME, T, LD16, ST16)                                                  \
+void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
+          const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
+          const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
+          int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
+          int64_t task_begin, int64_t task_end) {                                               \
+    const int64_t G = H / Hkv, nv = d / 16, key_stride = Hkv * d;                               \
+    float* qf = (float*)aligned_alloc(64, sizeof(float) * (2 * G * d + 2 * G * 16 + 64));       \
+    float* acc = qf + G * d;                                                                    \
+    float* sc = acc + G * d;    /* [G][16] scores, then probabilities, of one tile */           \
+    float m[64], l[64];                                                                         \
+    for (int64_t t = task_begin; t < task_end; t++) {                                           \
+        const int64_t r = t / Hkv, h = t % Hkv;                                                 \
+        const int64_t hi = row_last[r];                                                         \
+        int64_t lo = 0;                                                                         \
+        if (window > 0 && hi - window + 1 > 0) lo = hi - window + 1;                            \
+        T* o = out + (r * H + h * G) * d;                                                       \
+        const __m512 sv = _mm512_set1_ps(scale);                                                \
+        for (int64_t g = 0; g < G; g++) {                                                       \
+            const T* qg = q + r * q_row_stride + (h * G + g) * q_head_stride;                   \
+            for (int64_t i = 0; i < nv; i++)                                                    \
+                _mm512_storeu_ps(qf + g * d + 16 * i, _mm512_mul_ps(LD16(qg + 16 * i), sv));     \
+            m[g] = -INFINITY; l[g] = 0.f;                                                       \
+        }                                                                                       \
+        memset(acc, 0, sizeof(float) * G * d);                                                  \
+        const int32_t* table = block_tables + row_seq[r] * bt_stride;                           \
+        for (int64_t j = lo; j <= hi;) {                                                        \
+            const int64_t off = j % bs;                                                         \
+            int64_t cnt = (bs - off < hi - j + 1) ? bs - off : hi - j + 1;                      \
+            if (cnt > 16) cnt = 16;                                                             \
+            const int64_t base = ((int64_t)table[j / bs] * bs + off) * key_stride + h * d;      \
+            const T* kp = k + base;                                                             \
+            const T* vp = v + base;                                                             \
+            if (j + cnt <= hi) {  /* the next tile is usually in another block: fetch it now */ \
+                const int64_t jn = j + cnt, offn = jn % bs;                                     \
+                const int64_t nn = (bs - offn < 16) ? bs - offn : 16;                           \
+                const int64_t bn = ((int64_t)table[jn / bs] * bs + offn) * key_stride + h * d;  \
+                for (int64_t c = 0; c < nn && jn + c <= hi; c++)                                \
+                    for (int64_t b = 0; b < d * (int64_t)sizeof(T); b += 64) {                  \
+                        _mm_prefetch((const char*)(k + bn + c * key_stride) + b, _MM_HINT_T0);  \
+                        _mm_prefetch((const char*)(v + bn + c * key_stride) + b, _MM_HINT_T1);  \
+                    }                                                                           \
+            }                                                                                   \
+            for (int64_t c = 0; c < cnt; c++, kp += key_stride) {                               \
+                for (int64_t g = 0; g < G; g++) {                                               \
+                    const float* qg = qf + g * d;                                               \
+                    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), LD16(kp));                    \
+                    for (int64_t i = 1; i < nv; i++)                                            \
+                        a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), LD16(kp + 16 * i), a); \
+                    sc[g * 16 + c] = _mm512_reduce_add_ps(a);                                   \
+                }                                                                               \
+            }                                                                                   \
+            const __mmask16 live = (__mmask16)((1u << cnt) - 1u);                               \
+            for (int64_t g = 0; g < G; g++) {                                                   \
+                __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc + g * 16);  \
+                const float mx = _mm512_reduce_max_ps(s);                                       \
+                const float mn = mx > m[g] ? mx : m[g];                                         \
+                __m512 p = _mm512_maskz_mov_ps(live, exp16_nonpos(                              \
+                    _mm512_sub_ps(s, _mm512_set1_ps(mn))));                                     \
+                _mm512_storeu_ps(sc + g * 16, p);                                               \
+                if (mn > m[g]) {  /* rescale what was summed under the old max */               \
+                    const float alpha = m[g] == -INFINITY ? 0.f : expf(m[g] - mn);              \
+                    const __m512 av = _mm512_set1_ps(alpha);                                    \
+                    for (int64_t i = 0; i < nv; i++) {                                          \
+                        float* ap = acc + g * d + 16 * i;                                       \
+                        _mm512_storeu_ps(ap, _mm512_mul_ps(_mm512_loadu_ps(ap), av));           \
+                    }                                                                           \
+                    l[g] *= alpha;                                                              \
+                    m[g] = mn;                                                                  \
+                }                                                                               \
+                l[g] += _mm512_reduce_add_ps(p);                                                \
+            }                                                                                   \
+            for (int64_t i = 0; i < nv; i++) {  /* 16 dims at a time: acc stays in registers */ \
+                __m512 a0 = _mm512_loadu_ps(acc + 16 * i);                                      \
+                __m512 a1 = G > 1 ? _mm512_loadu_ps(acc + d + 16 * i) : a0;                     \
+                const T* vq = vp + 16 * i;                                                      \
+                if (G == 2) {                                                                   \
+                    for (int64_t c = 0; c < cnt; c++, vq += key_stride) {                       \
+                        const __m512 x = LD16(vq);                                              \
+                        a0 = _mm512_fmadd_ps(_mm512_set1_ps(sc[c]), x, a0);                     \
+                        a1 = _mm512_fmadd_ps(_mm512_set1_ps(sc[16 + c]), x, a1);                \
+                    }                                                                           \
+                    _mm512_storeu_ps(acc + 16 * i, a0);                                         \
+                    _mm512_storeu_ps(acc + d + 16 * i, a1);                                     \
+                    continue;                                                                   \
+                }                                                                               \
+                for (int64_t c = 0; c < cnt; c++, vq += key_stride) {                           \
+                    const __m512 x = LD16(vq);                                                  \
+                    for (int64_t g = 0; g < G; g++) {                                           \
+                        float* ap = acc + g * d + 16 * i;                                       \
+                        _mm512_storeu_ps(ap, _mm512_fmadd_ps(_mm512_set1_ps(sc[g * 16 + c]), x, \
+                                                             _mm512_loadu_ps(ap)));             \
+                    }                                                                           \
+                }                                                                               \
+            }                                                                                   \
+            j += cnt;                                                                           \
+        }                                                                                       \
+        for (int64_t g = 0; g < G; g++) {                                                       \
+            const int empty = !(l[g] > 0.f);                                                    \
+            const __m512 inv = _mm512_set1_ps(empty ? 0.f : 1.f / l[g]);                        \
+            for (int64_t i = 0; i < nv; i++)                                                    \
+                ST16(_mm512_mul_ps(_mm512_loadu_ps(acc + g * d + 16 * i), inv), o + g * d + 16 * i); \
+            if (lse) lse[r * H + h * G + g] = empty ? -INFINITY : m[g] + logf(l[g]);            \
+        }                                                                                       \
+    }                                                                                           \
+    free(qf);                                                                                   \
+}
+
+DEFINE_FAST_KERNEL(paged_attention_fast_f32, float, ld16_f32, st16_f32)
+DEFINE_FAST_KERNEL(paged_attention_fast_bf16, uint16_t, ld16_bf16, st16_bf16)
+DEFINE_FAST_KERNEL(paged_attention_fast_f16, _Float16, ld16_f16, st16_f16)
+#else
+#define FAST_KERNELS 0
+#endif
+int64_t has_fast_kernels(void) { return FAST_KERNELS; }
 """
