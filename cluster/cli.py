@@ -14,6 +14,7 @@ COMMANDS = (
     "cli_scale",
     "cli_plan",
     "cli_serve",
+    "cli_stop",
     "cli_status",
     "cli_profile",
     "cli_bench",

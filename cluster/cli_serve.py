@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from batonserve.cluster.config import PoolConfig, ServeConfig, load_config
 from batonserve.cluster.env import environ
-from batonserve.cluster.router.app import ClusterFactory, serve
+from batonserve.cluster.router.app import ClusterFactory, ManagedCluster, serve
 from batonserve.cluster.schema import ConfigError
 
 # Flag -> dotted config key; flags override the --config file.
@@ -84,11 +85,22 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     return _with_pool_sizes(cfg, sizes) if sizes else cfg
 
 
-def real_cluster() -> ClusterFactory:
-    """The Ray-backed cluster (imported late: Ray is heavy and only `serve` needs it)."""
+async def _start(config: ServeConfig, progress: Callable[[str], None]) -> ManagedCluster:
+    # With a Ray address the cluster lives in its own detached actor there (started, or attached
+    # to when one runs): it outlives this router. Without one, this process starts a private Ray
+    # instance that dies with it, so the cluster simply lives here.
+    if config.ray.address:
+        from batonserve.cluster.remote_cluster import connect
+
+        return await connect(config, progress)
     from batonserve.cluster.runtime import start_cluster
 
-    return start_cluster
+    return await start_cluster(config, progress)
+
+
+def real_cluster() -> ClusterFactory:
+    """The Ray-backed cluster (imported late: Ray is heavy and only `serve` needs it)."""
+    return _start
 
 
 def run(args: argparse.Namespace) -> int:

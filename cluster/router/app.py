@@ -80,8 +80,10 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        metrics_port = metrics.start_http_server(
-            config.router.metrics_host, config.router.metrics_port
+        host, mport = config.router.metrics_host, config.router.metrics_port
+        merged = getattr(cluster, "start_metrics_server", None)  # a cluster in its own actor
+        metrics_port = (
+            merged(metrics, host, mport) if merged else metrics.start_http_server(host, mport)
         )
         router = RouterServer(config.router, cluster, tokenizer, version(), token, metrics)
         port = await router.start()
@@ -111,4 +113,6 @@ async def serve(
             await router.stop()
         metrics.close()
         await cluster.shutdown()
+        if getattr(cluster, "router_id", None):
+            say("left the cluster running (`batonserve stop` tears it down)")
         say("stopped")
