@@ -85,6 +85,9 @@ class Worker:
         self.importer = KVImporter(self.engine, self.kv_spec, device)
         self.engine.layer_hook = self._on_layer
         self.ring: RingMember | None = None  # set when the controller makes this a ring member
+        # Ring jobs sent here and not yet run (queued behind other jobs): reported as handoffs
+        # in progress, so the cluster renews their leases while the ring works through the queue.
+        self._ring_waiting: dict[int, RingJob] = {}
         self._cv = threading.Condition()
         self._aborted: dict[str, None] = {}  # insertion-ordered set of recently aborted ids
         self._cmds: list[Callable[[], None]] = []
@@ -173,15 +176,19 @@ class Worker:
         """Prefill this member's shard of a ring job (in job order) and hand its KV rows over."""
 
         def run() -> None:
-            if self.ring is None:
-                return
-            deltas, events = self.ring.offer(job, lambda rid: rid in self._aborted)
+            ring = self.ring
+            deltas, events = ring.offer(job, lambda r: r in self._aborted) if ring else ([], [])
             with self._cv:
+                waiting = self._ring_waiting.items()
+                self._ring_waiting = {h: j for h, j in waiting if ring and ring.queued(j)}
+                self._steps += 1  # progress: the cluster renews the leases still waiting
                 self._deltas.extend(deltas)
                 self._events.extend(events)
                 self._stats = self._make_stats()
                 self._cv.notify_all()
 
+        with self._cv:
+            self._ring_waiting[job.handoff.handoff_id] = job
         self._enqueue(run)
 
     def begin_import(self, handoff: HandoffSpec) -> None:
@@ -438,7 +445,11 @@ class Worker:
             prefix_queries=s.prefix_queries,
             prefix_hits=s.prefix_hits,
             steps=self._steps,
-            handoffs_in_progress=(*self.exporter.in_progress(), *self.importer.in_progress()),
+            handoffs_in_progress=(
+                *self.exporter.in_progress(),
+                *self.importer.in_progress(),
+                *self._ring_in_progress(),
+            ),
             exports=len(self.exporter.exports) + (len(self.ring.held) if self.ring else 0),
             imports=len(self.importer),
             error=self._error[-2000:],
@@ -450,6 +461,10 @@ class Worker:
             moe=getattr(s, "moe", None),
             ep_tuner=self._ep_tuner_stats(),
         )
+
+    def _ring_in_progress(self) -> tuple[int, ...]:
+        with self._cv:
+            return tuple(self._ring_waiting)
 
     def _ep_tuner_stats(self) -> EPTunerStats | None:
         stats = getattr(self.engine, "ep_tuner_stats", None)  # the scripted engine has none

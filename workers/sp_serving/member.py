@@ -121,6 +121,12 @@ class RingMember:
             events += e
         return deltas, events
 
+    def queued(self, job: RingJob) -> bool:
+        """The job waits for its turn here (its epoch is current and its number not yet run)."""
+        return (
+            self.setup is not None and job.epoch == self.setup.epoch and job.seq >= self._next_seq
+        )
+
     def _refuse(self, job: RingJob, why: str) -> list[RequestDelta]:
         """The leader ends the attempt (the cluster retries it); others stay silent."""
         if self.setup is None or self.setup.rank != job.leader:
