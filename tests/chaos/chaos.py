@@ -93,6 +93,7 @@ class Report:
     missed: int = 0  # armed faults whose moment did not come before the run ended (not counted)
     sampled: int = 0  # streams checked that were seeded samples (temperature > 0)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)  # clear ones
     failures: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -282,6 +283,7 @@ async def one_run(
         report.sampled += not params[i].greedy
         if isinstance(out, str):
             report.clear_errors += 1
+            report.errors[out[:160]] += 1
         elif out != expected[i]:
             report.failures.append(f"run {run} stream {i}: got {out}, expected {expected[i]}")
     problem = await settle(cluster)
@@ -369,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for f in report.failures:
         print("FAILURE", f)
+    for e, n in report.errors.most_common():
+        print(f"clear status x{n}: {e}")
     print(f"seed {args.seed}: {report.line()}")
     return 1 if report.failures else 0
 
