@@ -78,6 +78,9 @@ def config_diff(running: ServeConfig, wanted: ServeConfig) -> list[str]:
         if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and type(a) is type(b):
             for f in dataclasses.fields(a):
                 walk(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}".lstrip("."))
+        elif isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{path}[{i}]")
         elif a != b:
             out.append(f"{path}: running {a!r}, this router {b!r}")
 
