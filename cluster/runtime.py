@@ -124,6 +124,10 @@ class Cluster(WorkerEvents, RingRouting):
                 return False
         return any(h.healthy for h in self.controller.workers.values())
 
+    def set_replicas(self, pool: str, n: int) -> None:
+        """Desired size of `pool` from now on (drains or adds workers; see cluster/reconcile.py)."""
+        self.controller.set_replicas(pool, n)
+
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Pair now (raising AdmissionRejected / ClusterUnavailable at once), then stream."""
         if self._closing:

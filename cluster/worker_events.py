@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from batonserve.cluster.metrics_adapters import snapshot_from_worker_stats
 from batonserve.cluster.metrics_inputs import PoolChange
 from batonserve.cluster.observer import handoff_record
+from batonserve.cluster.reconcile import Reconciler
 from batonserve.workers.worker_types import HandoffEvent, PollResult, RequestDelta
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class WorkerEvents:
         for h in self.controller.workers.values():
             self.spawn(self._poll_loop(h.name, h.incarnation))
         self.spawn(self._housekeeping())
+        self.reconciler = Reconciler(self)
+        self.spawn(self.reconciler.run())
 
     async def _poll_loop(self: Cluster, name: str, incarnation: int) -> None:
         h = self.controller.workers[name]
@@ -46,6 +49,8 @@ class WorkerEvents:
             except Exception as e:
                 self.worker_died(name, incarnation, f"poll failed: {type(e).__name__}")
                 return
+            if h.incarnation != incarnation:
+                return  # replaced or removed (drained) meanwhile
             self._on_poll(name, result)
             if not result.stats.healthy:
                 self.worker_died(name, incarnation, f"engine error: {result.stats.error[-300:]}")
@@ -156,18 +161,14 @@ class WorkerEvents:
 
     def worker_died(self: Cluster, name: str, incarnation: int, why: str) -> None:
         """Resume everything that depended on `name`, then replace it."""
-        h = self.controller.workers[name]
-        if h.incarnation != incarnation or not h.healthy or self._closing:
-            return
-        log.warning("worker %s is gone (%s); replacing it", name, why)
+        h = self.controller.workers.get(name)
+        if h is None or h.incarnation != incarnation or not h.healthy or self._closing:
+            return  # already handled, or removed by a drain
+        log.warning(
+            "worker %s is gone (%s); %s", name, why, "draining" if h.draining else "replacing it"
+        )
         h.healthy = False
-        self._views.pop(name, None)
-        self.prefix_index.drop_worker(name)
-        self._prefix_epochs.pop(name, None)
-        self.controller.forget_channels(name)
-        for other in self.controller.workers.values():
-            if other.name != name and other.healthy:
-                self.spawn(self._quiet(other.actor.kv_close_peer.remote(name)))
+        self.forget_worker(name)
         for ho in self.ledger.involving(name):
             aborted = self.ledger.abort(ho.handoff_id, f"{name} died")
             if aborted is not None:
@@ -175,7 +176,18 @@ class WorkerEvents:
         for st in list(self.requests.values()):
             if st.attempt is not None and st.attempt.uses(name):
                 self.restart(st, f"{name} died")
-        self.spawn(self._replace(name))
+        if not h.draining:  # a draining worker is not replaced: its drain now ends at once
+            self.spawn(self._replace(name))
+
+    def forget_worker(self: Cluster, name: str) -> None:
+        """Drop what the cluster knows of `name` (dead or removed); peers close its KV channels."""
+        self._views.pop(name, None)
+        self.prefix_index.drop_worker(name)
+        self._prefix_epochs.pop(name, None)
+        self.controller.forget_channels(name)
+        for other in self.controller.workers.values():
+            if other.name != name and other.healthy:
+                self.spawn(self._quiet(other.actor.kv_close_peer.remote(name)))
 
     async def _replace(self: Cluster, name: str) -> None:
         delay = 0.5
