@@ -65,15 +65,19 @@ class _Session:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def config_diff(running: ServeConfig, wanted: ServeConfig) -> list[str]:
+def config_diff(running: ServeConfig, wanted: ServeConfig, replicas: bool = False) -> list[str]:
     """Dotted keys whose values differ, ignoring what each router sets for itself.
 
     The router section (ports, TLS, auth) and the Ray address belong to one router process.
+    A pool's replica count is the cluster's own desired state (scaling changes it while it
+    runs), so it is compared only with `replicas=True` (to tell the operator, not to refuse).
     """
     out: list[str] = []
 
     def walk(a: Any, b: Any, path: str) -> None:
         if path in ("router", "ray.address"):
+            return
+        if path.startswith("pools[") and path.endswith(".replicas") and not replicas:
             return
         if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and type(a) is type(b):
             for f in dataclasses.fields(a):
@@ -116,11 +120,14 @@ class ClusterActor:
     async def start(
         self, config: ServeConfig, scripted: ScriptedEngineConfig | None = None
     ) -> tuple[str, str]:
-        """Start the cluster (first caller) or wait for it; ("ok", "") or (kind, message).
+        """Start the cluster (first caller) or wait for it; ("ok", note) or (kind, message).
+
+        note: replica counts this config asks for that differ from the running cluster's.
 
         kind "mismatch": it runs another config (message lists what differs); "failed": start-up
         raised (message says why; the caller kills this actor so a later start can retry).
         """
+        note = ""
         if self._starting is None:
             self.config = config
             self._starting = asyncio.ensure_future(self._start(config, scripted))
@@ -129,13 +136,14 @@ class ClusterActor:
             diff = config_diff(self.config, config)
             if diff:
                 return "mismatch", "; ".join(diff)
+            note = "; ".join(config_diff(self.config, config, replicas=True))
         try:
             await asyncio.shield(self._starting)
         except StartupError as e:
             return "failed", str(e)
         except Exception as e:
             return "failed", f"{type(e).__name__}: {e}"
-        return "ok", ""
+        return "ok", note
 
     async def _start(self, config: ServeConfig, scripted: ScriptedEngineConfig | None) -> None:
         from batonserve.cluster.metrics import Metrics
@@ -239,23 +247,32 @@ class ClusterActor:
         if s is not None:
             await self._drop(s)
 
-    async def _drop(self, s: _Session) -> None:
+    async def _drop(self, s: _Session, why: StreamError | None = None) -> None:
+        """Abort every request of a session; `why` is what a reader that comes back is told."""
         for rid in list(s.pumps):
             task = s.pumps.pop(rid)
             task.cancel()
             await self.cluster.abort(rid)
-        s.outbox.clear()
+            s.outbox[rid] = [why] if why is not None else []
+        s.outbox = {rid: got for rid, got in s.outbox.items() if got}
 
     async def _expire_sessions(self) -> None:
         while True:
             await asyncio.sleep(LEASE_CHECK_S)
             now = time.monotonic()
             for router, s in list(self._sessions.items()):
-                if now - s.last_read > READ_LEASE_S:
+                idle = now - s.last_read
+                if idle > READ_LEASE_S and s.pumps:
                     n = len(s.pumps)
                     log.warning("router %s stopped reading: aborting its %d request(s)", router, n)
-                    self._sessions.pop(router, None)
-                    await self._drop(s)
+                    # A router that was only stalled finds its streams ended, never hanging.
+                    why = StreamError(
+                        "unavailable",
+                        f"the router stopped reading for over {READ_LEASE_S:g}s; request aborted",
+                    )
+                    await self._drop(s, why)
+                elif idle > 20 * READ_LEASE_S and not s.pumps:
+                    self._sessions.pop(router, None)  # gone for good: forget it
 
     def snapshot(self) -> dict[str, Any]:
         """Requests in flight, open handoffs and each worker's latest stats (checks, status)."""

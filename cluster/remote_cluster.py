@@ -129,6 +129,8 @@ async def connect(
         with contextlib.suppress(Exception):
             ray.kill(actor, no_restart=True)  # a later serve starts afresh
         raise StartupError(message)
+    if message:
+        progress(f"replicas differ, the running cluster's are kept: {message}")
     info: ModelInfo = await _wait(actor.model_info.remote())
     cluster = RemoteCluster(actor, info, config)
     await cluster.start()

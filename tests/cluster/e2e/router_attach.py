@@ -105,8 +105,10 @@ def wait_baseline(timeout: float = 60) -> None:
     raise AssertionError(f"pools not back to baseline after {timeout:g}s: {snap}")
 
 
-async def stream(port: int, text: str, got: list[int] | None = None) -> list[int] | grpc.StatusCode:
-    """One greedy stream of MAX_TOKENS; its tokens, or the status code it ended with.
+async def stream(
+    port: int, text: str, got: list[int] | None = None, max_tokens: int = MAX_TOKENS
+) -> list[int] | grpc.StatusCode:
+    """One greedy stream of `max_tokens`; its tokens, or the status code it ended with.
 
     `got` (if given) receives the tokens as they come, for a caller watching progress.
     """
@@ -114,7 +116,7 @@ async def stream(port: int, text: str, got: list[int] | None = None) -> list[int
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         req = gpb.GenerateRequest(
-            text=text, sampling=gpb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+            text=text, sampling=gpb.SamplingParams(max_tokens=max_tokens, temperature=0)
         )
         try:
             async for msg in stub.Generate(req, timeout=120):
