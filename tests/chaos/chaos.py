@@ -119,7 +119,9 @@ class RoleChanges(NullObserver):
         self.report.role_changes += 1
 
 
-def schedule(rng: random.Random, streams: int, max_tokens: int) -> list[Fault]:
+def schedule(
+    rng: random.Random, streams: int, max_tokens: int, kinds: Sequence[str] = KINDS
+) -> list[Fault]:
     """One run's faults: one to three, at random moments of the run's token stream.
 
     Every moment is reached (each stream makes at least max_tokens // 2 tokens); a first-token
@@ -128,7 +130,7 @@ def schedule(rng: random.Random, streams: int, max_tokens: int) -> list[Fault]:
     reach = streams * (max_tokens // 2) * 3 // 4
     faults = []
     for _ in range(rng.choice((1, 1, 2, 3))):
-        kind = rng.choice(KINDS)
+        kind = rng.choice(kinds)
         # An armed kind waits for its moment after its count: arm it early enough to meet one.
         last = reach // 2 if kind in ARMED else reach
         faults.append(Fault(kind, 0 if kind == "first_token" else rng.randint(1, last)))
@@ -209,11 +211,12 @@ async def one_run(
     report: Report,
     streams: int,
     max_tokens: int,
+    kinds: Sequence[str] = KINDS,
 ) -> None:
     """Streams under a fault schedule; checks every stream, then the pools and the ledger."""
     prompts = prompts_for(rng, streams)
     params = [params_for(rng, max_tokens) for _ in prompts]
-    faults = collections.deque(schedule(rng, streams, max_tokens))
+    faults = collections.deque(schedule(rng, streams, max_tokens, kinds))
     expected = [
         scripted_reference(SCRIPTED, [p], sp)[0] for p, sp in zip(prompts, params, strict=True)
     ]
@@ -328,6 +331,7 @@ async def chaos(
     max_tokens: int = 24,
     transport: TransportName = "torch_dist",
     progress: bool = False,
+    kinds: Sequence[str] = KINDS,
 ) -> Report:
     """Run `runs` seeded runs on one cluster (workers are replaced as they die)."""
     rng = random.Random(seed)
@@ -340,7 +344,7 @@ async def chaos(
         problem = await settle(cluster)
         assert not problem, problem
         for run in range(runs):
-            await one_run(cluster, moments, rng, run, report, streams, max_tokens)
+            await one_run(cluster, moments, rng, run, report, streams, max_tokens, kinds)
             if progress:
                 print(f"run {run}: {report.line()}", flush=True)
     finally:
@@ -357,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--transport", choices=("torch_dist", "object_store"), default="torch_dist")
     ap.add_argument("--ray-address", default="", help="an existing Ray (default: a local one)")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS, help="faults to draw")
     args = ap.parse_args(argv)
     report = asyncio.run(
         chaos(
@@ -367,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_tokens=args.max_tokens,
             transport=args.transport,
             progress=True,
+            kinds=tuple(args.kinds),
         )
     )
     for f in report.failures:
