@@ -3,8 +3,8 @@
 Every RECONCILE_S (and at once when `Controller.set_replicas` changes a size) it compares each
 pool's desired replicas with its workers:
 - too few: start new workers. One that fits no node stays *pending* (Ray holds it until a node
-  with room joins, e.g. KubeRay scaling a worker group up), logged with the reason every
-  PENDING_LOG_S; once ready it gets a poller and takes pairings (KV channels are built on first
+  with room joins, e.g. KubeRay scaling a worker group up), logged with Ray's reason every
+  controller.PROGRESS_S; once ready it gets a poller and takes pairings (KV channels are built on first
   use, so it pairs with every existing worker).
 - too many: cancel pending workers first, then *drain* the least loaded ones (never a pool's
   last, never a ring-group member): a draining worker takes no new pairing and no role change,
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("batonserve.reconcile")
 
 RECONCILE_S = 2.0
-PENDING_LOG_S = 10.0
 DRAIN_LOG_S = 5.0
 DRAIN_POLL_S = 0.05
 DRAIN_TIMEOUT_S = 120.0
@@ -57,7 +56,6 @@ class Reconciler:
         self.starting: dict[str, asyncio.Task[None]] = {}
         self.drains: dict[str, asyncio.Task[None]] = {}
         self._failed_at: dict[str, float] = {}
-        self._pending_logged = 0.0
         self.controller.changed = self.poke
 
     def poke(self) -> None:
@@ -102,10 +100,6 @@ class Reconciler:
                         self._start(pool)
             elif len(members) > want:
                 self._shrink(pool, len(members) - want)
-        if self.controller.pending and now - self._pending_logged >= PENDING_LOG_S:
-            self._pending_logged = now
-            for name in self.controller.pending:
-                log.info("worker %s is pending: no node has room for it yet", name)
 
     def _start(self, pool: str) -> None:
         h = self.controller.new_pending(pool)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,8 +29,10 @@ import ray
 import yaml
 from cluster_checks import collect, idle, prompt_of
 from loop_thread import LoopThread
+from observer_recorder import Recorder
 from scripted_reference import scripted_reference
 
+from batonserve.cluster import controller
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig, load_config
 from batonserve.cluster.config_watch import ConfigWatcher
 from batonserve.cluster.runtime import Cluster, start_cluster
@@ -132,12 +135,17 @@ def _config(decode_replicas: int = 1) -> ServeConfig:
     )
 
 
-def _start(loop: LoopThread, started: list[Cluster], cfg: ServeConfig) -> tuple[Cluster, Decisions]:
-    cluster = loop.run(start_cluster(cfg, lambda _: None, scripted=SCRIPTED), timeout=180)
+def _start(
+    loop: LoopThread, started: list[Cluster], cfg: ServeConfig
+) -> tuple[Cluster, Decisions, Recorder]:
+    rec = Recorder()
+    cluster = loop.run(
+        start_cluster(cfg, lambda _: None, scripted=SCRIPTED, observer=rec), timeout=180
+    )
     started.append(cluster)
     dec = Decisions()
     cluster.cls.recorder = dec
-    return cluster, dec
+    return cluster, dec, rec
 
 
 async def _wait(cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
@@ -169,13 +177,14 @@ def under_load(
     action: Callable[[], None] = lambda: None,
     streams: int = STREAMS,
     start: int = 0,
+    params: SamplingParams = PARAMS,
 ) -> tuple[list[list[int]], list[list[int]]]:
     """`streams` concurrent greedy streams; `action` runs (on this, the main thread: Ray adds
     and removes nodes only there) once the first tokens have come. Returns (outputs, prompts)."""
     prompts = [prompt_of(start + i, 6 + (i * 7) % 40) for i in range(streams)]
 
     async def all_streams() -> list[list[int]]:
-        streams = (collect(cluster, f"{tag}{i}", p, PARAMS) for i, p in enumerate(prompts))
+        streams = (collect(cluster, f"{tag}{i}", p, params) for i, p in enumerate(prompts))
         return list(await asyncio.gather(*streams))
 
     fut = asyncio.run_coroutine_threadsafe(all_streams(), loop.loop)
@@ -194,15 +203,23 @@ def _decode_names(cluster: Cluster) -> list[str]:
 
 
 def test_a_pending_worker_starts_on_a_node_that_joins_and_serves(
-    nodes: Nodes, loop_thread: LoopThread, started: list[Cluster]
+    nodes: Nodes,
+    loop_thread: LoopThread,
+    started: list[Cluster],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cluster, dec = _start(loop_thread, started, _config(decode_replicas=1))
+    cluster, dec, _ = _start(loop_thread, started, _config(decode_replicas=1))
     ctl = cluster.controller
+    monkeypatch.setattr(controller, "PROGRESS_S", 0.5)  # the pending worker's log, sooner
+    caplog.set_level(logging.INFO, logger="batonserve.controller")
     call(loop_thread, cluster.set_replicas, "decode", 2)  # no node has room for a second one
     wait(loop_thread, lambda: bool(ctl.pending), "a pending decode worker")
     [name] = ctl.pending
-    time.sleep(1.0)
+    time.sleep(2.0)
     assert name in ctl.pending and name not in ctl.workers  # pending, not failed
+    said = [r.getMessage() for r in caplog.records if f"worker {name} pending" in r.getMessage()]
+    assert said and "decode_node=1" in said[-1], said  # why: what it asks, what Ray has free
 
     def grow() -> None:
         nodes.add_decode()  # KubeRay scaled the group up
@@ -224,10 +241,11 @@ def test_b_scale_down_under_load_drains_first(
     nodes: Nodes, loop_thread: LoopThread, started: list[Cluster]
 ) -> None:
     nodes.add_decode()
-    cluster, dec = _start(loop_thread, started, _config(decode_replicas=2))
+    cluster, dec, rec = _start(loop_thread, started, _config(decode_replicas=2))
     ctl = cluster.controller
     assert _decode_names(cluster) == ["decode-0", "decode-1"]
     drained: list[str] = []
+    busy: list[int] = []
     paired_after: list[Pairing] = []
 
     def shrink() -> None:
@@ -236,6 +254,7 @@ def test_b_scale_down_under_load_drains_first(
         wait(loop_thread, lambda: bool(cluster.reconciler.drains), "a drain to start", 10)
         [name] = cluster.reconciler.drains
         drained.append(name)
+        busy.append(call(loop_thread, lambda: len(cluster.reconciler._using(name))))
         # Streams that arrive during the drain avoid it.
         extra, extra_prompts = under_load(loop_thread, cluster, "b2-", streams=4, start=200)
         assert extra == scripted_reference(SCRIPTED, extra_prompts, PARAMS)
@@ -244,6 +263,8 @@ def test_b_scale_down_under_load_drains_first(
     outs, prompts = under_load(loop_thread, cluster, "b", shrink)
     assert outs == scripted_reference(SCRIPTED, prompts, PARAMS)  # nothing lost or changed
     [name] = drained
+    assert busy[0] > 0  # it was serving when its drain began ...
+    assert set(rec.outcomes()) == {"ok"}  # ... and no request was moved: they finished there
     assert paired_after and all(
         name not in (p.prefill_worker, p.decode_worker) for p in paired_after
     )
@@ -254,21 +275,50 @@ def test_b_scale_down_under_load_drains_first(
         ray.get_actor(name, namespace=ctl.namespace)  # the actor is gone
 
 
+def test_b_drain_past_its_bound_moves_the_rest(
+    nodes: Nodes, loop_thread: LoopThread, started: list[Cluster], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="batonserve")
+    nodes.add_decode()
+    cluster, _, _ = _start(loop_thread, started, _config(decode_replicas=2))
+    cluster.reconciler.drain_timeout_s = 0.2  # far shorter than the streams
+    moved: list[int] = []
+
+    def shrink() -> None:
+        call(loop_thread, cluster.set_replicas, "decode", 1)
+        wait(loop_thread, lambda: bool(cluster.reconciler.drains), "a drain to start", 10)
+        [name] = cluster.reconciler.drains
+        moved.append(call(loop_thread, lambda: len(cluster.reconciler._using(name))))
+
+    long = dataclasses.replace(PARAMS, max_tokens=64)
+    outs, prompts = under_load(loop_thread, cluster, "bt", shrink, params=long)
+    assert moved[0] > 0  # requests were still running at the bound ...
+    assert outs == scripted_reference(SCRIPTED, prompts, long)  # ... moved with no token lost
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "still running after 0.2s; moving them" in said
+    assert said.count("resuming bt") >= moved[0]  # each through the resume path
+    _settle(cluster, loop_thread)
+    assert len(_decode_names(cluster)) == 1
+
+
 def test_c_node_removed_under_load_then_capacity_returns(
     nodes: Nodes, loop_thread: LoopThread, started: list[Cluster]
 ) -> None:
     nodes.add_decode()
-    cluster, _ = _start(loop_thread, started, _config(decode_replicas=2))
+    cluster, _, _ = _start(loop_thread, started, _config(decode_replicas=2))
     ctl = cluster.controller
     victim = ctl.workers["decode-1"]
     incarnation = victim.incarnation
+    busy: list[int] = []
 
     def lose_node() -> None:
+        busy.append(call(loop_thread, lambda: len(cluster.reconciler._using("decode-1"))))
         node = next(n for n in nodes.decode if n.node_id == _node_of(victim.actor))
         nodes.remove_decode(node)
 
     outs, prompts = under_load(loop_thread, cluster, "c", lose_node)
     assert outs == scripted_reference(SCRIPTED, prompts, PARAMS)  # resumed, nothing lost
+    assert busy[0] > 0  # it died serving
     wait(loop_thread, lambda: victim.incarnation > incarnation, "a replacement to be started")
     time.sleep(1.0)
     assert not victim.healthy  # no node has room: it waits
@@ -286,7 +336,7 @@ def test_d_config_reread_changes_replicas(
     cfg = _config(decode_replicas=1)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    cluster, _ = _start(loop_thread, started, load_config(path))
+    cluster, _, _ = _start(loop_thread, started, load_config(path))
     ctl = cluster.controller
     watcher = ConfigWatcher(lambda: load_config(path), cluster.config, cluster.set_replicas)
 
