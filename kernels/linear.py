@@ -41,7 +41,13 @@ def linear(
     packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [..., in] @ weight.T + bias -> [..., out], through `packed` when given (x on CPU)."""
-    if packed is not None and x.dtype == weight.dtype and x.device.type == "cpu":
+    # Under torch.compile the plain weight goes in: inductor (freezing) packs it for its own GEMM.
+    if (
+        packed is not None
+        and x.dtype == weight.dtype
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+    ):
         out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return out
     return F.linear(x, weight, bias)

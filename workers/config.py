@@ -22,6 +22,10 @@ class EngineConfig:
     # actor's num_cpus (Ray sets OMP_NUM_THREADS from it).
     num_threads: int = 0
     block_size: int = 16
+    # Decode steps through a graph captured per batch-size bucket (workers/decode_graph.py):
+    # "" off (eager), "inductor" (torch.compile; minutes of warm-up on a small CPU), "cudagraph"
+    # (CUDA only), "eager" (the padded path uncaptured: tests). Prefill always runs eager.
+    compile_decode: str = ""
     num_kv_blocks: int = 0  # 0 sizes the cache from kv_cache_bytes
     kv_cache_bytes: int = 256 * 1024 * 1024
     max_num_batched_tokens: int = 2048  # Splitwise's prefill batch cap

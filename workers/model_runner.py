@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from batonserve.workers.config import EngineConfig
+from batonserve.workers.decode_graph import DecodeGraphs
 from batonserve.workers.forward_batch import ForwardBatch
 from batonserve.workers.forward_context import (
     AttentionMetadata,
@@ -92,11 +93,14 @@ class ModelRunner:
         if config.expert_cache_policy or config.moe_regroup_batch:
             self._attach_moe(dtype_name)
         self.num_blocks = self._num_blocks()
+        capture = bool(config.compile_decode) and self.model.supports_decode_graph()
         # One allocation for the whole cache: [layers, 2 (k, v), blocks, block_size, kv_heads, d].
+        # With decode graphs, one block more: the scratch block padded rows write to (the block
+        # pool only knows num_blocks, so it never hands it out).
         self.kv_cache = torch.zeros(
             mc.num_layers,
             2,
-            self.num_blocks,
+            self.num_blocks + int(capture),
             self.block_size,
             mc.num_kv_heads,
             mc.head_dim,
@@ -104,6 +108,21 @@ class ModelRunner:
             device=self.device,
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(mc.num_layers)]
+        self.decode_graphs: DecodeGraphs | None = None
+        if config.compile_decode and not capture:
+            print(f"compile_decode: {mc.architecture} has no decode graph path; eager", flush=True)
+        if capture:
+            max_len = config.max_model_len or mc.max_position_embeddings
+            self.decode_graphs = DecodeGraphs(
+                self.model,
+                self.kv_cache,
+                self.block_size,
+                scratch_block=self.num_blocks,
+                max_num_seqs=config.max_num_seqs,
+                table_width=-(-int(max_len) // self.block_size),
+                mode=config.compile_decode,
+            )
+            self.decode_graphs.warm_up()
 
     def _attach_moe(self, dtype_name: str) -> None:
         """Load the routing predictor; set up the tiered store and token paths as configured."""
@@ -221,6 +240,11 @@ class ModelRunner:
                 batch=batch,
                 attn=AttentionMetadata(batch, self.block_size),
                 kv_caches=self.kv_caches,
+            graphs = self.decode_graphs
+            if graphs is not None and layer_hook is None:
+                bucket = graphs.bucket_for(batch)
+                if bucket is not None:
+                    return graphs.run(batch, bucket)
                 layer_hook=layer_hook,
             )
             with set_forward_context(ctx):

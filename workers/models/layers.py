@@ -111,6 +111,34 @@ class Attention(nn.Module):
         return linear(out.reshape(t, self.q_size), self.o_weight, None, self.o_packed)
 
 
+def attention_decode(
+    attn: Attention,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """Attention.forward for a decode-only batch with every input explicit (no forward context):
+    the form a compiled graph captures. K/V write and attention are one custom op."""
+    from batonserve.kernels import decode_op  # noqa: F401  (registers the op)
+
+    t = x.shape[0]
+    h, kvh, d = attn.num_heads, attn.num_kv, attn.head_dim
+    qkv = linear(x, attn.qkv_weight, attn.qkv_bias, attn.qkv_packed)
+    qk = apply_rope(qkv[:, : attn.q_size + attn.kv_size].view(t, h + kvh, d), cos, sin)
+    v = qkv[:, attn.q_size + attn.kv_size :].view(t, kvh, d)
+    out = torch.ops.batonserve.decode_attention_kv(
+        qk[:, :h], qk[:, h:], v, k_cache, v_cache, slots, tables, context_lens,
+        attn.window or 0, block_size,
+    )
+    return linear(out.reshape(t, attn.q_size), attn.o_weight, None, attn.o_packed)
+
+
 class SwiGLU(nn.Module):
     """Dense MLP: down(silu(gate x) * up x), gate and up fused in one matrix."""
 

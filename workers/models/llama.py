@@ -5,6 +5,8 @@ Flags: q/k/v bias (Qwen2), tied embeddings, sliding window (Mistral, Qwen2), rop
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,7 @@ from batonserve.workers.models.layers import (
     RMSNorm,
     SwiGLU,
     WeightSpecs,
+    attention_decode,
     new_param,
 )
 
@@ -59,6 +62,18 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_norm.add_forward(x, residual)
         h = self.attn(h)
+        h, residual = self.post_norm.add_forward(h, residual)
+        return self.mlp(h), residual
+
+    def forward_decode(
+        self, x: torch.Tensor, residual: torch.Tensor | None, *attn_args: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward for a decode-only batch, inputs explicit (layers.attention_decode)."""
+        if residual is None:
+            residual, h = x, self.input_norm(x)
+        else:
+            h, residual = self.input_norm.add_forward(x, residual)
+        h = attention_decode(self.attn, h, *attn_args)
         h, residual = self.post_norm.add_forward(h, residual)
         return self.mlp(h), residual
 
@@ -104,6 +119,34 @@ class LlamaForCausalLM(nn.Module):
             if pack is not None:
                 pack()
         self.lm_head_packed = pack_weight(self.lm_head)
+
+    def supports_decode_graph(self) -> bool:
+        """True when forward_decode covers this model (dense SwiGLU MLPs; MoE stays eager)."""
+        return all(type(layer.mlp) is SwiGLU for layer in self.layers)  # type: ignore[union-attr]
+
+    def forward_decode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_size: int,
+    ) -> torch.Tensor:
+        """A decode-only step with every input explicit, for capture (workers/decode_graph.py):
+        input_ids/positions/slots [B]; tables [B, W] int32; context_lens [B] int32;
+        kv_cache [layers, 2, blocks, bs, Hkv, d]. Returns logits [B, vocab] float32."""
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        h = F.embedding(input_ids, self.embed)
+        residual: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer.forward_decode(  # type: ignore[operator]
+                h, residual, cos, sin, kv_cache[i, 0], kv_cache[i, 1], slots, tables,
+                context_lens, block_size,
+            )
+        assert residual is not None
+        return linear(self.norm(h + residual), self.lm_head, None, self.lm_head_packed).float()
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor
