@@ -236,15 +236,15 @@ class ModelRunner:
         """
         with torch.inference_mode():
             batch = self._to_device(batch)
-            ctx = ForwardContext(
-                batch=batch,
-                attn=AttentionMetadata(batch, self.block_size),
-                kv_caches=self.kv_caches,
             graphs = self.decode_graphs
             if graphs is not None and layer_hook is None:
                 bucket = graphs.bucket_for(batch)
                 if bucket is not None:
                     return graphs.run(batch, bucket)
+            ctx = ForwardContext(
+                batch=batch,
+                attn=AttentionMetadata(batch, self.block_size),
+                kv_caches=self.kv_caches,
                 layer_hook=layer_hook,
             )
             with set_forward_context(ctx):
