@@ -55,6 +55,13 @@ PAPER_MACHINES: dict[str, MachineSpec] = {
 PAPER_LLAMA = ModelSpec(
     "llama2-70b", num_layers=80, num_kv_heads=64, head_dim=128, weight_bytes=135e9
 )
+# BLOOM-176B as SplitwiseSim configures it: hidden 14336 = 112 heads x 128, 70 layers, 329 GB of
+# weights (4.0 MB of KV a token). It is SplitwiseSim's default model (configs/applications/
+# solo.yaml) and its plotting notebook's `model_to_plot`.
+PAPER_BLOOM = ModelSpec(
+    "bloom-176b", num_layers=70, num_kv_heads=112, head_dim=128, weight_bytes=329e9
+)
+PAPER_MODELS: dict[str, ModelSpec] = {m.name: m for m in (PAPER_LLAMA, PAPER_BLOOM)}
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,10 @@ def _machines_with_ours(base: dict[str, MachineSpec]) -> dict[str, MachineSpec]:
     }
 
 
-def setting_spec(name: Setting) -> SettingSpec:
-    """The named setting."""
+def setting_spec(name: Setting, model: str = "llama2-70b") -> SettingSpec:
+    """The named setting, for Llama-2-70B or BLOOM-176B (the two models of the profile table)."""
+    if model not in PAPER_MODELS:
+        raise ValueError(f"model: one of {sorted(PAPER_MODELS)}, got {model!r}")
     if name == "paper":
         return SettingSpec(
             name,
@@ -89,7 +98,7 @@ def setting_spec(name: Setting) -> SettingSpec:
                 conditional_disaggregation=False,
                 mixed_pool=MixedPoolConfig(borrow_prefill_tokens=8192, cooldown_s=0.0),
             ),
-            PAPER_LLAMA,
+            PAPER_MODELS[model],
             dict(PAPER_MACHINES),
             decode_axis="tokens",
             layerwise_transfer=False,
@@ -100,7 +109,7 @@ def setting_spec(name: Setting) -> SettingSpec:
             name,
             EngineLimits(),
             SchedulerConfig(),
-            DEFAULT_MODELS["llama2-70b"],
+            DEFAULT_MODELS[model],
             _machines_with_ours(PAPER_MACHINES),
             decode_axis="batch",
             layerwise_transfer=True,
@@ -109,11 +118,13 @@ def setting_spec(name: Setting) -> SettingSpec:
     raise ValueError(f"setting: 'paper' or 'ours', got {name!r}")
 
 
-def plan_setup(name: Setting, requests: Sequence[TraceRequest], seed: int = 0) -> PlanSetup:
-    """A PlanSetup for Llama-2-70B (TP8) on the profile table under the named setting."""
-    spec = setting_spec(name)
+def plan_setup(
+    name: Setting, requests: Sequence[TraceRequest], seed: int = 0, model: str = "llama2-70b"
+) -> PlanSetup:
+    """A PlanSetup for the model (TP8) on the profile table under the named setting."""
+    spec = setting_spec(name, model)
     perf = {
-        m: TablePerfModel.from_csv(SPLITWISE_TABLE, "llama2-70b", m, 8, spec.decode_axis)
+        m: TablePerfModel.from_csv(SPLITWISE_TABLE, model, m, 8, spec.decode_axis)
         for m in spec.machines
     }
     chunk = spec.limits.max_num_batched_tokens

@@ -81,6 +81,19 @@ def retime_poisson(trace: Sequence[TraceRequest], rate: float, seed: int = 0) ->
     return out
 
 
+def sample_lengths(trace: Sequence[TraceRequest], n: int, seed: int = 0) -> list[TraceRequest]:
+    """`n` requests whose prompt and output lengths are drawn independently, with replacement,
+    from the trace's (as SplitwiseSim's generate_trace.py builds its traces); arrival times are
+    left for `retime_poisson`."""
+    if n < 0 or not trace:
+        raise ValueError("sample_lengths: need n >= 0 and a non-empty trace")
+    rng = random.Random(seed)
+    return [
+        TraceRequest(f"s{i}", 0.0, rng.choice(trace).prompt_tokens, rng.choice(trace).output_tokens)
+        for i in range(n)
+    ]
+
+
 Dist = Literal["constant", "uniform", "exponential", "lognormal"]
 
 

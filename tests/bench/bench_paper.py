@@ -4,6 +4,7 @@
     python tests/bench/bench_paper.py run isocost --setting ours
     python tests/bench/bench_paper.py run isothroughput --setting paper --rate 70
     python tests/bench/bench_paper.py report            # tables (markdown) and plots
+    python tests/bench/bench_paper.py designs isopower --model bloom-176b   # the notebooks' designs
 
 Budgets are the paper's: the power of 40 DGX-H100s (= 70 DGX-A100s), their cost (= 86
 DGX-A100s). Each family's best split is searched design by design (`search.best_split`), each
@@ -18,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from batonserve.cluster.sim.design import SPLITWISE_FAMILIES, Design
+from batonserve.cluster.sim.design import SPLITWISE_FAMILIES, Design, make_design
 from batonserve.cluster.sim.paper import plan_setup
-from batonserve.cluster.sim.planner import PlanRow
+from batonserve.cluster.sim.planner import PlanRow, max_rate
 from batonserve.cluster.sim.search import best_split, cheapest_at_rate, objective_of
-from batonserve.cluster.sim.trace import load_azure_trace
+from batonserve.cluster.sim.trace import load_azure_trace, sample_lengths
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "img" / "simulator" / "paper"
 BASELINES = ("Baseline-A", "Baseline-H")
@@ -116,6 +117,58 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({out['seconds']} s)")
 
 
+# The designs SplitwiseSim's plotting notebook compares on the code trace (plots.ipynb:
+# isopower_code_configs, isocost_code_configs): (family, prompt machines, token machines).
+NOTEBOOK_DESIGNS = {
+    "isopower": (
+        ("Baseline-A", 70, 0),
+        ("Baseline-H", 40, 0),
+        ("Splitwise-AA", 55, 15),
+        ("Splitwise-HH", 35, 5),
+        ("Splitwise-HA", 35, 8),
+        ("Splitwise-HHcap", 35, 7),
+    ),
+    "isocost": (
+        ("Baseline-A", 86, 0),
+        ("Baseline-H", 40, 0),
+        ("Splitwise-AA", 66, 20),
+        ("Splitwise-HH", 35, 5),
+        ("Splitwise-HA", 35, 10),
+        ("Splitwise-HHcap", 35, 7),
+    ),
+}
+
+
+def designs(args: argparse.Namespace) -> None:
+    """Each of the notebook's designs for an experiment, rated (bisected to 2%); writes JSON."""
+    if args.sample:  # SplitwiseSim's traces: lengths drawn independently from the code trace
+        trace = sample_lengths(load_azure_trace("code"), args.requests, seed=1)
+    else:
+        trace = load_azure_trace("code", limit=args.requests)
+    setup = plan_setup(args.setting, trace, model=args.model)
+    t0 = time.time()
+    tag = (
+        f"_{args.requests}{'s' if args.sample else ''}"
+        if args.requests != 3000 or args.sample
+        else ""
+    )
+    path = OUT / f"{args.experiment}_designs_{args.setting}_{args.model}{tag}.json"
+    out: dict = json.loads(path.read_text()) if path.exists() else {"designs": {}}
+    out.update({"experiment": args.experiment, "setting": args.setting, "model": args.model})
+    out["requests"] = args.requests
+    out["sampled"] = args.sample
+    wanted = [f for f in args.families.split(",") if f]
+    for fam, p, d in NOTEBOOK_DESIGNS[args.experiment]:
+        if wanted and fam not in wanted:
+            continue
+        design = make_design(fam, p) if fam.startswith("Baseline") else make_design(fam, p, d)
+        row = max_rate(setup, design, iters=12, rel_tol=args.rel_tol)
+        out["designs"][fam] = _row(row)
+        print(f"[{time.time() - t0:6.0f}s] {design.label}: {row.max_rate:.2f} req/s", flush=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     """Run an experiment or write the report."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -130,6 +183,15 @@ def main() -> None:
     r.add_argument("--first", type=int, default=5, help="splits sampled before refining")
     r.add_argument("--rel-tol", type=float, default=0.02, help="rate bisection tolerance")
     r.set_defaults(func=run)
+    d = sub.add_parser("designs")
+    d.add_argument("experiment", choices=sorted(NOTEBOOK_DESIGNS))
+    d.add_argument("--setting", choices=["paper", "ours"], default="paper")
+    d.add_argument("--model", choices=["llama2-70b", "bloom-176b"], default="llama2-70b")
+    d.add_argument("--requests", type=int, default=3000)
+    d.add_argument("--families", default="", help="comma list (default: all six)")
+    d.add_argument("--sample", action="store_true", help="lengths drawn i.i.d. (SplitwiseSim)")
+    d.add_argument("--rel-tol", type=float, default=0.02, help="rate bisection tolerance")
+    d.set_defaults(func=designs)
     rep = sub.add_parser("report")
     rep.set_defaults(func=report)
     args = p.parse_args()

@@ -2,6 +2,7 @@
 and the simulator against the in-process engine it models.
 
     python tests/bench/bench_sim.py speed
+    python tests/bench/bench_sim.py bisect --design Baseline-A:70 --requests 5000
     python tests/bench/bench_sim.py compare --requests 1000 --plots docs/img/simulator
     python tests/bench/bench_sim.py engine
 """
@@ -55,6 +56,43 @@ def speed(args: argparse.Namespace) -> None:
             f"({best:.2f} s, {res.num_events} events, {res.num_events / best:.0f} events/s); "
             f"TTFT p50 {s.ttft.p50 * 1e3:.0f} ms, E2E p99 {s.e2e.p99:.2f} s"
         )
+
+
+def bisect(args: argparse.Namespace) -> None:
+    """One design's full max-rate bisection at the paper's scale: wall time, runs, load average."""
+    import os
+
+    from batonserve.cluster.sim import planner
+    from batonserve.cluster.sim.paper import plan_setup
+
+    fam, _, counts = args.design.partition(":")
+    nums = [int(x) for x in counts.split("+")]
+    design = make_design(fam, *nums)
+    setup = plan_setup(
+        args.setting, load_azure_trace("code", limit=args.requests), model=args.model
+    )
+    runs: list[tuple[float, bool, float]] = []
+    evaluate = planner.evaluate
+
+    def timed(*a, **k):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        out = evaluate(*a, **k)
+        runs.append((a[2], out[0].slo_met, time.perf_counter() - t))
+        return out
+
+    planner.evaluate = timed  # type: ignore[assignment]
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    row = planner.max_rate(setup, design, iters=12)
+    wall = time.perf_counter() - t0
+    planner.evaluate = evaluate  # type: ignore[assignment]
+    for rate, ok, dt in runs:
+        print(f"  {rate:7.2f} req/s {'pass' if ok else 'fail'} {dt:5.1f} s")
+    print(
+        f"{design.label} ({args.setting}, {args.model}, {args.requests} requests): "
+        f"{row.max_rate:.2f} req/s in {wall:.1f} s, {len(runs)} runs; "
+        f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
 
 
 def _table(title: str, rows: list[PlanRow]) -> None:
@@ -191,6 +229,12 @@ def main() -> None:
     s = sub.add_parser("speed")
     s.add_argument("--repeats", type=int, default=2)
     s.set_defaults(func=speed)
+    b = sub.add_parser("bisect")
+    b.add_argument("--design", default="Baseline-A:70", help="FAMILY:N or FAMILY:P+D")
+    b.add_argument("--setting", choices=["paper", "ours"], default="ours")
+    b.add_argument("--model", choices=["llama2-70b", "bloom-176b"], default="llama2-70b")
+    b.add_argument("--requests", type=int, default=5000)
+    b.set_defaults(func=bisect)
     c = sub.add_parser("compare")
     c.add_argument("--requests", type=int, default=1000)
     c.add_argument(

@@ -20,6 +20,7 @@ from batonserve.cluster.sim.trace import (
     _parse_time,
     load_azure_trace,
     retime_poisson,
+    sample_lengths,
     synthetic_trace,
 )
 from batonserve.workers.models.paths import resolve_model_dir
@@ -85,3 +86,19 @@ def test_poisson_retiming_and_synthetic_traces() -> None:
     )
     assert statistics.mean(x.prompt_tokens for x in e) == pytest.approx(300, rel=0.06)
     assert statistics.median(x.output_tokens for x in e) == pytest.approx(50, rel=0.06)
+
+
+def test_sampled_lengths_draw_prompts_and_outputs_independently() -> None:
+    base = load_azure_trace("code", limit=500)
+    s = sample_lengths(base, 3000, seed=2)
+    assert len(s) == 3000 and len({x.request_id for x in s}) == 3000
+    prompts, outputs = {x.prompt_tokens for x in base}, {x.output_tokens for x in base}
+    assert all(x.prompt_tokens in prompts and x.output_tokens in outputs for x in s)
+    pairs = {(x.prompt_tokens, x.output_tokens) for x in base}
+    assert sum((x.prompt_tokens, x.output_tokens) not in pairs for x in s) > 1000  # not rows
+    assert statistics.mean(x.prompt_tokens for x in s) == pytest.approx(
+        statistics.mean(x.prompt_tokens for x in base), rel=0.08
+    )
+    assert sample_lengths(base, 50, seed=2) == s[:50]
+    with pytest.raises(ValueError, match="sample_lengths"):
+        sample_lengths([], 5)

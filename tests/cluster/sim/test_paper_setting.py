@@ -70,6 +70,10 @@ def test_paper_setting_is_what_the_paper_simulated() -> None:
         int(40 * h.power_w // a.power_w) == 70
         and int(40 * h.cost_per_hour // a.cost_per_hour) == 86
     )
+    bloom = setting_spec("paper", "bloom-176b").model  # SplitwiseSim's default model
+    assert bloom.kv_bytes_per_token == 2 * 70 * 14336 * 2 and bloom.weight_bytes == 329e9
+    with pytest.raises(ValueError, match="model"):
+        setting_spec("paper", "gpt3")
     trace = [TraceRequest(f"r{i}", 0.05 * i, 3000, 5) for i in range(20)]
     setup = plan_setup("paper", trace)
     res = Simulator(make_design("Splitwise-AA", 2, 1), setup.model, setup.machines, setup.perf, setup.sim).run(trace)  # fmt: skip
