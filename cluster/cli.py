@@ -18,6 +18,7 @@ COMMANDS = (
     "cli_status",
     "cli_profile",
     "cli_bench",
+    "cli_train_predictor",
 )
 
 

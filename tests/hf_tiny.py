@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "llama3_rope", "mistral", "qwen2", "llama_tied", "mixtral")
+ARCHS = ("llama", "llama3_rope", "mistral", "qwen2", "llama_tied", "mixtral", "qwen2_moe")
 
 BOS_ID = 0
 EOS_ID = 1
@@ -101,6 +101,18 @@ def _config(arch: str, vocab: int, overrides: dict[str, Any]) -> Any:
             num_experts_per_tok=2,
             sliding_window=None,
         )
+    elif arch == "qwen2_moe":
+        cls = tf.Qwen2MoeConfig
+        common.update(
+            rope_theta=10000.0,
+            use_sliding_window=False,
+            sliding_window=None,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=80,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        )
     else:
         raise ValueError(f"arch: unknown tiny arch {arch!r}; choose one of {list(ARCHS)}")
     common.update(overrides)
@@ -132,9 +144,10 @@ def make_tiny_model(
         "mistral": tf.MistralForCausalLM,
         "qwen2": tf.Qwen2ForCausalLM,
         "mixtral": tf.MixtralForCausalLM,
+        "qwen2_moe": tf.Qwen2MoeForCausalLM,
     }[arch]
     model = model_cls(config).eval()
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen2_moe"):
         # HF zero-inits biases; give them values so the q/k/v bias path is actually checked.
         with torch.no_grad():
             for layer in model.model.layers:

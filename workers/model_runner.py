@@ -126,8 +126,12 @@ class ModelRunner:
 
     def _attach_moe(self, dtype_name: str) -> None:
         """Load the routing predictor; set up the tiered store and token paths as configured."""
-        from batonserve.workers.expert_store import RoutingPredictor, default_predictor_path
+        from batonserve.workers.expert_store import RoutingPredictor
         from batonserve.workers.expert_store.predictor import TokenPaths
+        from batonserve.workers.expert_store.predictor_cache import (
+            find_predictor,
+            missing_predictor_message,
+        )
 
         cfg = self.config
         setting, value = (  # the setting that asked for it, named in errors
@@ -140,14 +144,14 @@ class ModelRunner:
                 f"{setting}: {value!r} is set but model {self.model_dir.name!r} has no MoE "
                 "layers; leave it unset"
             )
-        path = default_predictor_path(self.model_dir.name)
+        path = find_predictor(self.model_dir)  # the user cache, or the bundled demo-moe one
         # On the model's device: it reads each layer's MoE input there.
-        predictor = RoutingPredictor.load(path, self.device) if path.is_file() else None
+        predictor = RoutingPredictor.load(path, self.device) if path is not None else None
         needs = cfg.moe_regroup_batch or cfg.expert_cache_policy in ("popularity", "predictive")
         if predictor is None and needs:
             raise ValueError(
-                f"{setting}: {value!r} needs a routing predictor trained for this model at "
-                f"{str(path)!r} (python -m batonserve.workers.expert_store.train_predictor)"
+                f"{setting}: {value!r} needs a routing predictor: "
+                + missing_predictor_message(self.model_dir)
             )
         if cfg.expert_cache_policy:
             self._attach_expert_store(dtype_name, predictor)

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from batonserve.workers.expert_store.types import ExpertKey, ExpertWeights
+from batonserve.workers.models.config import ModelConfig
 from batonserve.workers.models.loader import checkpoint_files
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,10 +29,24 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 READERS = ("pread", "safe_open")
 
 
-def expert_tensor_names(key: ExpertKey) -> tuple[str, str, str]:
-    """Mixtral checkpoint names of (w1 gate, w3 up, w2 down) of one expert."""
-    p = f"model.layers.{key.layer}.block_sparse_moe.experts.{key.expert}."
-    return p + "w1.weight", p + "w3.weight", p + "w2.weight"
+# Per architecture: (MoE block prefix in a layer, gate, up, down projection names of an expert).
+EXPERT_NAMES = {
+    "MixtralForCausalLM": ("block_sparse_moe", "w1", "w3", "w2"),
+    "Qwen2MoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def expert_tensor_names(
+    key: ExpertKey, architecture: str = "MixtralForCausalLM"
+) -> tuple[str, str, str]:
+    """Checkpoint names of (gate, up, down) of one expert of `architecture`."""
+    if architecture not in EXPERT_NAMES:
+        raise ValueError(
+            f"architectures: {architecture!r} has no expert layout; supported: {list(EXPERT_NAMES)}"
+        )
+    block, gate, up, down = EXPERT_NAMES[architecture]
+    p = f"model.layers.{key.layer}.{block}.experts.{key.expert}."
+    return p + gate + ".weight", p + up + ".weight", p + down + ".weight"
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,7 @@ class DiskTier:
         if reader not in READERS:
             raise ValueError(f"reader: must be one of {list(READERS)}, got {reader!r}")
         self.files = checkpoint_files(Path(model_dir))
+        self.architecture = ModelConfig.from_dir(Path(model_dir)).architecture
         self.dtype = _DTYPES[dtype]
         self.drop_page_cache = drop_page_cache
         self.reader = reader
@@ -87,11 +103,11 @@ class DiskTier:
 
     def has(self, key: ExpertKey) -> bool:
         """Whether the checkpoint holds this expert."""
-        return all(name in self.files for name in expert_tensor_names(key))
+        return all(name in self.files for name in expert_tensor_names(key, self.architecture))
 
     def read(self, key: ExpertKey) -> ExpertWeights:
         """Load one expert from disk: (w1|w3 stacked [2I, D], w2 [D, I]) in the store's dtype."""
-        names = expert_tensor_names(key)
+        names = expert_tensor_names(key, self.architecture)
         missing = [n for n in names if n not in self.files]
         if missing:
             raise KeyError(f"expert {tuple(key)}: checkpoint has no tensor {missing[0]!r}")

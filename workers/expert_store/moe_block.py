@@ -1,4 +1,4 @@
-"""The Mixtral MoE block with its experts from a provider (all-resident or the tiered store).
+"""The sparse MoE block (Mixtral, Qwen2-MoE) with experts from a provider (resident or the store).
 
 `attach_store(model, ...)` swaps every `SparseMoE` of a loaded model for a `RoutedMoE` whose experts
 come from an ExpertStore, and frees the stacked expert weights, so only resident experts stay in
@@ -121,20 +121,33 @@ class MoEController:
 
 
 class RoutedMoE(nn.Module):
-    """Mixtral sparse MoE whose experts come from the controller's provider."""
+    """A sparse MoE block (Mixtral, Qwen2-MoE) whose experts come from the controller's provider.
+
+    `renormalize`: the top-k weights sum to 1 (Mixtral; Qwen2-MoE's norm_topk_prob). `shared`: an
+    always-on expert module added to the output (Qwen2-MoE), kept resident.
+    """
 
     def __init__(
-        self, layer: int, gate: torch.Tensor, top_k: int, num_experts: int, ctl: MoEController
+        self,
+        layer: int,
+        gate: torch.Tensor,
+        top_k: int,
+        num_experts: int,
+        ctl: MoEController,
+        renormalize: bool = True,
+        shared: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.layer, self.top_k, self.num_experts = layer, top_k, num_experts
         self.gate = nn.Parameter(gate, requires_grad=False)  # [E, D] router
         self.ctl = ctl
+        self.renormalize = renormalize
+        self.shared = shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
         logits = F.linear(x, self.gate)  # [T, E]
-        weights, ids = topk_routing(logits, self.top_k)  # [T, k] each
+        weights, ids = topk_routing(logits, self.top_k, renormalize=self.renormalize)  # [T, k]
         permuted, perm = permute_by_expert(x, ids, self.num_experts)  # [T*k, D]
         self.ctl.after_routing(self.layer, x, ids)
         counts = perm.counts.tolist()
@@ -142,21 +155,35 @@ class RoutedMoE(nn.Module):
         used = [counts[e] for e in active]
         ws = self.ctl.provider.experts(self.layer, active, used)
         out = swiglu_experts(permuted, used, [(w.w_gate_up, w.w_down) for w in ws])
-        return unpermute_combine(out, perm, weights)
+        out = unpermute_combine(out, perm, weights)
+        return out if self.shared is None else out + self.shared(x)
 
 
 def sparse_moe_layers(model: nn.Module) -> list[tuple[Any, SparseMoE]]:
-    """(decoder layer, its SparseMoE) for every MoE layer of a loaded model."""
-    found = [(layer, layer.mlp) for layer in model.layers if isinstance(layer.mlp, SparseMoE)]  # type: ignore[union-attr]
+    """(decoder layer, its SparseMoE) for every MoE layer of a loaded model.
+
+    The store keys experts by decoder layer index, so every layer must be a MoE layer.
+    """
+    layers = list(model.layers)  # type: ignore[arg-type]
+    found = [(layer, layer.mlp) for layer in layers if isinstance(layer.mlp, SparseMoE)]
     if not found:
-        raise ValueError("model: no Mixtral SparseMoE layers to serve from an expert store")
+        raise ValueError("model: no sparse MoE layers to serve from an expert store")
+    if len(found) != len(layers):
+        raise ValueError(
+            f"model: {len(layers) - len(found)} of {len(layers)} layers have a dense MLP "
+            "(mlp_only_layers / decoder_sparse_step); the expert store needs every layer sparse"
+        )
     return found
 
 
 def _install(model: nn.Module, ctl: MoEController) -> None:
     """Swap the SparseMoE blocks for RoutedMoE and hook the forward start."""
     for i, (layer, moe) in enumerate(sparse_moe_layers(model)):
-        layer.mlp = RoutedMoE(i, moe.gate.data, moe.top_k, moe.num_experts, ctl)
+        renormalize = bool(getattr(moe, "renormalize", True))
+        shared = getattr(moe, "shared", None)
+        layer.mlp = RoutedMoE(
+            i, moe.gate.data, moe.top_k, moe.num_experts, ctl, renormalize, shared
+        )
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         ctl.begin_forward(args[0], module.embed)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,12 +55,18 @@ def targets(records: list[RoutingRecord], layer: int, num_experts: int) -> torch
 
 
 def train(
-    records: list[RoutingRecord], num_layers: int, num_experts: int, steps: int
+    records: list[RoutingRecord],
+    num_layers: int,
+    num_experts: int,
+    steps: int,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> RoutingPredictor:
     """Fit one logistic probe per (source, target) with Adam on BCE."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     probes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for s, t in RoutingPredictor.pairs(num_layers):
+    pairs = RoutingPredictor.pairs(num_layers)
+    for n, (s, t) in enumerate(pairs):
         x = normalise(features(records, s))  # [N, D]
         y = targets(records, t, num_experts)  # [N, E]
         w = torch.zeros(num_experts, x.shape[1], requires_grad=True)
@@ -71,6 +78,8 @@ def train(
             loss.backward()
             opt.step()
         probes[(s, t)] = (w.detach().clone(), b.detach().clone())
+        if progress is not None and (n + 1) % max(1, len(pairs) // 10) == 0:
+            progress(f"trained {n + 1}/{len(pairs)} probes")
     pop = torch.stack([targets(records, t, num_experts).sum(0) for t in range(num_layers)])
     return RoutingPredictor(num_layers, num_experts, probes, pop.to(torch.int64))
 

@@ -14,7 +14,9 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
 )
+_QWEN2 = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")  # q/k/v bias, use_sliding_window rules
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -43,6 +45,13 @@ class ModelConfig:
     num_experts_per_tok: int
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    # MoE details beyond Mixtral's (defaults are Mixtral's): each routed expert's width, the
+    # always-on shared expert (Qwen2-MoE; 0 = none), whether the top-k weights are renormalised,
+    # and the layers that keep a dense MLP instead of experts.
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    dense_mlp_layers: tuple[int, ...] = ()
 
     @property
     def is_moe(self) -> bool:
@@ -97,15 +106,39 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+            attention_bias=_attention_bias(raw, arch),
             sliding_window=window,
             layer_sliding=_layer_sliding(raw, arch, layers, window),
             torch_dtype=_dtype(raw),
-            num_local_experts=int(raw.get("num_local_experts", 0) or 0),
+            num_local_experts=int(raw.get("num_local_experts", raw.get("num_experts", 0)) or 0),
             num_experts_per_tok=int(raw.get("num_experts_per_tok", 0) or 0),
             eos_token_ids=_ids(gen.get("eos_token_id")) or _ids(raw.get("eos_token_id")),
             bos_token_id=_opt_int(gen.get("bos_token_id", raw.get("bos_token_id"))),
+            **_moe_details(raw, arch, layers),
         )
+
+
+def _attention_bias(raw: dict[str, Any], arch: str) -> bool:
+    """q/k/v biases: always in Qwen2, `qkv_bias` (default on) in Qwen2-MoE, else `attention_bias`."""
+    if arch == "Qwen2ForCausalLM":
+        return True
+    if arch == "Qwen2MoeForCausalLM":
+        return bool(raw.get("qkv_bias", True))
+    return bool(raw.get("attention_bias", False))
+
+
+def _moe_details(raw: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
+    """Qwen2-MoE's fields (expert width, shared expert, norm_topk_prob, dense layers)."""
+    if arch != "Qwen2MoeForCausalLM":
+        return {}
+    step = int(raw.get("decoder_sparse_step", 1) or 1)
+    only = {int(i) for i in raw.get("mlp_only_layers") or []}
+    return {
+        "moe_intermediate_size": _req_int(raw, "moe_intermediate_size"),
+        "shared_expert_intermediate_size": int(raw.get("shared_expert_intermediate_size", 0) or 0),
+        "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
+        "dense_mlp_layers": tuple(i for i in range(layers) if i in only or (i + 1) % step != 0),
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -171,7 +204,7 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 def _sliding_window(raw: dict[str, Any], arch: str) -> int | None:
     """The sliding window, if the model uses one (Qwen2 only with use_sliding_window)."""
     window = raw.get("sliding_window")
-    if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
+    if arch in _QWEN2 and not raw.get("use_sliding_window", False):
         return None
     return int(window) if window else None
 
@@ -185,7 +218,7 @@ def _layer_sliding(
     types = raw.get("layer_types")
     if isinstance(types, list) and len(types) == layers:
         return tuple(t == "sliding_attention" for t in types)
-    if arch == "Qwen2ForCausalLM":
+    if arch in _QWEN2:
         first = int(raw.get("max_window_layers", 0))
         return tuple(i >= first for i in range(layers))
     return (True,) * layers

@@ -5,12 +5,14 @@ from __future__ import annotations
 from batonserve.workers.models.config import SUPPORTED_ARCHITECTURES
 from batonserve.workers.models.llama import LlamaForCausalLM
 from batonserve.workers.models.mixtral import MixtralForCausalLM
+from batonserve.workers.models.qwen2_moe import Qwen2MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES)
 
