@@ -184,7 +184,9 @@ class Controller:
                 "a pool's last worker is never drained)"
             )
         if p.max_replicas and n > p.max_replicas:
-            raise ValueError(f"replicas of pool {pool!r}: {n} is above max_replicas {p.max_replicas}")
+            raise ValueError(
+                f"replicas of pool {pool!r}: {n} is above max_replicas {p.max_replicas}"
+            )
         if self.desired[pool] != n:
             log.info("pool %s: desired replicas %d -> %d", pool, self.desired[pool], n)
             self.desired[pool] = n
