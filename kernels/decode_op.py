@@ -44,7 +44,11 @@ def decode_attention_kv(
             q, k_cache, v_cache, block_tables, rows, last, sliding_window=win
         )
         return out
-    plan = plan_decode(block_tables, context_lens, block_size, sliding_window=win)
+    # max_context_len from the table's width, not lens.max(): no host sync, so CUDA graphs capture.
+    width = block_tables.shape[1] * block_size
+    plan = plan_decode(
+        block_tables, context_lens, block_size, sliding_window=win, max_context_len=width
+    )
     return decode_attention(q, k_cache, v_cache, plan)[0].clone()
 
 

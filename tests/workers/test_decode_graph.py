@@ -49,3 +49,32 @@ def test_padded_graphs_match_eager_greedy_tokens(model_dir: Path, mode: str) -> 
 def test_unknown_mode_is_an_error(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="compile_decode"):
         Engine.from_model(model_dir, dtype="float32", device="cpu", compile_decode="bogus")
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_decode_op_reference_path_matches_cpu_kernel(window: int) -> None:
+    """The op's device-generic branch (the plan sized by the table width, as CUDA graphs need)
+    gives the C kernel's output, and both write the new K/V at the slots."""
+    from batonserve.kernels import decode_op  # noqa: F401
+    from batonserve.kernels.cpu import paged_attention as cpa
+
+    g = torch.Generator().manual_seed(0)
+    bs, hkv, h, d, lens = 4, 2, 4, 16, [3, 9, 1]
+    tables = torch.tensor([[1, 0, 0, 0], [2, 3, 4, 0], [5, 0, 0, 0]], dtype=torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    pos = ctx.long() - 1
+    slots = tables[torch.arange(3), pos // bs].long() * bs + pos % bs
+    q, k, v = (torch.randn(3, n, d, generator=g) for n in (h, hkv, hkv))
+    outs = []
+    for enabled in (True, False):
+        kc, vc = (torch.randn(6, bs, hkv, d, generator=torch.Generator().manual_seed(1)) for _ in "kv")
+        cpa.set_cpu_kernels_enabled(enabled)
+        try:
+            out = torch.ops.batonserve.decode_attention_kv(
+                q, k, v, kc, vc, slots, tables, ctx, window, bs
+            )
+        finally:
+            cpa.set_cpu_kernels_enabled(True)
+        assert torch.equal(kc.view(-1, hkv, d)[slots], k)
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
