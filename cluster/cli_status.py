@@ -21,6 +21,11 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("status", help="show the pools and workers of a running server")
     add_connection_args(p)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the router")
+    p.add_argument(
+        "--ray-address",
+        help="ask the cluster actor in this Ray cluster instead of a router (shows its routers)",
+    )
+    p.add_argument("--namespace", default="batonserve", help="Ray namespace (with --ray-address)")
     p.set_defaults(func=run)
 
 
@@ -52,6 +57,8 @@ def format_status(model: ModelInfo, info: ServerInfo) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand."""
+    if args.ray_address:
+        return _from_actor(args)
     client = RouterClient(options_from_args(args, timeout_s=args.timeout))
     try:
         print(format_status(client.model_info(), client.server_info()))
@@ -60,3 +67,36 @@ def run(args: argparse.Namespace) -> int:
     finally:
         client.close()
     return 0
+
+
+def _from_actor(args: argparse.Namespace) -> int:
+    """The status straight from the cluster actor, with the routers reading from it."""
+    import logging
+
+    import ray
+
+    from batonserve.cluster.env import keep_ray_on_loopback
+    from batonserve.cluster.remote_cluster import find_actor
+
+    keep_ray_on_loopback()
+    ray.init(
+        address=args.ray_address,
+        namespace=args.namespace,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    try:
+        actor = find_actor(args.namespace)
+        if actor is None:
+            print(f"batonserve: no batonserve cluster runs in Ray namespace {args.namespace!r}")
+            return 1
+        ready, info = ray.get(actor.status.remote(), timeout=args.timeout)
+        model = ray.get(actor.model_info.remote(), timeout=args.timeout)
+        sessions = ray.get(actor.sessions.remote(), timeout=args.timeout)
+        print(format_status(model, info))
+        print(f"ready: {'yes' if ready else 'no'}")
+        routers = ", ".join(f"{r} ({n} running)" for r, n in sorted(sessions.items())) or "none"
+        print(f"routers: {routers}")
+        return 0
+    finally:
+        ray.shutdown()

@@ -27,6 +27,7 @@ from batonserve.cluster.api import (
     TokenDelta,
 )
 from batonserve.cluster.config import ServeConfig
+from batonserve.cluster.config_watch import SCALE_KEYS
 from batonserve.cluster.placement import StartupError
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
 
@@ -69,7 +70,7 @@ def config_diff(running: ServeConfig, wanted: ServeConfig, replicas: bool = Fals
     """Dotted keys whose values differ, ignoring what each router sets for itself.
 
     The router section (ports, TLS, auth) and the Ray address belong to one router process.
-    A pool's replica count is the cluster's own desired state (scaling changes it while it
+    A pool's scale (SCALE_KEYS) is the cluster's own desired state (scaling changes it while it
     runs), so it is compared only with `replicas=True` (to tell the operator, not to refuse).
     """
     out: list[str] = []
@@ -77,7 +78,7 @@ def config_diff(running: ServeConfig, wanted: ServeConfig, replicas: bool = Fals
     def walk(a: Any, b: Any, path: str) -> None:
         if path in ("router", "ray.address"):
             return
-        if path.startswith("pools[") and path.endswith(".replicas") and not replicas:
+        if path.startswith("pools[") and path.rpartition(".")[2] in SCALE_KEYS and not replicas:
             return
         if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and type(a) is type(b):
             for f in dataclasses.fields(a):
@@ -285,6 +286,14 @@ class ClusterActor:
                 h.name: (h.healthy, h.stats) for h in self.cluster.controller.workers.values()
             },
         }
+
+    def set_replicas(self, pool: str, n: int) -> str:
+        """Desired size of `pool` from now on; '' or why it was refused."""
+        try:
+            self.cluster.set_replicas(pool, n)
+        except ValueError as e:
+            return str(e)
+        return ""
 
     def sessions(self) -> dict[str, int]:
         """Routers with a live read lease and how many requests each has running."""

@@ -200,6 +200,21 @@ class RemoteCluster:
         self._metrics_server, bound = serve_merged(metrics.registry, self._families, host, port)
         return bound
 
+    def set_replicas(self, pool: str, n: int) -> None:
+        """Desired size of `pool` (the config watcher's live change); refusals are logged."""
+
+        def done(ref: Any) -> None:
+            try:
+                why = ref.result()
+            except Exception as e:
+                why = _short(e)
+            if why:
+                log.warning("pool %s replicas %d not applied: %s", pool, n, why)
+
+        asyncio.wrap_future(self.actor.set_replicas.remote(pool, n).future()).add_done_callback(
+            done
+        )
+
     async def shutdown(self) -> None:
         """Leave the cluster running: abort this router's requests there and disconnect."""
         for t in self._tasks:

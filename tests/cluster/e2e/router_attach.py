@@ -106,11 +106,16 @@ def wait_baseline(timeout: float = 60) -> None:
 
 
 async def stream(
-    port: int, text: str, got: list[int] | None = None, max_tokens: int = MAX_TOKENS
+    port: int,
+    text: str,
+    got: list[int] | None = None,
+    max_tokens: int = MAX_TOKENS,
+    errors: list[str] | None = None,
 ) -> list[int] | grpc.StatusCode:
     """One greedy stream of `max_tokens`; its tokens, or the status code it ended with.
 
-    `got` (if given) receives the tokens as they come, for a caller watching progress.
+    `got` (if given) receives the tokens as they come, for a caller watching progress; `errors`
+    the message of a status other than OK.
     """
     got = [] if got is None else got
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -122,6 +127,8 @@ async def stream(
             async for msg in stub.Generate(req, timeout=120):
                 got += msg.token_ids
         except grpc.aio.AioRpcError as e:
+            if errors is not None:
+                errors.append(e.details() or "")
             return e.code()
     return got
 

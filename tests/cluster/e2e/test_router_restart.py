@@ -13,9 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import ray
 from router_attach import (
     MAX_TOKENS,
+    NAMESPACE,
     PROMPTS,
+    cluster_actor,
     config,
     expected_tokens,
     owned_ray,
@@ -26,7 +29,6 @@ from router_attach import (
     wait_baseline,
     worker_ids,
 )
-from serve_process import cli
 
 pytestmark = pytest.mark.cluster
 
@@ -95,5 +97,44 @@ def test_router_sigkill_under_streams_then_reattach(
     finally:
         assert second.stop() == 0, "\n".join(second.lines)
     assert worker_ids() == before  # SIGTERM of an attached router leaves the cluster running
-    out = cli("stop", "--ray-address", ray_address, "--namespace", "attach-test", timeout=180)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert any("left the cluster running" in ln for ln in second.lines)
+
+    # The cluster actor itself dies under streams: they end UNAVAILABLE, saying so; none hangs.
+    third = start_router(cfg, ray_address)
+    try:
+        port = router_port(third, timeout=120)
+        errors: list[str] = []
+
+        async def kill_cluster() -> list[list[int] | grpc.StatusCode]:
+            seen: list[list[int]] = [[] for _ in PROMPTS]
+            tasks = [
+                asyncio.ensure_future(stream(port, t, s, errors=errors))
+                for t, s in zip(PROMPTS, seen, strict=True)
+            ]
+            deadline = time.monotonic() + 120
+            while not all(seen) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            ray.kill(cluster_actor(), no_restart=True)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+        outs = run(kill_cluster())
+        assert grpc.StatusCode.UNAVAILABLE in outs, outs
+        for o, want in zip(outs, expected, strict=True):
+            assert o in (grpc.StatusCode.UNAVAILABLE, want), outs
+        assert all("batonserve cluster" in e and "is gone" in e for e in errors), errors
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _any_alive(before):
+            time.sleep(0.2)
+        assert not _any_alive(before), "workers outlived the cluster actor that owns them"
+    finally:
+        assert third.stop() == 0, "\n".join(third.lines)
+
+
+def _any_alive(workers: dict[str, tuple[str, int]]) -> bool:
+    for name in workers:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+            return True
+        except ValueError:
+            pass
+    return False

@@ -76,6 +76,9 @@ def test_two_routers_then_stop(tmp_path: Path, ray_address: str) -> None:
         assert text.count("# TYPE batonserve_requests_total counter") == 1
         status = cli("status", "--target", f"127.0.0.1:{ports[1]}")
         assert status.returncode == 0 and "decode-0" in status.stdout, status.stderr
+        direct = cli("status", "--ray-address", ray_address, "--namespace", NAMESPACE)
+        assert direct.returncode == 0 and "prefill-0" in direct.stdout, direct.stderr
+        assert direct.stdout.count("(0 running)") == 2, direct.stdout  # both routers' sessions
 
         other = tmp_path / "other"
         other.mkdir()
