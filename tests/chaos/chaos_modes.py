@@ -158,7 +158,7 @@ async def one_run(
     expected = [list(o.token_ids) for o in mode.reference.generate(prompts, params)]
     kind = rng.choice(kinds)
     # Tokens streamed before the fault; a ring_job fault counts ring jobs sent instead.
-    at = rng.randint(0, 2) if kind == "ring_job" else rng.randint(0, streams * mode.max_tokens // 3)
+    at = rng.randint(0, 1) if kind == "ring_job" else rng.randint(0, streams * mode.max_tokens // 3)
     received = jobs = 0
     fired: list[str] = []
 

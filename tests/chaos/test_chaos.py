@@ -1,5 +1,12 @@
-"""A few fixed seeds of the chaos harness (tests/chaos/chaos.py) in CI: seeded worker kills under
-concurrent streams, every stream's tokens checked, pools back to baseline, no handoff open."""
+"""A few fixed seeds of the chaos harnesses in CI: seeded worker kills under concurrent greedy and
+seeded sampled streams, every stream's tokens checked, pools back to baseline, no handoff open.
+
+- tests/chaos/chaos.py (scripted workers): seed 1 over gloo and seed 2 over the object store
+  (every kind of fault), seed 3 with only the exact-moment kinds (an import commit, a role flip,
+  a worker lent to the mixed pool);
+- tests/chaos/chaos_modes.py (real models, float32): a ring member killed (at a random moment
+  or during a ring prefill), an expert-parallel follower killed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import asyncio
 
 import pytest
 from chaos import chaos
+from chaos_modes import chaos_mode
 
 from batonserve.workers.kv_transfer.config import TransportName
 
@@ -19,3 +27,19 @@ def test_chaos_seed(ray_cluster: str, seed: int, transport: TransportName) -> No
     print(report.line())
     assert not report.failures, report.failures
     assert report.runs == 2 and sum(report.faults.values()) >= 2
+
+
+def test_chaos_exact_moments(ray_cluster: str) -> None:
+    kinds = ("import_commit", "role_flip", "mixed")
+    report = asyncio.run(chaos(3, 3, ray_cluster, "chaos-3", kinds=kinds))
+    print(report.line())
+    assert not report.failures, report.failures
+    assert report.runs == 3 and sum(report.faults.values()) >= 1  # some moments may not come
+
+
+@pytest.mark.parametrize("mode", ["ring", "ep"])
+def test_chaos_mode(ray_cluster: str, mode: str) -> None:
+    report = asyncio.run(chaos_mode(mode, 1, 2, ray_cluster))
+    print(report.line())
+    assert not report.failures, report.failures
+    assert report.runs == 2 and sum(report.faults.values()) >= 1

@@ -151,3 +151,16 @@ def test_compatibility_check_names_the_field() -> None:
         SPEC.check_compatible(KVSpec("m", "float32", 3, 8, 4, 4))
     with pytest.raises(KVTransferError, match="dtype"):
         SPEC.check_compatible(KVSpec("m", "bfloat16", 3, 2, 4, 4))
+
+
+def test_connect_after_the_peer_was_closed_is_a_transfer_error() -> None:
+    # The cluster closes every channel with a worker that died; a launch already between its
+    # listen and its connect then gets a clear KVTransferError (it was a bare KeyError).
+    t = _transport("prefill-0", [], queue.Queue())
+    try:
+        addr = t.listen("decode-0")
+        t.close_peer("decode-0")
+        with pytest.raises(KVTransferError, match="no rendezvous open with decode-0"):
+            t.connect("decode-0", addr, sender=True)
+    finally:
+        t.close()

@@ -149,7 +149,9 @@ class TorchDistTransport(KVTransport):
         timeout = datetime.timedelta(seconds=self.cfg.connect_timeout_s)
         if sender:
             with self._lock:
-                store = self._stores.pop(peer)
+                store = self._stores.pop(peer, None)
+            if store is None:  # close_peer ran between listen and connect: the peer is gone
+                raise KVTransferError(f"{self.local}: no rendezvous open with {peer} (closed)")
         else:
             store = dist.TCPStore(addr.host, addr.port, 2, False, timeout=timeout)
         prefix = dist.PrefixStore(f"kv/{addr.generation}/", store)
