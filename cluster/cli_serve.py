@@ -109,4 +109,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(serve(config, real_cluster(), environ()))
+    start = real_cluster()
+    if args.config:  # a mounted ConfigMap: a replicas-only helm upgrade applies live
+        from batonserve.cluster.config_watch import watching
+
+        start = watching(start, lambda: build_config(args))
+    return asyncio.run(serve(config, start, environ()))

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from batonserve.cluster.config import ServeConfig
 
 log = logging.getLogger("batonserve.config_watch")
+
+C = TypeVar("C")
 
 WATCH_S = 5.0
 SCALE_KEYS = ("replicas", "min_replicas", "max_replicas")  # what KubeRay scales without restarts
@@ -111,3 +113,24 @@ class ConfigWatcher:
             pools[i] = dataclasses.replace(p, replicas=n)
         self.running = dataclasses.replace(self.running, pools=tuple(pools))
         self._reported = new
+
+
+def watching(
+    start: Callable[[ServeConfig, Callable[[str], None]], Awaitable[C]],
+    load: Callable[[], ServeConfig],
+    period: float = WATCH_S,
+) -> Callable[[ServeConfig, Callable[[str], None]], Awaitable[C]]:
+    """`start` (a cluster factory), plus a ConfigWatcher on the cluster it returns.
+
+    The cluster must have `set_replicas(pool, n)`; the watcher runs on the caller's event loop
+    until that loop ends (asyncio.run cancels it).
+    """
+    tasks: list[asyncio.Task[None]] = []  # a reference, so the task is not collected
+
+    async def started(config: ServeConfig, progress: Callable[[str], None]) -> C:
+        cluster = await start(config, progress)
+        watcher = ConfigWatcher(load, config, cluster.set_replicas, period)  # type: ignore[attr-defined]
+        tasks.append(asyncio.get_running_loop().create_task(watcher.run()))
+        return cluster
+
+    return started

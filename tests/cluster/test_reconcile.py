@@ -192,3 +192,36 @@ def test_watcher_applies_replicas_and_refuses_the_rest(
     check()
     assert any("re-read failed" in r.getMessage() for r in caplog.records)
     assert w.running.pools[1].replicas == 4
+
+
+def test_serve_watches_its_config_file(tmp_path: Path) -> None:
+    """`batonserve serve --config FILE` wraps its cluster factory with the watcher."""
+    from batonserve.cluster.config_watch import watching
+
+    path = tmp_path / "config.yaml"
+    cfg = ServeConfig(pools=POOLS)
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+
+    class Cluster:
+        def __init__(self) -> None:
+            self.asked: list[tuple[str, int]] = []
+
+        def set_replicas(self, pool: str, n: int) -> None:
+            self.asked.append((pool, n))
+
+    async def factory(config: ServeConfig, progress: Any) -> Cluster:
+        return Cluster()
+
+    async def run() -> list[tuple[str, int]]:
+        start = watching(factory, lambda: load_config(path), period=0.01)
+        cluster = await start(cfg, print)
+        data = yaml.safe_load(path.read_text())
+        data["pools"][0]["replicas"] = 3
+        path.write_text(yaml.safe_dump(data))
+        for _ in range(500):
+            if cluster.asked:
+                break
+            await asyncio.sleep(0.01)
+        return cluster.asked
+
+    assert asyncio.run(run()) == [("prefill", 3)]
