@@ -53,14 +53,22 @@ class Reconciler:
         self.controller = cluster.controller
         self.drain_timeout_s = drain_timeout_s
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = getattr(cluster, "_loop", None)
         self.starting: dict[str, asyncio.Task[None]] = {}
         self.drains: dict[str, asyncio.Task[None]] = {}
         self._failed_at: dict[str, float] = {}
         self.controller.changed = self.poke
 
     def poke(self) -> None:
-        """Reconcile now (safe from the cluster's loop; from another thread use call_soon_threadsafe)."""
-        self._wake.set()
+        """Reconcile now; safe from any thread (set_replicas may come from an actor's thread)."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if self._loop is None or here is self._loop:
+            self._wake.set()
+        else:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self) -> None:
         """Reconcile every RECONCILE_S and whenever poked, until the cluster closes."""
