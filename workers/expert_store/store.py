@@ -112,6 +112,37 @@ class ExpertStore:
         self.stats.stall_seconds += time.perf_counter() - t0
         return out
 
+    def warm(self, order: Sequence[ExpertKey]) -> tuple[int, int]:
+        """Read experts in `order` straight from the checkpoint into the tiers, one at a time: the
+        compute tier up to its budget, then the RAM tier up to its; the rest stays on disk.
+
+        Start-up only (before any forward); returns (experts in the compute tier, in RAM). The
+        counters start from zero afterwards: warming is not traffic.
+        """
+        fast = ram = 0
+        size = self.expert_bytes
+        for key in order:
+            fast_room = self.fast.used_bytes + size <= self.fast.budget
+            ram_room = self.ram is not None and self.ram.used_bytes + size <= self.ram.budget
+            if not fast_room and not ram_room:
+                break
+            host = self.disk.read(key)
+            if self._uploader is not None:
+                host = self._uploader.pin(host)
+            if fast_room:
+                weights = self._uploader.upload(host, True) if self._uploader is not None else host
+                self.fast.insert(key, weights, 0, (), prefetch=False)
+                fast += 1
+            else:
+                assert self.ram is not None
+                self.ram.insert(key, host, 0, (), prefetch=False)
+                ram += 1
+        for tier in self.stats.tiers.values():
+            tier.hits = tier.misses = tier.bytes_in = tier.evictions = 0
+        self.disk.bytes_read = self.disk.reads = 0
+        self._note_resident()
+        return fast, ram
+
     # -- internals ---------------------------------------------------------------------------
     def _demand(self, key: ExpertKey) -> ExpertWeights:
         """One demand access: hit, wait for an in-flight prefetch, or load now."""

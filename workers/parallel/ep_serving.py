@@ -166,7 +166,13 @@ def build_ep_runner(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     n = config.expert_parallel_size
-    check_expert_parallel(config, ModelConfig.from_dir(model_dir), model_dir.name)
+    mc = ModelConfig.from_dir(model_dir)
+    check_expert_parallel(config, mc, model_dir.name)
+    if mc.architecture != "MixtralForCausalLM":  # SlicedEPMoE has no shared expert, always renorms
+        raise ValueError(
+            f"expert_parallel_size: {n} shards Mixtral experts only; {mc.architecture} "
+            "(shared expert, norm_topk_prob) is served with expert_cache_policy or resident experts"
+        )
     if not ray.is_initialized():
         raise ValueError(
             f"expert_parallel_size: {n} needs a Ray worker actor (run it with `batonserve serve`)"
