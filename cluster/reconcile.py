@@ -143,6 +143,16 @@ class Reconciler:
                 task.cancel()
             c.cancel_pending(h.name)
             extra -= 1
+        # Then workers being replaced (their node is gone, e.g. KubeRay removed the pod while the
+        # size was lowered): draining one removes it at once, a healthy one keeps serving.
+        replacing = [
+            h
+            for h in c.workers.values()
+            if h.spec.pool == pool and not h.healthy and not h.draining
+        ]
+        for h in sorted(replacing, key=lambda h: h.name, reverse=True)[: max(extra, 0)]:
+            self.drain(h)
+            extra -= 1
         if extra <= 0:
             return
         ring = c.ring.members if c.ring is not None else ()

@@ -39,7 +39,9 @@ class WorkerEvents:
         self.spawn(self.reconciler.run())
 
     async def _poll_loop(self: Cluster, name: str, incarnation: int) -> None:
-        h = self.controller.workers[name]
+        h = self.controller.workers.get(name)
+        if h is None:
+            return  # removed (drained) before its poller started
         while not self._closing and h.incarnation == incarnation:
             try:
                 owned = tuple(ho.handoff_id for ho in self.ledger.involving(name))
@@ -192,6 +194,9 @@ class WorkerEvents:
     async def _replace(self: Cluster, name: str) -> None:
         delay = 0.5
         while not self._closing:
+            old = self.controller.workers.get(name)
+            if old is None or old.draining:
+                return  # a scale-down took it meanwhile (see cluster/reconcile.py)
             try:
                 h = await self.controller.replace(name)
             except asyncio.CancelledError:
@@ -201,6 +206,8 @@ class WorkerEvents:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
+            if h.draining or self.controller.workers.get(name) is not h:
+                return
             self.observer.worker_restarted(h.spec.pool, name)
             self.spawn(self._poll_loop(name, h.incarnation))
             return

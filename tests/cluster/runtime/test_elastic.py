@@ -330,6 +330,30 @@ def test_c_node_removed_under_load_then_capacity_returns(
     _settle(cluster, loop_thread)
 
 
+def test_c_node_removed_and_size_lowered_keeps_the_healthy_worker(
+    nodes: Nodes, loop_thread: LoopThread, started: list[Cluster]
+) -> None:
+    # A replicas-only helm upgrade that lowers a group: KubeRay (no autoscaler) deletes a pod of
+    # its choosing at once, and the controller learns the lower size from the config after.
+    nodes.add_decode()
+    cluster, _, _ = _start(loop_thread, started, _config(decode_replicas=2))
+    ctl = cluster.controller
+    keep, victim = ctl.workers["decode-0"], ctl.workers["decode-1"]
+    incarnation = keep.incarnation
+
+    def pod_deleted_then_config() -> None:
+        node = next(n for n in nodes.decode if n.node_id == _node_of(victim.actor))
+        nodes.remove_decode(node)
+        wait(loop_thread, lambda: not victim.healthy, "decode-1 to be seen dead")
+        cluster.set_replicas("decode", 1)
+
+    outs, prompts = under_load(loop_thread, cluster, "ce", pod_deleted_then_config, start=500)
+    assert outs == scripted_reference(SCRIPTED, prompts, PARAMS)
+    _settle(cluster, loop_thread)
+    assert _decode_names(cluster) == ["decode-0"]  # the replacement was given up, not drained
+    assert keep.healthy and keep.incarnation == incarnation and not keep.draining
+
+
 def test_d_config_reread_changes_replicas(
     nodes: Nodes, loop_thread: LoopThread, started: list[Cluster], tmp_path: Path
 ) -> None:
