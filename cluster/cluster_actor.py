@@ -64,6 +64,7 @@ class _Session:
     pumps: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     outbox: dict[str, list[TokenDelta | StreamError]] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    polling: int = 0  # polls waiting now: a router inside a poll is reading
 
 
 def config_diff(running: ServeConfig, wanted: ServeConfig, replicas: bool = False) -> list[str]:
@@ -106,7 +107,8 @@ def _error_of(e: BaseException) -> StreamError:
 class ClusterActor:
     """The Ray actor hosting one `Cluster` (create it with `lifetime="detached"`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, read_lease_s: float = READ_LEASE_S) -> None:
+        self.read_lease_s = read_lease_s
         self.config: ServeConfig | None = None
         self.cluster: Any = None
         self.metrics: Any = None
@@ -154,7 +156,12 @@ class ClusterActor:
         info = self.cluster.model_info()
         self.metrics = Metrics(info.name, max_model_len=info.context_length)
         self.cluster.attach_metrics(self.metrics)
-        self._lease_task = asyncio.ensure_future(self._expire_sessions())
+        self.watch_leases()
+
+    def watch_leases(self) -> None:
+        """Start aborting the requests of routers that stop reading (once the cluster is up)."""
+        if self._lease_task is None:
+            self._lease_task = asyncio.ensure_future(self._expire_sessions())
 
     def progress(self, since: int) -> list[str]:
         """Start-up progress lines from index `since` on."""
@@ -221,8 +228,12 @@ class ClusterActor:
         s.last_read = time.monotonic()
         if not any(s.outbox.values()):
             s.ready.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(s.ready.wait(), timeout_s)
+            s.polling += 1
+            try:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(s.ready.wait(), timeout_s)
+            finally:
+                s.polling -= 1
         s.last_read = time.monotonic()
         items = {rid: got for rid, got in s.outbox.items() if got}
         for rid, got in items.items():
@@ -259,20 +270,21 @@ class ClusterActor:
 
     async def _expire_sessions(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_CHECK_S)
+            await asyncio.sleep(min(LEASE_CHECK_S, self.read_lease_s / 2))
             now = time.monotonic()
             for router, s in list(self._sessions.items()):
                 idle = now - s.last_read
-                if idle > READ_LEASE_S and s.pumps:
+                if idle > self.read_lease_s and s.pumps and not s.polling:
                     n = len(s.pumps)
                     log.warning("router %s stopped reading: aborting its %d request(s)", router, n)
                     # A router that was only stalled finds its streams ended, never hanging.
                     why = StreamError(
                         "unavailable",
-                        f"the router stopped reading for over {READ_LEASE_S:g}s; request aborted",
+                        f"the router stopped reading for over {self.read_lease_s:g}s; "
+                        "request aborted",
                     )
                     await self._drop(s, why)
-                elif idle > 20 * READ_LEASE_S and not s.pumps:
+                elif idle > 20 * self.read_lease_s and not s.pumps:
                     self._sessions.pop(router, None)  # gone for good: forget it
 
     def snapshot(self) -> dict[str, Any]:
