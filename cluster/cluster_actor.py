@@ -305,6 +305,12 @@ class ClusterActor:
             self.cluster.set_replicas(pool, n)
         except ValueError as e:
             return str(e)
+        if self.config is not None:  # what attaching routers are told the cluster runs
+            pools = [
+                dataclasses.replace(p, replicas=n) if p.name == pool else p
+                for p in self.config.pools
+            ]
+            self.config = dataclasses.replace(self.config, pools=tuple(pools))
         return ""
 
     def sessions(self) -> dict[str, int]:
