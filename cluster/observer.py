@@ -24,6 +24,10 @@ class ClusterObserver(Protocol):
         """A dead worker was replaced."""
         ...
 
+    def worker_removed(self, worker: str) -> None:
+        """A worker left for good (drained by a scale-down)."""
+        ...
+
     def kv_handoff(self, rec: HandoffRecord) -> None:
         """A handoff ended."""
         ...
@@ -56,6 +60,9 @@ class NullObserver:
         """Ignored."""
 
     def worker_restarted(self, pool: str, worker: str) -> None:
+        """Ignored."""
+
+    def worker_removed(self, worker: str) -> None:
         """Ignored."""
 
     def kv_handoff(self, rec: HandoffRecord) -> None:

@@ -228,3 +228,4 @@ class Reconciler:
         h.healthy = False
         cl.forget_worker(name)
         await self.controller.remove(name)
+        cl.observer.worker_removed(name)  # its gauges stop being exported
