@@ -26,6 +26,9 @@ class EngineConfig:
     # "" off (eager), "inductor" (torch.compile; minutes of warm-up on a small CPU), "cudagraph"
     # (CUDA only), "eager" (the padded path uncaptured: tests). Prefill always runs eager.
     compile_decode: str = ""
+    # Batch sizes captured (ascending); () = 1, 2, 4, ... up to max_num_seqs. Fewer buckets, less
+    # warm-up; a batch pads to the next bucket, or runs eager above the largest.
+    compile_decode_buckets: tuple[int, ...] = ()
     num_kv_blocks: int = 0  # 0 sizes the cache from kv_cache_bytes
     kv_cache_bytes: int = 256 * 1024 * 1024
     max_num_batched_tokens: int = 2048  # Splitwise's prefill batch cap

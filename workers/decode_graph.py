@@ -54,13 +54,16 @@ class DecodeGraphs:
         max_num_seqs: int,
         table_width: int,
         mode: str,
+        buckets: tuple[int, ...] = (),
     ) -> None:
         if mode not in MODES[1:]:
             raise ValueError(f"compile_decode: unknown mode {mode!r}; use one of {list(MODES)}")
         if mode == "cudagraph" and kv_cache.device.type != "cuda":
             raise ValueError("compile_decode: 'cudagraph' needs a CUDA device; use 'inductor'")
         self.model, self.kv_cache, self.block_size, self.mode = model, kv_cache, block_size, mode
-        self.buckets = bucket_sizes(max_num_seqs)
+        if buckets and (list(buckets) != sorted(set(buckets)) or buckets[0] < 1):
+            raise ValueError(f"compile_decode_buckets: need ascending sizes >= 1, got {buckets!r}")
+        self.buckets = list(buckets) or bucket_sizes(max_num_seqs)
         self.table_width = table_width
         self.scratch_slot = scratch_block * block_size
         dev, n = kv_cache.device, self.buckets[-1]

@@ -127,7 +127,7 @@ class ForwardContext:
     attn: AttentionMetadata
     kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v) [blocks, bs, Hkv, d]
     layer_hook: Callable[[int], None] | None = None
-    rope_cos: torch.Tensor | None = None  # [num_tokens, head_dim] at batch.positions
+    rope_cos: torch.Tensor | None = None  # [num_tokens, head_dim] at batch.positions, model dtype
     rope_sin: torch.Tensor | None = None
     # Set: a sequence-parallel prefill; attention runs over the group, not the paged cache.
     sp: SPAttend | None = None

@@ -121,6 +121,7 @@ class ModelRunner:
                 max_num_seqs=config.max_num_seqs,
                 table_width=-(-int(max_len) // self.block_size),
                 mode=config.compile_decode,
+                buckets=tuple(config.compile_decode_buckets),
             )
             self.decode_graphs.warm_up()
 

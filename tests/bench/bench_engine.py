@@ -225,6 +225,21 @@ def bench_config(
         num_threads=threads,
     )
     runs: dict[str, Run] = {"hf": hf_runner(hf), "batonserve": ours_runner(engine)}
+    graphs: Engine | None = None
+    if args.compile_decode:  # a second engine whose decode steps run through captured graphs
+        print(f"  capturing decode graphs ({args.compile_decode}) for {args.batch_list}...")
+        graphs = Engine.from_model(
+            path,
+            dtype=dtype,
+            device="cpu",
+            max_num_seqs=max(args.batch_list),
+            kv_cache_bytes=2 * 2**30,
+            num_threads=threads,
+            compile_decode=args.compile_decode,
+            compile_decode_buckets=tuple(sorted(args.batch_list)),
+        )
+        runs["graphs"] = ours_runner(graphs)
+        args.engines = [*args.engines, "graphs"] if "graphs" not in args.engines else args.engines
     vllm: VLLMCPU | None = None
     if "vllm" in args.engines:
         if VLLM_PYTHON.is_file():
@@ -272,6 +287,12 @@ def bench_config(
         f"{', '.join(f'{r:.2f}' for r in ratios)}x roofline"
     )
     engine.core.runner.close()  # type: ignore[attr-defined]
+    if graphs is not None:
+        gsteps = [statistics.median(decode_step_times(graphs, prompt, 16)) for _ in range(3)]
+        roof += (
+            f"; with decode graphs: step {statistics.median(gsteps) * 1e3:.2f} ms, "
+            f"{statistics.median(gsteps) / (bytes_read / statistics.median(bws)):.2f}x roofline"
+        )
     return rows, roof
 
 
@@ -279,11 +300,15 @@ def _line(r: Row) -> str:
     ours = statistics.median(r.tok_s.get("batonserve", [0.0]))
     hf = statistics.median(r.tok_s.get("hf", [0.0])) or float("nan")
     vl = statistics.median(r.tok_s["vllm"]) if "vllm" in r.tok_s else float("nan")
-    return (
+    line = (
         f"| {r.dtype}, {r.threads} | {r.batch} | {_fmt(r.tok_s.get('hf', []))} "
         f"| {_fmt(r.tok_s.get('vllm', []))} | {_fmt(r.tok_s.get('batonserve', []))} "
         f"| {ours / hf:.2f} | {ours / vl:.2f} | {r.same_as_hf or '-'} | {r.same_as_vllm or '-'} |"
     )
+    if "graphs" in r.tok_s:  # extra columns: batonserve with decode graphs
+        g = statistics.median(r.tok_s["graphs"])
+        line += f" {_fmt(r.tok_s['graphs'])} | {g / vl:.2f} |"
+    return line
 
 
 HEADER = (
@@ -304,7 +329,7 @@ def plot(rows: list[Row], out: Path) -> None:
     fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.6), squeeze=False)
     for ax, (dtype, threads) in zip(axes[0], configs, strict=True):
         sel = [r for r in rows if (r.dtype, r.threads) == (dtype, threads)]
-        for name in ("hf", "vllm", "batonserve"):
+        for name in ("hf", "vllm", "batonserve", "graphs"):
             pts = [(r.batch, statistics.median(r.tok_s[name])) for r in sel if name in r.tok_s]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
@@ -331,6 +356,11 @@ def main() -> None:
     ap.add_argument("--engines", default="hf,vllm,batonserve")
     ap.add_argument("--plot", type=Path, default=None, help="write tok/s vs batch here (png)")
     ap.add_argument("--json", type=Path, default=None, help="write the raw numbers here")
+    ap.add_argument(
+        "--compile-decode",
+        default="",
+        help="also run batonserve with decode graphs in this mode (inductor), buckets = batches",
+    )
     ap.add_argument(
         "--model-dir",
         type=Path,

@@ -137,7 +137,7 @@ class LlamaForCausalLM(nn.Module):
         """A decode-only step with every input explicit, for capture (workers/decode_graph.py):
         input_ids/positions/slots [B]; tables [B, W] int32; context_lens [B] int32;
         kv_cache [layers, 2, blocks, bs, Hkv, d]. Returns logits [B, vocab] float32."""
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = (t.to(self.embed.dtype) for t in rope_cos_sin(positions, self.inv_freq))
         h = F.embedding(input_ids, self.embed)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
@@ -153,7 +153,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids/positions [T] -> logits [len(logits_indices), vocab] float32."""
         ctx = get_forward_context()
-        ctx.rope_cos, ctx.rope_sin = rope_cos_sin(positions, self.inv_freq)  # shared by all layers
+        # Shared by all layers, cast once to the model dtype (apply_rope's cast, done per step).
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        ctx.rope_cos, ctx.rope_sin = cos.to(self.embed.dtype), sin.to(self.embed.dtype)
         h = F.embedding(input_ids, self.embed)  # [T, D]
         residual: torch.Tensor | None = None
         for layer in self.layers:
