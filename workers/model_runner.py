@@ -82,8 +82,16 @@ class ModelRunner:
             raise ValueError(f"block_size: must be >= 1, got {config.block_size}")
         self.block_size = config.block_size
         with torch.inference_mode():
-            self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device)
-            load_weights(self.model_dir, self.model.weight_specs())
+            if config.expert_cache_policy and mc.is_moe:  # experts stream into the tiers, not the model
+                from batonserve.workers.expert_store.loader import load_without_experts
+
+                model_cls = get_model_class(mc.architecture)
+                self.model = load_without_experts(
+                    model_cls, mc, self.dtype, self.device, self.model_dir
+                )
+            else:
+                self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device)
+                load_weights(self.model_dir, self.model.weight_specs())
             self.model.prepack()
         self.model.eval()
         self.expert_store: ExpertStore | None = None
@@ -167,6 +175,7 @@ class ModelRunner:
             StoreConfig,
             attach_store,
         )
+        from batonserve.workers.expert_store.loader import ram_budget_bytes, warm_order
         from batonserve.workers.expert_store.moe_block import sparse_moe_layers
 
         cfg = self.config
@@ -184,11 +193,14 @@ class ModelRunner:
             fast_budget_bytes=int(cfg.expert_cache_fraction * total),
             policy=cfg.expert_cache_policy,
             prefetch=cfg.expert_prefetch and predictor is not None,
+            ram_budget_bytes=ram_budget_bytes(cfg.expert_cache_ram_fraction, total, self.device),
             device=str(self.device),
             dtype=dtype_name,
         )
         self.expert_store = ExpertStore(self.model_dir, store_cfg, ctx)
         self.moe_controller = attach_store(self.model, self.expert_store, predictor)
+        mc = self.model_config
+        self.expert_store.warm(warm_order(mc.num_layers, mc.num_local_experts, ctx.popularity))
 
     def close(self) -> None:
         """Stop the expert store's prefetch thread and close its files (when one is attached)."""
