@@ -169,6 +169,29 @@ def designs(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def check(args: argparse.Namespace) -> None:
+    """Whether each design (FAMILY:N or FAMILY:P+D) meets the SLOs at one rate, and its slowdowns."""
+    from batonserve.cluster.sim.planner import evaluate
+
+    if args.sample:
+        trace = sample_lengths(load_azure_trace("code"), args.requests, seed=1)
+    else:
+        trace = load_azure_trace("code", limit=args.requests)
+    setup = plan_setup(args.setting, trace, model=args.model)
+    for text in args.designs:
+        fam, _, counts = text.partition(":")
+        design = make_design(fam, *(int(x) for x in counts.split("+")))
+        t0 = time.time()
+        s, _ = evaluate(setup, design, args.rate)
+        print(
+            f"{design.label} at {args.rate} req/s ({args.requests} requests"
+            f"{', sampled' if args.sample else ''}): {'meets' if s.slo_met else 'misses'} the SLOs; "
+            f"TTFT p99 {s.ttft_slowdown.p99:.2f}x, TBT p90 {s.tbt_slowdown.p90:.2f}x, "
+            f"E2E p90 {s.e2e_slowdown.p90:.2f}x ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
+
+
 def main() -> None:
     """Run an experiment or write the report."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -192,6 +215,14 @@ def main() -> None:
     d.add_argument("--sample", action="store_true", help="lengths drawn i.i.d. (SplitwiseSim)")
     d.add_argument("--rel-tol", type=float, default=0.02, help="rate bisection tolerance")
     d.set_defaults(func=designs)
+    c = sub.add_parser("check")
+    c.add_argument("designs", nargs="+", help="FAMILY:N or FAMILY:P+D")
+    c.add_argument("--rate", type=float, default=70.0)
+    c.add_argument("--setting", choices=["paper", "ours"], default="paper")
+    c.add_argument("--model", choices=["llama2-70b", "bloom-176b"], default="llama2-70b")
+    c.add_argument("--requests", type=int, default=3000)
+    c.add_argument("--sample", action="store_true", help="lengths drawn i.i.d. (SplitwiseSim)")
+    c.set_defaults(func=check)
     rep = sub.add_parser("report")
     rep.set_defaults(func=report)
     args = p.parse_args()
