@@ -82,7 +82,9 @@ class ModelRunner:
             raise ValueError(f"block_size: must be >= 1, got {config.block_size}")
         self.block_size = config.block_size
         with torch.inference_mode():
-            if config.expert_cache_policy and mc.is_moe:  # experts stream into the tiers, not the model
+            # Experts stream into the store's tiers, or each expert-parallel rank reads only its
+            # own (parallel/ep_serving.py): they never enter the model whole.
+            if (config.expert_cache_policy or config.expert_parallel_size > 1) and mc.is_moe:
                 from batonserve.workers.expert_store.loader import load_without_experts
 
                 model_cls = get_model_class(mc.architecture)

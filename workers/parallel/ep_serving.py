@@ -3,7 +3,8 @@
 The leader (the worker actor's engine) starts N-1 follower actors on its own node, owned by it
 (Ray kills them when it dies), hosts the group's TCPStore and joins them in one torch.distributed
 group (gloo on CPU, NCCL on CUDA). Every rank holds the full model minus the experts it does not
-own, and a full-size KV cache. `EPRunner` wraps the leader's ModelRunner: each forward is sent to
+own (it never reads them: the runner loads no expert, `_load_owned_experts` reads the rank's
+slice), and a full-size KV cache. `EPRunner` wraps the leader's ModelRunner: each forward is sent to
 every follower first (not awaited), run locally, then the followers' calls are awaited with a
 bound, so a dead or silent follower becomes an exception that ends the worker (the controller
 replaces it, with fresh followers). KV written by a handoff import is written on every rank.
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from batonserve.workers.config import EngineConfig
+from batonserve.workers.expert_store.disk import DiskTier
+from batonserve.workers.expert_store.types import ExpertKey
 from batonserve.workers.forward_batch import ForwardBatch
 from batonserve.workers.model_runner import ModelRunner, resolve_device
 from batonserve.workers.models.config import ModelConfig
@@ -52,11 +55,33 @@ def _join_group(host: str, port: int, rank: int, world: int, backend: str) -> An
 
 
 def _build_rank(model_dir: Path, config: EngineConfig) -> tuple[ModelRunner, list[SlicedEPMoE]]:
-    """This rank's runner: the full model loaded, then every MoE layer cut to this rank's shard."""
+    """This rank's runner: non-expert weights loaded (experts left out), every MoE layer cut to
+    this rank's shard, then only this rank's experts read from the checkpoint."""
     runner = ModelRunner(model_dir, config)
     with torch.inference_mode():
         blocks = shard_experts(runner.model)
+        _load_owned_experts(runner, blocks)
     return runner, blocks
+
+
+def _load_owned_experts(runner: ModelRunner, blocks: list[SlicedEPMoE]) -> None:
+    """Fill each shard's expert slice [E/W, ...] expert by expert from the safetensors files."""
+    dtype_name = str(runner.dtype).removeprefix("torch.")
+    disk = DiskTier(runner.model_dir, dtype_name)
+    try:
+        for layer, block in enumerate(blocks):  # Mixtral: every decoder layer is a MoE layer
+            ep = block.ep
+            mine = ep.shape.experts_of(ep.shape.rank)
+            gu = torch.empty(ep.w_gate_up.shape, dtype=runner.dtype, device=runner.device)
+            down = torch.empty(ep.w_down.shape, dtype=runner.dtype, device=runner.device)
+            for i, e in enumerate(mine):
+                w = disk.read(ExpertKey(layer, e))
+                gu[i].copy_(w.w_gate_up)
+                down[i].copy_(w.w_down)
+            ep.w_gate_up = torch.nn.Parameter(gu, requires_grad=False)
+            ep.w_down = torch.nn.Parameter(down, requires_grad=False)
+    finally:
+        disk.close()
 
 
 def _cpu_batch(batch: ForwardBatch) -> ForwardBatch:
