@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -52,6 +53,7 @@ from batonserve.workers.worker_types import HandoffSpec
 log = logging.getLogger("batonserve.cluster")
 
 MAX_ATTEMPTS = 8
+RETRY_S = 20.0  # a request no worker can resume waits this long (longer while one is replaced)
 
 
 class Cluster(WorkerEvents, RingRouting):
@@ -324,7 +326,11 @@ class Cluster(WorkerEvents, RingRouting):
         self._start_attempt(st, decision)
 
     async def _retry_later(self, st: RequestState, why: str) -> None:
-        for _ in range(100):
+        # Wait RETRY_S, and longer while a dead worker is being replaced (up to the worker start
+        # timeout): a pool left with no healthy worker is back when its replacement is ready,
+        # which on a loaded machine or with a big model takes longer than RETRY_S.
+        start = time.monotonic()
+        while True:
             await asyncio.sleep(0.2)
             if st.done or self._closing:
                 return
@@ -332,6 +338,13 @@ class Cluster(WorkerEvents, RingRouting):
             if isinstance(decision, Pairing):
                 self._start_attempt(st, decision)
                 return
+            waited = time.monotonic() - start
+            hs = self.controller.workers.values()
+            replacing = any(not h.healthy and not h.draining for h in hs)
+            if waited >= RETRY_S and not (
+                replacing and waited < self.config.ray.worker_start_timeout_s
+            ):
+                break
         st.fail(ClusterUnavailable(f"no worker can resume the request: {why}"))
         self._finish(st)
 
