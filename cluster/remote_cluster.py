@@ -246,9 +246,12 @@ class RemoteCluster:
                 err = await _wait(
                     self.actor.submit.remote(self.router_id, replace(request, request_id=cid))
                 )
-            except ray.exceptions.RayActorError as e:
-                self._lost(e)
-                raise ClusterUnavailable(self._gone) from None
+            except Exception as e:  # never INTERNAL: the cluster could not take it
+                if isinstance(e, ray.exceptions.ActorDiedError) or not await self._alive():
+                    self._lost(e)
+                    raise ClusterUnavailable(self._gone) from None
+                why = f"the batonserve cluster did not answer: {_short(e)}"
+                raise ClusterUnavailable(why) from None
             if err is not None:
                 ended = True
                 _raise_for(err)
@@ -302,13 +305,18 @@ class RemoteCluster:
                     q.put_nowait(item)
 
     async def _alive(self) -> bool:
+        """Whether Ray still lists this router's cluster actor under its name.
+
+        A call to a dead actor does not always fail with ActorDiedError (one killed by Ray's
+        memory monitor fails with OutOfMemoryError), and another router may meanwhile have
+        started a new actor under the same name: so ask the GCS and compare actor ids.
+        """
         try:
-            await _wait(self.actor.status.remote(), 10)
-            return True
-        except ray.exceptions.RayActorError:
-            return False
-        except Exception:
-            return True  # slow, not dead
+            now = await asyncio.to_thread(find_actor, self.config.ray.namespace)
+        except Exception as e:
+            log.warning("cannot ask Ray whether the cluster actor lives: %s", _short(e))
+            return True  # cannot tell: keep trying
+        return now is not None and now._actor_id == self.actor._actor_id
 
     async def _refresh(self) -> None:
         self._ready, self._server_info = await _wait(self.actor.status.remote(), 10)
@@ -325,6 +333,9 @@ class RemoteCluster:
             except Exception as e:
                 self._ready = False
                 log.warning("the cluster actor did not answer a status call: %s", _short(e))
+                if not await self._alive():
+                    self._lost(e)
+                    return
             await asyncio.sleep(STATUS_S)
 
     def _lost(self, e: BaseException) -> None:

@@ -32,6 +32,9 @@ def owned_ray() -> Iterator[str]:
     import ray
     from ray.cluster_utils import Cluster
 
+    from batonserve.cluster.env import keep_ray_on_loopback
+
+    keep_ray_on_loopback()  # also when run as a script, without the tests' conftest
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"node_ip_address": "127.0.0.1", "num_cpus": 4, "include_dashboard": False},
