@@ -62,6 +62,10 @@ KINDS = (
     "mixed",
 )
 ARMED = ("first_token", "import_commit", "role_flip", "mixed")
+# A worker (or its replacement) not ready by then fails, and requests waiting for it end with a
+# clear status: well inside RUN_S, the most one run's streams may take before it is a failure.
+START_S = 120.0
+RUN_S = 300.0
 SAMPLED_SHARE = 0.5  # streams with temperature > 0 and a seed (the rest greedy)
 SCRIPTED = ScriptedEngineConfig(
     num_blocks=1024, block_size=4, max_num_batched_tokens=64, layer_delay_s=0.002
@@ -276,7 +280,10 @@ async def one_run(
 
     inject()  # arms a first-token fault
     try:
-        outs = await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(streams))), 300)
+        outs = await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(streams))), RUN_S)
+    except TimeoutError:
+        report.failures.append(f"run {run}: streams still open after {RUN_S:.0f} s")
+        raise
     finally:
         moments.on_commit = moments.on_role_change = None
     report.runs += 1  # faults not reached (the run ended first) are not counted
@@ -312,7 +319,12 @@ def serve_config(address: str, namespace: str, transport: TransportName) -> Serv
     dres = {"decode_node": 1} if address else {}
     return ServeConfig(
         model="scripted",
-        ray=RayConfig(address=address, namespace=namespace, include_dashboard=False),
+        ray=RayConfig(
+            address=address,
+            namespace=namespace,
+            include_dashboard=False,
+            worker_start_timeout_s=START_S,
+        ),
         pools=(
             PoolConfig("prefill", "prefill", 2, num_cpus=0.25, resources=res),
             PoolConfig("decode", "decode", 2, num_cpus=0.25, resources=dres),
@@ -344,7 +356,10 @@ async def chaos(
         problem = await settle(cluster)
         assert not problem, problem
         for run in range(runs):
-            await one_run(cluster, moments, rng, run, report, streams, max_tokens, kinds)
+            try:
+                await one_run(cluster, moments, rng, run, report, streams, max_tokens, kinds)
+            except TimeoutError:
+                break  # recorded as a failure; the cluster is in no state for another run
             if progress:
                 print(f"run {run}: {report.line()}", flush=True)
     finally:

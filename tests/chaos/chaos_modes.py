@@ -39,7 +39,7 @@ from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.sp_serving.config import SequenceParallelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: shared helpers
-from chaos import Report, settle
+from chaos import RUN_S, START_S, Report, settle
 from hf_tiny import make_tiny_model
 from ray_local import two_node_ray
 
@@ -71,7 +71,12 @@ def ring_mode(address: str, namespace: str, folder: Path) -> Mode:
     )
     cfg = ServeConfig(
         model=model,
-        ray=RayConfig(address=address, namespace=namespace, include_dashboard=False),
+        ray=RayConfig(
+            address=address,
+            namespace=namespace,
+            include_dashboard=False,
+            worker_start_timeout_s=START_S,
+        ),
         engine=engine,
         pools=(
             PoolConfig("prefill", "prefill", 3, num_cpus=0.25, resources=_on(address, "prefill")),
@@ -104,7 +109,12 @@ def ep_mode(address: str, namespace: str) -> Mode:
     )
     cfg = ServeConfig(
         model="demo-moe",
-        ray=RayConfig(address=address, namespace=namespace, include_dashboard=False),
+        ray=RayConfig(
+            address=address,
+            namespace=namespace,
+            include_dashboard=False,
+            worker_start_timeout_s=START_S,
+        ),
         engine=engine,
         pools=(
             PoolConfig("prefill", "prefill", 1, num_cpus=0.5, resources=_on(address, "prefill")),
@@ -206,7 +216,10 @@ async def one_run(
 
     inject()
     try:
-        outs = await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(streams))), 300)
+        outs = await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(streams))), RUN_S)
+    except TimeoutError:
+        report.failures.append(f"run {run}: streams still open after {RUN_S:.0f} s")
+        raise
     finally:
         if ring is not None and send is not None:
             ring.submit = send  # type: ignore[method-assign]
@@ -259,7 +272,12 @@ async def chaos_mode(
             assert not problem, problem
             assert await _until(lambda: mode.whole(cluster), 120), "never whole"
             for run in range(runs):
-                await one_run(cluster, mode, KINDS[mode_name], namespace, rng, run, report, streams)
+                try:
+                    await one_run(
+                        cluster, mode, KINDS[mode_name], namespace, rng, run, report, streams
+                    )
+                except TimeoutError:
+                    break  # recorded as a failure
                 if progress:
                     print(f"run {run}: {report.line()}", flush=True)
         finally:
