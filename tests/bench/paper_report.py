@@ -50,9 +50,12 @@ def _ratio(res: dict | None, fam: str, base: str, quantity: str) -> float | None
     return x / y if y else None
 
 
-def _design_ratio(out: Path, exp: str, fam: str, base: str, model: str = "llama2-70b") -> float:
-    """Throughput ratio between two of the notebook's designs (bench_paper.py designs), or 0."""
-    p = out / f"{exp}_designs_paper_{model}.json"
+def _design_ratio(out: Path, exp: str, fam: str, base: str, tag: str = "") -> float:
+    """Throughput ratio between two of the notebook's designs (bench_paper.py designs), or 0.
+
+    `tag`: "" for the first 3000 requests, "_12000s" for 12,000 sampled as SplitwiseSim does.
+    """
+    p = out / f"{exp}_designs_paper_llama2-70b{tag}.json"
     if not p.exists():
         return 0.0
     d = json.loads(p.read_text())["designs"]
@@ -139,19 +142,26 @@ def plots(out: Path) -> list[Path]:
         plt.close(fig)
         made.append(p)
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    labels, paper_v, ours_v, faithful_v, notebook_v = [], [], [], [], []
+    labels, paper_v, ours_v, faithful_v, notebook_v, sampled_v = [], [], [], [], [], []
     for exp, fam, base, q, val in PAPER:
         labels.append(f"{exp}\n{fam.split('-')[1]}/{base.split('-')[1]} {q}")
         paper_v.append(val)
         faithful_v.append(_ratio(_load(out, exp, "paper"), fam, base, q) or 0.0)
         ours_v.append(_ratio(_load(out, exp, "ours"), fam, base, q) or 0.0)
-        notebook_v.append(_design_ratio(out, exp, fam, base) if q == "throughput" else 0.0)
+        thr = q == "throughput"
+        notebook_v.append(_design_ratio(out, exp, fam, base) if thr else 0.0)
+        sampled_v.append(_design_ratio(out, exp, fam, base, "_12000s") if thr else 0.0)
     xs = range(len(labels))
-    w = 0.2
-    ax.bar([x - 1.5 * w for x in xs], paper_v, w, label="paper")
-    ax.bar([x - 0.5 * w for x in xs], notebook_v, w, label="paper setting, notebook's designs")
-    ax.bar([x + 0.5 * w for x in xs], faithful_v, w, label="paper setting, searched designs")
-    ax.bar([x + 1.5 * w for x in xs], ours_v, w, label="batonserve setting, searched")
+    w = 0.17
+    bars = (
+        (paper_v, "paper"),
+        (sampled_v, "paper setting, notebook's designs, SplitwiseSim-style traces (A)"),
+        (notebook_v, "paper setting, notebook's designs, first 3000 (B)"),
+        (faithful_v, "paper setting, searched designs (C)"),
+        (ours_v, "batonserve setting, searched (D)"),
+    )
+    for i, (vals, label) in enumerate(bars):
+        ax.bar([x + (i - 2) * w for x in xs], vals, w, label=label)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("ratio to the baseline")
     ax.grid(axis="y", alpha=0.3)
