@@ -355,6 +355,7 @@ async def chaos(
     try:
         problem = await settle(cluster)
         assert not problem, problem
+        seen = 0  # failures already printed
         for run in range(runs):
             try:
                 await one_run(cluster, moments, rng, run, report, streams, max_tokens, kinds)
@@ -362,6 +363,9 @@ async def chaos(
                 break  # recorded as a failure; the cluster is in no state for another run
             if progress:
                 print(f"run {run}: {report.line()}", flush=True)
+                for f in report.failures[seen:]:
+                    print("FAILURE", f, flush=True)
+                seen = len(report.failures)
     finally:
         await cluster.shutdown()
     return report
