@@ -45,6 +45,11 @@ def load(h: WorkerHandle) -> tuple[int, float]:
     return (s.running + s.waiting + (1 if s.pending_prefill_tokens else 0), s.kv_usage)
 
 
+def index(h: WorkerHandle) -> int:
+    """The number in `<pool>-<n>` (names sort by it: decode-10 is newer than decode-9)."""
+    return int(h.name.rpartition("-")[2])
+
+
 class Reconciler:
     """Runs on the cluster's event loop; owns the start tasks and drains it begins."""
 
@@ -57,6 +62,7 @@ class Reconciler:
         self.starting: dict[str, asyncio.Task[None]] = {}
         self.drains: dict[str, asyncio.Task[None]] = {}
         self._failed_at: dict[str, float] = {}
+        self._stuck_said: set[tuple[str, int]] = set()
         self.controller.changed = self.poke
 
     def poke(self) -> None:
@@ -132,9 +138,7 @@ class Reconciler:
     def _shrink(self, pool: str, extra: int) -> None:
         c = self.controller
         pending = sorted(
-            (h for h in c.pending.values() if h.spec.pool == pool),
-            key=lambda h: h.name,
-            reverse=True,
+            (h for h in c.pending.values() if h.spec.pool == pool), key=index, reverse=True
         )
         for h in pending[:extra]:  # a worker not started yet serves nothing: it goes first
             log.info("pool %s: cancelling pending worker %s", pool, h.name)
@@ -150,7 +154,7 @@ class Reconciler:
             for h in c.workers.values()
             if h.spec.pool == pool and not h.healthy and not h.draining
         ]
-        for h in sorted(replacing, key=lambda h: h.name, reverse=True)[: max(extra, 0)]:
+        for h in sorted(replacing, key=index, reverse=True)[: max(extra, 0)]:
             self.drain(h)
             extra -= 1
         if extra <= 0:
@@ -165,8 +169,18 @@ class Reconciler:
         serving = [h for h in serving if not h.draining]
         # Never the last one serving: a pool keeps a worker while the others are replaced.
         room = max(0, len(serving) - 1)
-        for h in sorted(ready, key=lambda h: (load(h), h.name))[: min(extra, room)]:
+        chosen = sorted(ready, key=lambda h: (load(h), index(h)))[: min(extra, room)]
+        for h in chosen:
             self.drain(h)
+        stuck = (pool, extra - len(chosen))
+        if stuck[1] > 0 and stuck not in self._stuck_said:
+            self._stuck_said.add(stuck)
+            log.warning(
+                "pool %s: %d worker(s) above its desired size cannot drain now (a pool keeps "
+                "its last serving worker; ring-group members are not drained)",
+                pool,
+                stuck[1],
+            )
 
     # ---- drain ---------------------------------------------------------------------------------
 

@@ -230,3 +230,15 @@ def test_serve_watches_its_config_file(tmp_path: Path) -> None:
         return cluster.asked
 
     assert asyncio.run(run()) == [("prefill", 3)]
+
+
+def test_the_newest_pending_worker_is_cancelled_first_by_number() -> None:
+    ctl, _, rec = _setup(
+        (PoolConfig(name="prefill", role="prefill", replicas=9), POOLS[1])  # prefill-0..8
+    )
+    ctl.set_replicas("prefill", 11)
+    rec.step()
+    assert sorted(ctl.pending) == ["prefill-10", "prefill-9"]
+    ctl.set_replicas("prefill", 10)
+    rec.step()
+    assert list(ctl.pending) == ["prefill-9"]  # prefill-10 is the newer, not prefill-9
