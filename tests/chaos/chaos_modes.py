@@ -11,7 +11,7 @@ sampled requests while a seeded schedule kills: a random ring member at a random
 (`ring_member`), a member of the ring a job was just sent to, during its ring prefill
 (`ring_job`), or a random EP follower (`ep_follower`). After each run, per stream: the offline
 engine's tokens, or a clear status; then every pool back to its baseline, no handoff open, and
-the ring (or every EP group) whole again.
+the ring group whole again (no EP follower left without its leader).
 """
 
 from __future__ import annotations
