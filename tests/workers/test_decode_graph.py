@@ -19,14 +19,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model("mistral", tmp_path_factory.mktemp("graphs"), num_hidden_layers=2)
 
 
-def _generate(model_dir: Path, mode: str, prompts: list[list[int]]) -> list[list[int]]:
+def _generate(
+    model_dir: Path, mode: str, prompts: list[list[int]], buckets: tuple[int, ...] = ()
+) -> list[list[int]]:
     engine = Engine.from_model(
         model_dir, dtype="float32", device="cpu", max_num_seqs=6, compile_decode=mode,
-        num_kv_blocks=64, block_size=4,
+        compile_decode_buckets=buckets, num_kv_blocks=64, block_size=4,
     )
     if mode:
-        assert engine.runner.decode_graphs is not None  # type: ignore[attr-defined]
-        assert sorted(engine.runner.decode_graphs.runners) == [1, 2, 4, 6]  # type: ignore[attr-defined]
+        graphs = engine.runner.decode_graphs  # type: ignore[attr-defined]
+        assert graphs is not None
+        assert sorted(graphs.runners) == list(buckets or (1, 2, 4, 6))
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (9, 3, 14, 6, 1)]
     return [o.token_ids for o in engine.generate(prompts, params)]
 
@@ -37,13 +40,16 @@ def test_bucket_sizes() -> None:
     assert bucket_sizes(8) == [1, 2, 4, 8]
 
 
-@pytest.mark.parametrize("mode", ["eager", "inductor"])
-def test_padded_graphs_match_eager_greedy_tokens(model_dir: Path, mode: str) -> None:
-    """Five requests finishing at different steps run through buckets 4, 2 and 1 (padded rows
-    write the scratch block only): the same greedy tokens as the eager engine, in float32."""
+# inductor compiles each bucket (up to a minute on a loaded 2-core VM): two buckets only there.
+@pytest.mark.parametrize(("mode", "buckets"), [("eager", ()), ("inductor", (2, 6))])
+def test_padded_graphs_match_eager_greedy_tokens(
+    model_dir: Path, mode: str, buckets: tuple[int, ...]
+) -> None:
+    """Five requests finishing at different steps run through padded buckets (padded rows write
+    the scratch block only): the same greedy tokens as the eager engine, in float32."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 2)]
-    assert _generate(model_dir, mode, prompts) == _generate(model_dir, "", prompts)
+    assert _generate(model_dir, mode, prompts, buckets) == _generate(model_dir, "", prompts)
 
 
 def test_unknown_mode_is_an_error(model_dir: Path) -> None:
