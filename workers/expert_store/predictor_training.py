@@ -75,8 +75,9 @@ def token_chunks(
     tok = Tokenizer.from_file(str(tokenizer_json))
     sep: list[int] = []
     for name in ("<|endoftext|>", "</s>", "<|end_of_text|>"):
-        if tok.token_to_id(name) is not None:
-            sep = [int(tok.token_to_id(name))]
+        eos = tok.token_to_id(name)
+        if eos is not None:
+            sep = [int(eos)]
             break
     stream: list[int] = []
     for doc in docs:
