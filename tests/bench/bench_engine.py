@@ -332,7 +332,8 @@ def plot(rows: list[Row], out: Path) -> None:
         for name in ("hf", "vllm", "batonserve", "graphs"):
             pts = [(r.batch, statistics.median(r.tok_s[name])) for r in sel if name in r.tok_s]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+                label = "batonserve + decode graphs" if name == "graphs" else name
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch")
         ax.set_ylabel("output tok/s")
@@ -382,6 +383,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for threads in [int(t) for t in args.threads.split(",")]:
                 r, roof = bench_config(path, hf, dtype, threads, args)
+                print("  " + roof, flush=True)  # now, not only at the end: a long run may be cut
                 rows += r
                 roofs.append(roof)
     print(f"\nmedian tok/s [min-max] over {args.repeats} rounds\n{HEADER}")
