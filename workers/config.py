@@ -41,6 +41,10 @@ class EngineConfig:
     expert_cache_policy: Literal["", "lru", "popularity", "predictive"] = ""
     expert_cache_fraction: float = 0.25
     expert_prefetch: bool = True  # prefetch the routing predictor's forecasts in the background
+    # On a GPU, a host-RAM tier (pinned) between disk and GPU holds up to this fraction of expert
+    # bytes (capped at half the host's available memory), so most misses are PCIe copies, not
+    # disk reads. 0 turns it off; unused on CPU, where the compute tier already is RAM.
+    expert_cache_ram_fraction: float = 0.5
     # Token regrouping (MoE): at most this many decode tokens per step, picked to share forecast
     # experts; 0 runs every decode token every step. No token waits more than max_wait steps.
     moe_regroup_batch: int = 0
@@ -61,6 +65,9 @@ class EngineConfig:
         frac = self.expert_cache_fraction
         if not isinstance(frac, int | float) or not 0.0 < frac <= 1.0:
             raise ValueError(f"expert_cache_fraction: must be in (0, 1], got {frac!r}")
+        ram = self.expert_cache_ram_fraction
+        if isinstance(ram, bool) or not isinstance(ram, int | float) or not 0.0 <= ram <= 1.0:
+            raise ValueError(f"expert_cache_ram_fraction: must be in [0, 1], got {ram!r}")
         if self.moe_regroup_batch < 0:
             raise ValueError(
                 f"moe_regroup_batch: must be >= 0 (0 turns regrouping off), got "
