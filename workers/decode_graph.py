@@ -102,9 +102,11 @@ class DecodeGraphs:
             t0 = time.perf_counter()
             try:
                 self.runners[b] = self._capture(b)
-            except Exception as e:  # noqa: BLE001 - any capture failure: that bucket stays eager
+            except Exception as e:
                 log.warning("decode graph for batch %d not captured (%s); it runs eager", b, e)
-                print(f"decode graphs ({self.mode}): batch {b} failed, eager ({e})", file=sys.stderr)
+                print(
+                    f"decode graphs ({self.mode}): batch {b} failed, eager ({e})", file=sys.stderr
+                )
                 continue
             print(
                 f"decode graphs ({self.mode}): batch {b} captured ({i + 1}/{total}, "

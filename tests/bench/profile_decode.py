@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_engine import build_model, prompts_for  # noqa: E402
+from bench_engine import build_model, prompts_for
 
-from batonserve.workers import engine_core, forward_context, model_runner  # noqa: E402
-from batonserve.workers import engine as engine_mod  # noqa: E402
-from batonserve.workers.engine import Engine  # noqa: E402
-from batonserve.workers.models import layers, llama  # noqa: E402
-from batonserve.workers.sampling_params import SamplingParams  # noqa: E402
+from batonserve.workers import engine as engine_mod
+from batonserve.workers import engine_core, forward_context, model_runner
+from batonserve.workers.engine import Engine
+from batonserve.workers.models import layers, llama
+from batonserve.workers.sampling_params import SamplingParams
 
 TIMES: dict[str, float] = collections.defaultdict(float)
 
@@ -77,7 +77,9 @@ def profile(engine: Engine, batch: int, steps: int) -> tuple[float, dict[str, fl
     engine.core.pool.reset_prefix_cache()
     for i, p in enumerate(prompts_for(batch, seed=batch)):
         engine.add_request(f"p{batch}-{i}", p, params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.core.scheduler.requests.values()):
+    while any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in engine.core.scheduler.requests.values()
+    ):
         engine.step()  # prefill
     engine.step()
     TIMES.clear()
@@ -112,8 +114,13 @@ def main() -> None:
         default = getattr(model_runner.EngineConfig(), k)
         extra[k] = v.lower() in ("1", "true") if isinstance(default, bool) else type(default)(v)
     engine = Engine.from_model(
-        args.model_dir, dtype=args.dtype, device="cpu", max_num_seqs=max(batches),
-        kv_cache_bytes=2 * 2**30, num_threads=args.threads, **extra,
+        args.model_dir,
+        dtype=args.dtype,
+        device="cpu",
+        max_num_seqs=max(batches),
+        kv_cache_bytes=2 * 2**30,
+        num_threads=args.threads,
+        **extra,
     )
     patch()
     profile(engine, 2, 4)  # warm-up
@@ -123,8 +130,10 @@ def main() -> None:
         inner = sum(parts.get(k, 0.0) for k in ("linears", "norms", "rope", "attention"))
         parts["forward glue (embed, kv write, views)"] = fwd - inner
         parts["other (step glue)"] = step - sum(parts.values())
-        print(f"\nbatch {b}, {args.dtype}, {args.threads} thread(s): step {step * 1e3:.2f} ms "
-              f"({b / step:.0f} tok/s)")
+        print(
+            f"\nbatch {b}, {args.dtype}, {args.threads} thread(s): step {step * 1e3:.2f} ms "
+            f"({b / step:.0f} tok/s)"
+        )
         for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
             print(f"  {k:40s} {v * 1e3:8.3f} ms  {100 * v / step:5.1f}%")
 

@@ -151,5 +151,7 @@ def test_fast_kernel_matches_generic(dtype: torch.dtype, h: int, hkv: int, d: in
             ref = cpa.paged_attention_cpu(*args, sliding_window=window, return_lse=True)
         finally:
             cpa.set_fast_kernels_enabled(True)
-        torch.testing.assert_close(fast[0].float(), ref[0].float(), atol=TOL[dtype], rtol=TOL[dtype])
+        torch.testing.assert_close(
+            fast[0].float(), ref[0].float(), atol=TOL[dtype], rtol=TOL[dtype]
+        )
         torch.testing.assert_close(fast[1], ref[1], atol=1e-4, rtol=1e-4)

@@ -23,14 +23,22 @@ def _generate(
     model_dir: Path, mode: str, prompts: list[list[int]], buckets: tuple[int, ...] = ()
 ) -> list[list[int]]:
     engine = Engine.from_model(
-        model_dir, dtype="float32", device="cpu", max_num_seqs=6, compile_decode=mode,
-        compile_decode_buckets=buckets, num_kv_blocks=64, block_size=4,
+        model_dir,
+        dtype="float32",
+        device="cpu",
+        max_num_seqs=6,
+        compile_decode=mode,
+        compile_decode_buckets=buckets,
+        num_kv_blocks=64,
+        block_size=4,
     )
     if mode:
         graphs = engine.runner.decode_graphs  # type: ignore[attr-defined]
         assert graphs is not None
         assert sorted(graphs.runners) == list(buckets or (1, 2, 4, 6))
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (9, 3, 14, 6, 1)]
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (9, 3, 14, 6, 1)
+    ]
     return [o.token_ids for o in engine.generate(prompts, params)]
 
 
@@ -73,7 +81,9 @@ def test_decode_op_reference_path_matches_cpu_kernel(window: int) -> None:
     q, k, v = (torch.randn(3, n, d, generator=g) for n in (h, hkv, hkv))
     outs = []
     for enabled in (True, False):
-        kc, vc = (torch.randn(6, bs, hkv, d, generator=torch.Generator().manual_seed(1)) for _ in "kv")
+        kc, vc = (
+            torch.randn(6, bs, hkv, d, generator=torch.Generator().manual_seed(1)) for _ in "kv"
+        )
         cpa.set_cpu_kernels_enabled(enabled)
         try:
             out = torch.ops.batonserve.decode_attention_kv(

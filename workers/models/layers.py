@@ -133,8 +133,16 @@ def attention_decode(
     qk = apply_rope(qkv[:, : attn.q_size + attn.kv_size].view(t, h + kvh, d), cos, sin)
     v = qkv[:, attn.q_size + attn.kv_size :].view(t, kvh, d)
     out = torch.ops.batonserve.decode_attention_kv(
-        qk[:, :h], qk[:, h:], v, k_cache, v_cache, slots, tables, context_lens,
-        attn.window or 0, block_size,
+        qk[:, :h],
+        qk[:, h:],
+        v,
+        k_cache,
+        v_cache,
+        slots,
+        tables,
+        context_lens,
+        attn.window or 0,
+        block_size,
     )
     return linear(out.reshape(t, attn.q_size), attn.o_weight, None, attn.o_packed)
 

@@ -142,8 +142,16 @@ class LlamaForCausalLM(nn.Module):
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             h, residual = layer.forward_decode(  # type: ignore[operator]
-                h, residual, cos, sin, kv_cache[i, 0], kv_cache[i, 1], slots, tables,
-                context_lens, block_size,
+                h,
+                residual,
+                cos,
+                sin,
+                kv_cache[i, 0],
+                kv_cache[i, 1],
+                slots,
+                tables,
+                context_lens,
+                block_size,
             )
         assert residual is not None
         return linear(self.norm(h + residual), self.lm_head, None, self.lm_head_packed).float()
