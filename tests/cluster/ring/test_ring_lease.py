@@ -26,14 +26,17 @@ from batonserve.workers.sp_serving.config import SequenceParallelConfig
 pytestmark = pytest.mark.cluster
 
 ENGINE = EngineConfig(
-    dtype="float32", device="cpu", block_size=4, num_kv_blocks=2048, max_num_batched_tokens=64
+    dtype="float32", device="cpu", block_size=4, num_kv_blocks=4096, max_num_batched_tokens=64
 )
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 SP = SequenceParallelConfig(
     enabled=True, threshold_tokens=48, tokens_per_rank=32, max_group_size=3, timeout_s=8.0
 )
-LEASE_S = 1.0
-PROMPTS = [prompt_of(40 + i, 300 + i) for i in range(24)]  # each one takes the ring of 3
+# The lease is renewed between ring jobs, not during one: it must be longer than one ring
+# prefill even on a loaded machine (at a load of 40 on 2 cores, 1 s was not). 2 s, and a
+# queue of 40 jobs that takes ~4 s unloaded and far longer loaded.
+LEASE_S = 2.0
+PROMPTS = [prompt_of(40 + i, 300 + i) for i in range(40)]  # each one takes the ring of 3
 
 
 @pytest.fixture(scope="module")
