@@ -11,6 +11,7 @@ import ctypes
 import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -123,12 +124,13 @@ def paged_attention_cpu(
     out = torch.empty(t, num_heads, head_dim, dtype=q.dtype)
     lse = torch.empty(t, num_heads, dtype=torch.float32) if return_lse else None
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    fn = getattr(lib, (_FAST if _use_fast(lib, head_dim) else _FUNCS)[q.dtype])
-    head = (q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr())
+    fn: Any = getattr(lib, (_FAST if _use_fast(lib, head_dim) else _FUNCS)[q.dtype])
+    head: tuple[Any, ...] = (q.data_ptr(), q.stride(0), q.stride(1))
+    head += (k_cache.data_ptr(), v_cache.data_ptr())
     head += (tables.data_ptr(), tables.stride(0) if tables.dim() == 2 else 0)
     head += (row_seq.data_ptr(), row_last.data_ptr(), out.data_ptr())
     head += (lse.data_ptr() if lse is not None else None,)
-    shape = (num_heads, num_kv, head_dim, block_size, sliding_window or 0, scale)
+    shape: tuple[Any, ...] = (num_heads, num_kv, head_dim, block_size, sliding_window or 0, scale)
     tasks = t * num_kv
     threads = min(torch.get_num_threads(), tasks // 4 or 1)
     if threads <= 1:
@@ -136,7 +138,8 @@ def paged_attention_cpu(
     else:
         bounds = [tasks * i // threads for i in range(threads + 1)]
         futs = [
-            _pool().submit(fn, *head, *shape, bounds[i], bounds[i + 1]) for i in range(1, threads)
+            _pool().submit(fn, *head, *shape, bounds[i], bounds[i + 1])  # type: ignore[call-arg]
+            for i in range(1, threads)
         ]
         fn(*head, *shape, bounds[0], bounds[1])  # this thread takes the first share
         for f in futs:
