@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batonserve.cluster.api import (
     AdmissionRejected,
@@ -29,7 +29,9 @@ from batonserve.cluster.api import (
 from batonserve.cluster.config import ServeConfig
 from batonserve.cluster.config_watch import SCALE_KEYS
 from batonserve.cluster.placement import StartupError
-from batonserve.workers.scripted_engine import ScriptedEngineConfig
+
+if TYPE_CHECKING:
+    from batonserve.workers.scripted_engine import ScriptedEngineConfig
 
 log = logging.getLogger("batonserve.cluster_actor")
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from batonserve.cluster.api import ModelInfo
 from batonserve.cluster.config import ConfigError, ServeConfig
 from batonserve.workers.models.config import ModelConfig
 from batonserve.workers.models.paths import resolve_model_dir
 from batonserve.workers.output_processor import OutputProcessor
-from batonserve.workers.scripted_engine import ScriptedEngineConfig
 from batonserve.workers.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from batonserve.workers.scripted_engine import ScriptedEngineConfig
 
 
 def load_model_meta(

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -31,7 +31,9 @@ from batonserve.cluster.cluster_actor import ACTOR_NAME, ClusterActor, PollBatch
 from batonserve.cluster.config import ServeConfig
 from batonserve.cluster.env import keep_ray_on_loopback
 from batonserve.cluster.placement import StartupError
-from batonserve.workers.scripted_engine import ScriptedEngineConfig
+
+if TYPE_CHECKING:
+    from batonserve.workers.scripted_engine import ScriptedEngineConfig
 
 log = logging.getLogger("batonserve.router")
 

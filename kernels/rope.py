@@ -7,22 +7,19 @@ Scaling types: none ("default"), "linear" (positions divided by factor) and "lla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+from batonserve.kernels.rope_scaling import SUPPORTED_ROPE_TYPES, RopeScaling
 
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """A parsed `rope_scaling` block (only the fields the supported types use)."""
-
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+__all__ = [
+    "SUPPORTED_ROPE_TYPES",
+    "RopeScaling",
+    "apply_rope",
+    "rope_cos_sin",
+    "rope_cos_sin_cache",
+    "rope_inv_freq",
+]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batonserve.kernels.rope import SUPPORTED_ROPE_TYPES, RopeScaling
+from batonserve.kernels.rope_scaling import SUPPORTED_ROPE_TYPES, RopeScaling
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
