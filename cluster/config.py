@@ -65,6 +65,8 @@ class RayConfig:
     # Pools that do not fit the cluster fail start-up at once, unless an autoscaler will add nodes.
     wait_for_resources: bool = False
     worker_start_timeout_s: float = 600.0  # a worker not ready by then fails start-up, with why
+    # A scale-down drain waits this long for its running requests, then moves the rest elsewhere.
+    drain_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,9 @@ class ServeConfig:
                     "yet (each worker runs on one GPU until tensor parallelism lands); use 1"
                 )
         self._check_expert_parallel()
-        if self.ray.worker_start_timeout_s <= 0:
-            raise ConfigError(
-                f"ray.worker_start_timeout_s: must be > 0, got {self.ray.worker_start_timeout_s}"
-            )
+        for key in ("worker_start_timeout_s", "drain_timeout_s"):
+            if getattr(self.ray, key) <= 0:
+                raise ConfigError(f"ray.{key}: must be > 0, got {getattr(self.ray, key)}")
         for key in ("port", "http_port", "metrics_port"):
             port = getattr(self.router, key)
             if not 0 <= port <= 65535:

@@ -33,7 +33,6 @@ log = logging.getLogger("batonserve.reconcile")
 RECONCILE_S = 2.0
 DRAIN_LOG_S = 5.0
 DRAIN_POLL_S = 0.05
-DRAIN_TIMEOUT_S = 120.0
 RETRY_S = 5.0  # after a new worker failed to start, before the next try for its pool
 
 
@@ -53,7 +52,7 @@ def index(h: WorkerHandle) -> int:
 class Reconciler:
     """Runs on the cluster's event loop; owns the start tasks and drains it begins."""
 
-    def __init__(self, cluster: Cluster, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    def __init__(self, cluster: Cluster, drain_timeout_s: float) -> None:
         self.cluster = cluster
         self.controller = cluster.controller
         self.drain_timeout_s = drain_timeout_s

@@ -35,7 +35,7 @@ class WorkerEvents:
         for h in self.controller.workers.values():
             self.spawn(self._poll_loop(h.name, h.incarnation))
         self.spawn(self._housekeeping())
-        self.reconciler = Reconciler(self)
+        self.reconciler = Reconciler(self, self.config.ray.drain_timeout_s)
         self.spawn(self.reconciler.run())
 
     async def _poll_loop(self: Cluster, name: str, incarnation: int) -> None:

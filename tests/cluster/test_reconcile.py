@@ -61,7 +61,7 @@ def _setup(pools: tuple[PoolConfig, ...] = POOLS) -> tuple[Controller, FakeClust
     for h in ctl.workers.values():
         h.healthy = True
     cl = FakeCluster(ctl)
-    return ctl, cl, Reconciler(cl)  # type: ignore[arg-type]
+    return ctl, cl, Reconciler(cl, 120.0)  # type: ignore[arg-type]
 
 
 def test_set_replicas_checks_its_bounds() -> None:
@@ -133,7 +133,7 @@ def test_ring_members_are_never_drained() -> None:
     ctl = Controller(cfg, "scripted", KVTransferConfig())
     for h in ctl.workers.values():
         h.healthy = True
-    rec = Reconciler(FakeCluster(ctl))  # type: ignore[arg-type]
+    rec = Reconciler(FakeCluster(ctl), cfg.ray.drain_timeout_s)  # type: ignore[arg-type]
     assert ctl.ring is not None
     ctl.set_replicas("prefill", 1)
     rec.step()
@@ -242,3 +242,11 @@ def test_the_newest_pending_worker_is_cancelled_first_by_number() -> None:
     ctl.set_replicas("prefill", 10)
     rec.step()
     assert list(ctl.pending) == ["prefill-9"]  # prefill-10 is the newer, not prefill-9
+
+
+@pytest.mark.parametrize("key", ["drain_timeout_s", "worker_start_timeout_s"])
+def test_ray_clocks_must_be_positive(key: str) -> None:
+    from batonserve.cluster.schema import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=f"ray.{key}: must be > 0"):
+        from_dict(ServeConfig, {"model": "demo", "ray": {key: 0}})
