@@ -1,4 +1,7 @@
-"""`batonserve scale`: apply a plan (or --pool NAME=N) to a deployed RayCluster, and show its state."""
+"""`batonserve scale`: apply a plan (or --pool NAME=N) to a deployed RayCluster, and show its state.
+
+With `--ray-address` it sets the running cluster's desired pool sizes instead (its controller
+starts or drains workers); give `--release`/`--name` too to patch the RayCluster's pods as well."""
 
 from __future__ import annotations
 
@@ -123,7 +126,21 @@ def _scale(args: argparse.Namespace) -> int:
         targets[name] = count
     if not targets and not args.show:
         raise ConfigError("nothing to do: give --plan FILE, --pool NAME=N, or --show")
-    name = args.name or release_fullname(args.release)
+    if args.ray_address:
+        if not targets:
+            raise ConfigError("--ray-address: give --plan FILE or --pool NAME=N")
+        from batonserve.cluster.scale_live import set_live_replicas
+
+        refusals = set_live_replicas(args.ray_address, args.ray_namespace, targets)
+        for why in refusals:
+            print(f"batonserve: error: {why}", file=sys.stderr)
+        if refusals:
+            return 1
+        changes = ", ".join(f"{k}={v}" for k, v in targets.items())
+        print(f"desired replicas set on the running cluster: {changes}")
+        if not (args.name or args.release):
+            return 0
+    name = args.name or release_fullname(args.release or "batonserve")
     namespace = args.namespace or default_namespace(args.kubeconfig, args.context)
     kube = RayClusterClient.connect(ClusterRef(namespace, name), args.kubeconfig, args.context)
     if targets:
@@ -164,11 +181,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("-n", "--namespace", help="default: the kubeconfig context's namespace")
     who = p.add_mutually_exclusive_group()
     who.add_argument(
-        "--release", default="batonserve", help="Helm release name (default: %(default)s)"
+        "--release", help="Helm release name (default: batonserve, unless --ray-address alone)"
     )
     who.add_argument("--name", help="RayCluster name (instead of --release)")
     p.add_argument(
         "--kubeconfig", help="kubeconfig file (default: ~/.kube/config, else in-cluster)"
     )
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
+    p.add_argument(
+        "--ray-address",
+        help="set the desired sizes of the batonserve cluster running in this Ray cluster",
+    )
+    p.add_argument(
+        "--ray-namespace", default="batonserve", help="its Ray namespace (default: %(default)s)"
+    )
     p.set_defaults(func=run)

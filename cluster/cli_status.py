@@ -71,20 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _from_actor(args: argparse.Namespace) -> int:
     """The status straight from the cluster actor, with the routers reading from it."""
-    import logging
-
     import ray
 
-    from batonserve.cluster.env import keep_ray_on_loopback
-    from batonserve.cluster.remote_cluster import find_actor
+    from batonserve.cluster.remote_cluster import find_actor, join_ray
 
-    keep_ray_on_loopback()
-    ray.init(
-        address=args.ray_address,
-        namespace=args.namespace,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    join_ray(args.ray_address, args.namespace)
     try:
         actor = find_actor(args.namespace)
         if actor is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import time
 from typing import Any
 
@@ -38,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the subcommand: 0 when stopped, 1 when no batonserve cluster runs there."""
     import ray
 
-    from batonserve.cluster.env import keep_ray_on_loopback
-    from batonserve.cluster.remote_cluster import find_actor
+    from batonserve.cluster.remote_cluster import find_actor, join_ray
 
     if args.grace_period < 0:
         raise ValueError(f"--grace-period: must be >= 0, got {args.grace_period}")
@@ -47,14 +45,8 @@ def run(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"batonserve: {msg}", flush=True)
 
-    keep_ray_on_loopback()
     say(f"connecting to Ray at {args.ray_address}")
-    ray.init(
-        address=args.ray_address,
-        namespace=args.namespace,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    join_ray(args.ray_address, args.namespace)
     try:
         actor = find_actor(args.namespace)
         if actor is None:

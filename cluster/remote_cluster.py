@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -42,18 +43,36 @@ STATUS_S = 0.5  # readiness and server info refresh
 CALL_TIMEOUT_S = 30.0  # a control call to the cluster actor that takes longer is reported
 
 
-def join_ray(config: ServeConfig) -> None:
-    """Connect this process to the Ray cluster at config.ray.address (once)."""
-    if not config.ray.address:
+def unreachable(address: str, timeout: float = 5.0) -> str:
+    """Why nothing answers at a `host:port` Ray address ('' when something does, or for 'auto').
+
+    ray.init retries an address with no GCS behind it for minutes; a typo should fail at once."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in host:
+        return ""
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        return str(e) or type(e).__name__
+    return ""
+
+
+def join_ray(address: str, namespace: str) -> None:
+    """Connect this process to the Ray cluster at `address` as a quiet driver (once)."""
+    if not address:
         raise ValueError("ray.address: attaching to a cluster needs a Ray address")
-    if not ray.is_initialized():
-        keep_ray_on_loopback()
-        ray.init(
-            address=config.ray.address,
-            namespace=config.ray.namespace,
-            logging_level=logging.WARNING,
-            log_to_driver=False,  # worker logs stay in Ray's log files, not the router's output
-        )
+    if ray.is_initialized():
+        return
+    why = unreachable(address)
+    if why:
+        raise ValueError(f"ray.address: cannot reach Ray at {address}: {why}")
+    keep_ray_on_loopback()
+    ray.init(
+        address=address,
+        namespace=namespace,
+        logging_level=logging.WARNING,
+        log_to_driver=False,  # worker logs stay in Ray's log files, not this process's output
+    )
 
 
 def find_actor(namespace: str) -> Any | None:
@@ -89,7 +108,7 @@ async def connect(
     Raises StartupError when one runs with another config (saying what differs) or start-up fails.
     """
     t0 = time.monotonic()
-    join_ray(config)
+    join_ray(config.ray.address, config.ray.namespace)
     ns = config.ray.namespace
     actor = (
         ray.remote(ClusterActor)
