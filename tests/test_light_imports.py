@@ -44,7 +44,11 @@ def _loaded_after(modules: list[str], watch: list[str]) -> list[str]:
         f"print(' '.join(w for w in {watch!r} if w in sys.modules))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO / "tests", capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        cwd=REPO / "tests",
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.split()

@@ -62,6 +62,8 @@ ALLOWED_LISTENERS = {
     # Client-facing: the router's gRPC port (protobuf only) and Prometheus metrics (GET only).
     ("cluster/router/server.py", "server"),
     ("cluster/metrics.py", "start_http_server"),
+    # An attached router's metrics: its own series merged with the cluster actor's (GET only).
+    ("cluster/metrics_remote.py", "start_http_server"),
 }
 # Cluster-internal rendezvous (KV transfer, sequence-parallel groups): torch.distributed's
 # TCPStore and process groups carry raw tensors and bytes, never pickles; they bind the node

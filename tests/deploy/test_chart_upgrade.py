@@ -50,9 +50,7 @@ def _scaled(values: dict[str, Any], replicas: list[int]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("replicas", [[2, 1], [1, 3], [4, 4]])
-def test_replicas_only_upgrade_changes_no_pod_template(
-    tmp_path: Path, replicas: list[int]
-) -> None:
+def test_replicas_only_upgrade_changes_no_pod_template(tmp_path: Path, replicas: list[int]) -> None:
     base = _base()
     before = _render(base, tmp_path, "before")
     after = _render(_scaled(base, replicas), tmp_path, "after")
