@@ -99,6 +99,14 @@ class Report:
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)  # clear ones
     failures: list[str] = field(default_factory=list)
+    printed: int = 0  # failures already printed by print_run
+
+    def print_run(self, run: int) -> None:
+        """Progress after one run: the summary line, then the failures not printed yet."""
+        print(f"run {run}: {self.line()}", flush=True)
+        for f in self.failures[self.printed :]:
+            print("FAILURE", f, flush=True)
+        self.printed = len(self.failures)
 
     def line(self) -> str:
         """One summary line."""
@@ -355,17 +363,13 @@ async def chaos(
     try:
         problem = await settle(cluster)
         assert not problem, problem
-        seen = 0  # failures already printed
         for run in range(runs):
             try:
                 await one_run(cluster, moments, rng, run, report, streams, max_tokens, kinds)
             except TimeoutError:
                 break  # recorded as a failure; the cluster is in no state for another run
             if progress:
-                print(f"run {run}: {report.line()}", flush=True)
-                for f in report.failures[seen:]:
-                    print("FAILURE", f, flush=True)
-                seen = len(report.failures)
+                report.print_run(run)
     finally:
         await cluster.shutdown()
     return report

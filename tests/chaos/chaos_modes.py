@@ -274,7 +274,6 @@ async def chaos_mode(
             problem = await settle(cluster, timeout_s=120)
             assert not problem, problem
             assert await _until(lambda: mode.whole(cluster), 120), "never whole"
-            seen = 0  # failures already printed
             for run in range(runs):
                 try:
                     await one_run(
@@ -283,10 +282,7 @@ async def chaos_mode(
                 except TimeoutError:
                     break  # recorded as a failure
                 if progress:
-                    print(f"run {run}: {report.line()}", flush=True)
-                    for f in report.failures[seen:]:
-                        print("FAILURE", f, flush=True)
-                    seen = len(report.failures)
+                    report.print_run(run)
         finally:
             await cluster.shutdown()
     return report
