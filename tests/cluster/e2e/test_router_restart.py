@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,6 @@ from router_attach import (
     cluster_actor,
     config,
     expected_tokens,
-    owned_ray,
     router_port,
     run,
     start_router,
@@ -31,13 +29,6 @@ from router_attach import (
 )
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    """A Ray cluster owned by the test, outliving every router started here."""
-    with owned_ray() as address:
-        yield address
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from router_attach import (
     PROMPTS,
     config,
     expected_tokens,
-    owned_ray,
     router_port,
     run,
     start_router,
@@ -26,13 +24,6 @@ from router_attach import (
 from serve_process import cli
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    """A Ray cluster owned by the test."""
-    with owned_ray() as address:
-        yield address
 
 
 def _scale(address: str, *pools: str) -> tuple[int, str]:

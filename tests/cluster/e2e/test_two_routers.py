@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import re
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,7 +18,6 @@ from router_attach import (
     PROMPTS,
     config,
     expected_tokens,
-    owned_ray,
     router_port,
     run,
     start_router,
@@ -30,13 +28,6 @@ from router_attach import (
 from serve_process import cli, serve_config
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    """A Ray cluster owned by the test."""
-    with owned_ray() as address:
-        yield address
 
 
 def _metrics(server_lines: list[str]) -> str:
