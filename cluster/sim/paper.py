@@ -119,10 +119,21 @@ def setting_spec(name: Setting, model: str = "llama2-70b") -> SettingSpec:
 
 
 def plan_setup(
-    name: Setting, requests: Sequence[TraceRequest], seed: int = 0, model: str = "llama2-70b"
+    name: Setting,
+    requests: Sequence[TraceRequest],
+    seed: int = 0,
+    model: str = "llama2-70b",
+    reference: str = "a100-80gb",
 ) -> PlanSetup:
-    """A PlanSetup for the model (TP8) on the profile table under the named setting."""
+    """A PlanSetup for the model (TP8) on the profile table under the named setting.
+
+    `reference` is the machine whose uncontended latencies define the slowdowns: a DGX-A100 for
+    every design in SplitwiseSim's notebooks (`normalize_hardware`); another machine only as a
+    variant (measuring what an H100 reference would do to the designs that use H100s).
+    """
     spec = setting_spec(name, model)
+    if reference not in spec.machines:
+        raise ValueError(f"reference: one of {sorted(spec.machines)}, got {reference!r}")
     perf = {
         m: TablePerfModel.from_csv(SPLITWISE_TABLE, model, m, 8, spec.decode_axis)
         for m in spec.machines
@@ -132,7 +143,7 @@ def plan_setup(
         model=spec.model,
         machines=spec.machines,
         perf=perf,
-        reference=Reference(perf["a100-80gb"], chunk, paper=spec.paper_reference),
+        reference=Reference(perf[reference], chunk, paper=spec.paper_reference),
         requests=requests,
         sim=SimConfig(spec.scheduler, spec.limits, spec.layerwise_transfer),
         seed=seed,

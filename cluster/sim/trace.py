@@ -13,7 +13,8 @@ from typing import Literal
 from batonserve.cluster.sim.perf_model import DATA_DIR
 
 CODE_TRACE = DATA_DIR / "azure_llm_inference_trace_code_2023.csv"
-BUNDLED_TRACES = {"code": CODE_TRACE}
+CONV_TRACE = DATA_DIR / "azure_llm_inference_trace_conv_2023.csv"
+BUNDLED_TRACES = {"code": CODE_TRACE, "conv": CONV_TRACE}
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def _design(d: Design | None, setup_machines: dict) -> dict | None:
 
 def run(args: argparse.Namespace) -> None:
     """One experiment under one setting; writes its JSON."""
-    setup = plan_setup(args.setting, load_azure_trace("code", limit=args.requests))
+    setup = plan_setup(args.setting, load_azure_trace(args.trace, limit=args.requests))
     h100 = setup.machines["h100-80gb"]
     t0 = time.time()
 
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> None:
 
     families = [f for f in args.families.split(",") if f] or list(SPLITWISE_FAMILIES)
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{args.experiment}_{args.setting}.json"
+    conv = "" if args.trace == "code" else "_" + Path(args.trace).stem.lower()
+    path = OUT / f"{args.experiment}_{args.setting}{conv}.json"
     # Families accumulate across runs (several processes may each take some families).
     out: dict = json.loads(path.read_text()) if path.exists() else {"families": {}}
     out.update({"experiment": args.experiment, "setting": args.setting})
@@ -136,22 +137,45 @@ NOTEBOOK_DESIGNS = {
         ("Splitwise-HA", 35, 10),
         ("Splitwise-HHcap", 35, 7),
     ),
+    # The same notebook's designs for the conversation trace (isopower_conv_configs), to be run
+    # with `--trace conv`.
+    "isopower-conv": (
+        ("Baseline-A", 70, 0),
+        ("Baseline-H", 40, 0),
+        ("Splitwise-AA", 45, 25),
+        ("Splitwise-HH", 25, 15),
+        ("Splitwise-HA", 25, 26),
+        ("Splitwise-HHcap", 25, 21),
+    ),
 }
+
+
+def _trace(args: argparse.Namespace) -> list:
+    """The code trace (or `--trace PATH`), its first N requests or N drawn as SplitwiseSim does."""
+    if args.sample:  # SplitwiseSim's traces: lengths drawn independently from the trace
+        return sample_lengths(load_azure_trace(args.trace), args.requests, seed=1)
+    return load_azure_trace(args.trace, limit=args.requests)
+
+
+def _variant_tag(args: argparse.Namespace) -> str:
+    """File-name suffix for the variants that are not the paper's default."""
+    tag = ""
+    if args.trace != "code":
+        tag += "_" + Path(args.trace).stem.lower()
+    if args.reference != "a100-80gb":
+        tag += "_ref-" + args.reference
+    return tag
 
 
 def designs(args: argparse.Namespace) -> None:
     """Each of the notebook's designs for an experiment, rated (bisected to 2%); writes JSON."""
-    if args.sample:  # SplitwiseSim's traces: lengths drawn independently from the code trace
-        trace = sample_lengths(load_azure_trace("code"), args.requests, seed=1)
-    else:
-        trace = load_azure_trace("code", limit=args.requests)
-    setup = plan_setup(args.setting, trace, model=args.model)
+    setup = plan_setup(args.setting, _trace(args), model=args.model, reference=args.reference)
     t0 = time.time()
     tag = (
         f"_{args.requests}{'s' if args.sample else ''}"
         if args.requests != 3000 or args.sample
         else ""
-    )
+    ) + _variant_tag(args)
     path = OUT / f"{args.experiment}_designs_{args.setting}_{args.model}{tag}.json"
     out: dict = json.loads(path.read_text()) if path.exists() else {"designs": {}}
     out.update({"experiment": args.experiment, "setting": args.setting, "model": args.model})
@@ -173,11 +197,7 @@ def check(args: argparse.Namespace) -> None:
     """Whether each design (FAMILY:N or FAMILY:P+D) meets the SLOs at one rate, and its slowdowns."""
     from batonserve.cluster.sim.planner import evaluate
 
-    if args.sample:
-        trace = sample_lengths(load_azure_trace("code"), args.requests, seed=1)
-    else:
-        trace = load_azure_trace("code", limit=args.requests)
-    setup = plan_setup(args.setting, trace, model=args.model)
+    setup = plan_setup(args.setting, _trace(args), model=args.model, reference=args.reference)
     for text in args.designs:
         fam, _, counts = text.partition(":")
         design = make_design(fam, *(int(x) for x in counts.split("+")))
@@ -187,7 +207,8 @@ def check(args: argparse.Namespace) -> None:
             f"{design.label} at {args.rate} req/s ({args.requests} requests"
             f"{', sampled' if args.sample else ''}): {'meets' if s.slo_met else 'misses'} the SLOs; "
             f"TTFT p99 {s.ttft_slowdown.p99:.2f}x, TBT p90 {s.tbt_slowdown.p90:.2f}x, "
-            f"E2E p90 {s.e2e_slowdown.p90:.2f}x ({time.time() - t0:.0f} s)",
+            f"E2E p90 {s.e2e_slowdown.p90:.2f}x ({time.time() - t0:.0f} s)"
+            f"{'' if s.slo_met else '; broken: ' + ', '.join(s.slo_violations)}",
             flush=True,
         )
 
@@ -205,6 +226,7 @@ def main() -> None:
     r.add_argument("--families", default="", help="comma list (default: all six)")
     r.add_argument("--first", type=int, default=5, help="splits sampled before refining")
     r.add_argument("--rel-tol", type=float, default=0.02, help="rate bisection tolerance")
+    r.add_argument("--trace", default="code", help="'code', 'conv' (bundled) or an Azure trace CSV")
     r.set_defaults(func=run)
     d = sub.add_parser("designs")
     d.add_argument("experiment", choices=sorted(NOTEBOOK_DESIGNS))
@@ -213,6 +235,10 @@ def main() -> None:
     d.add_argument("--requests", type=int, default=3000)
     d.add_argument("--families", default="", help="comma list (default: all six)")
     d.add_argument("--sample", action="store_true", help="lengths drawn i.i.d. (SplitwiseSim)")
+    d.add_argument("--trace", default="code", help="'code', 'conv' (bundled) or an Azure trace CSV")
+    d.add_argument(
+        "--reference", default="a100-80gb", help="machine of the slowdown reference (variant)"
+    )
     d.add_argument("--rel-tol", type=float, default=0.02, help="rate bisection tolerance")
     d.set_defaults(func=designs)
     c = sub.add_parser("check")
@@ -222,6 +248,10 @@ def main() -> None:
     c.add_argument("--model", choices=["llama2-70b", "bloom-176b"], default="llama2-70b")
     c.add_argument("--requests", type=int, default=3000)
     c.add_argument("--sample", action="store_true", help="lengths drawn i.i.d. (SplitwiseSim)")
+    c.add_argument("--trace", default="code", help="'code', 'conv' (bundled) or an Azure trace CSV")
+    c.add_argument(
+        "--reference", default="a100-80gb", help="machine of the slowdown reference (variant)"
+    )
     c.set_defaults(func=check)
     rep = sub.add_parser("report")
     rep.set_defaults(func=report)

@@ -70,6 +70,15 @@ def test_code_trace_loads_in_order_with_its_timestamps() -> None:
         load_azure_trace("/nonexistent.csv")
 
 
+def test_conversation_trace_is_bundled() -> None:
+    t = load_azure_trace("conv")
+    assert len(t) == 19366
+    assert all(a.arrival_s <= b.arrival_s for a, b in itertools.pairwise(t))
+    # Conversation: shorter prompts, longer answers than code (means 1155 and 211 tokens).
+    assert 1100 < sum(r.prompt_tokens for r in t) / len(t) < 1200
+    assert 200 < sum(r.output_tokens for r in t) / len(t) < 220
+
+
 def test_poisson_retiming_and_synthetic_traces() -> None:
     base = load_azure_trace("code", limit=4000)
     r = retime_poisson(base, rate=20.0, seed=1)
