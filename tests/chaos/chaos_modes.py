@@ -71,12 +71,7 @@ def ring_mode(address: str, namespace: str, folder: Path) -> Mode:
     )
     cfg = ServeConfig(
         model=model,
-        ray=RayConfig(
-            address=address,
-            namespace=namespace,
-            include_dashboard=False,
-            worker_start_timeout_s=START_S,
-        ),
+        ray=_ray(address, namespace),
         engine=engine,
         pools=(
             PoolConfig("prefill", "prefill", 3, num_cpus=0.25, resources=_on(address, "prefill")),
@@ -97,6 +92,16 @@ def ring_mode(address: str, namespace: str, folder: Path) -> Mode:
     return Mode(cfg, Engine(model, engine), prompt, 12, whole)
 
 
+def _ray(address: str, namespace: str) -> RayConfig:
+    """The Ray section of both modes: this harness's cluster, a bounded worker start."""
+    return RayConfig(
+        address=address,
+        namespace=namespace,
+        include_dashboard=False,
+        worker_start_timeout_s=START_S,
+    )
+
+
 def ep_mode(address: str, namespace: str) -> Mode:
     """demo-moe, expert_parallel_size 2: one prefill and one decode worker, a follower each."""
     engine = EngineConfig(
@@ -109,12 +114,7 @@ def ep_mode(address: str, namespace: str) -> Mode:
     )
     cfg = ServeConfig(
         model="demo-moe",
-        ray=RayConfig(
-            address=address,
-            namespace=namespace,
-            include_dashboard=False,
-            worker_start_timeout_s=START_S,
-        ),
+        ray=_ray(address, namespace),
         engine=engine,
         pools=(
             PoolConfig("prefill", "prefill", 1, num_cpus=0.5, resources=_on(address, "prefill")),
