@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from batonserve.cluster.metrics_inputs import (
     HandoffRecord,
     PoolChange,
-    Rejection,
     RequestFinished,
+    RequestRejected,
     WorkerSnapshot,
 )
 from batonserve.cluster.metrics_ray import RayMirror, ray_mirror_if_running
@@ -205,7 +205,7 @@ class Metrics:
             tpot = rec.decode_seconds / (rec.generation_tokens - 1)
             self._observe("batonserve_request_time_per_output_token_seconds", req, tpot)
 
-    def request_rejected(self, rej: Rejection, *, was_admitted: bool = False) -> None:
+    def request_rejected(self, rej: RequestRejected, *, was_admitted: bool = False) -> None:
         """A request was refused (never call request_finished for it as well).
 
         `was_admitted`: the router had already reported request_admitted (the refusal came from
@@ -557,8 +557,8 @@ __all__ = [
     "HandoffRecord",
     "Metrics",
     "PoolChange",
-    "Rejection",
     "RequestFinished",
+    "RequestRejected",
     "SeriesSpec",
     "WorkerSnapshot",
     "build_series",

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from batonserve.cluster.metrics_inputs import PoolChange, Rejection, WorkerSnapshot
+from batonserve.cluster.metrics_inputs import PoolChange, RequestRejected, WorkerSnapshot
 
 if TYPE_CHECKING:
-    from batonserve.cluster.scheduling.types import Rejection as SchedulerRejection
-    from batonserve.cluster.scheduling.types import RoleChange
+    from batonserve.cluster.scheduling.types import Rejection, RoleChange
     from batonserve.workers.scheduler import SchedulerStats
     from batonserve.workers.worker_types import WorkerStats
 
@@ -60,9 +59,9 @@ def snapshot_from_engine_stats(
     )
 
 
-def rejection_from_scheduler(rej: SchedulerRejection) -> Rejection:
+def rejection_from_scheduler(rej: Rejection) -> RequestRejected:
     """The cluster scheduler's refusal as a metrics rejection (reason = the enum's value)."""
-    return Rejection(reason=str(rej.reason.value))
+    return RequestRejected(reason=str(rej.reason.value))
 
 
 def pool_change_from_role_change(change: RoleChange, pool: str) -> PoolChange:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from batonserve.cluster.api import Usage
 from batonserve.cluster.metrics import Metrics
-from batonserve.cluster.metrics_inputs import Rejection, RequestFinished
+from batonserve.cluster.metrics_inputs import RequestFinished, RequestRejected
 
 
 class RequestClock:
@@ -87,7 +87,7 @@ class RequestClock:
         if self._started:
             raise RuntimeError("RequestClock.rejected: the request already started; use finished")
         self._done = True
-        self._metrics.request_rejected(Rejection(reason, code), was_admitted=True)
+        self._metrics.request_rejected(RequestRejected(reason, code), was_admitted=True)
 
     def finished(
         self, code: str, finish_reason: str | None = None, usage: Usage | None = None

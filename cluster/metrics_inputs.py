@@ -94,16 +94,16 @@ class RequestFinished:
 
 
 @dataclass(frozen=True)
-class Rejection:
+class RequestRejected:
     """A request refused before admission (it never counts as in flight)."""
 
     reason: str  # short snake_case cause, e.g. "queue_full", "kv_exhausted", "slo_at_risk"
     code: str = "RESOURCE_EXHAUSTED"
 
     def __post_init__(self) -> None:
-        _check_label("Rejection", "reason", self.reason)
+        _check_label("RequestRejected", "reason", self.reason)
         if self.code not in GRPC_CODES:
-            raise ValueError(f"Rejection.code: not a gRPC status code name: {self.code!r}")
+            raise ValueError(f"RequestRejected.code: not a gRPC status code name: {self.code!r}")
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ __all__ = [
     "HandoffRecord",
     "PoolChange",
     "PoolChangeKind",
-    "Rejection",
     "RequestFinished",
+    "RequestRejected",
     "WorkerSnapshot",
 ]

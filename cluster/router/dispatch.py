@@ -11,7 +11,7 @@ import grpc
 from batonserve.cluster.api import AdmissionRejected, ClusterAPI, GenerateRequest, TokenDelta, Usage
 from batonserve.cluster.metrics import Metrics
 from batonserve.cluster.metrics_clock import RequestClock
-from batonserve.cluster.metrics_inputs import Rejection
+from batonserve.cluster.metrics_inputs import RequestRejected
 from batonserve.cluster.router.errors import RequestError, status_of
 
 log = logging.getLogger("batonserve.router")
@@ -41,7 +41,7 @@ class Dispatcher:
         """Count a request that failed before reaching the cluster (bad input, unknown model)."""
         if self.metrics is not None:
             code = status_of(exc)
-            self.metrics.request_rejected(Rejection(code.name.lower(), code.name))
+            self.metrics.request_rejected(RequestRejected(code.name.lower(), code.name))
 
     async def stream(
         self, request: GenerateRequest, n: int | None = 1

@@ -8,8 +8,8 @@ from batonserve.cluster.metrics import (
     HandoffRecord,
     Metrics,
     PoolChange,
-    Rejection,
     RequestFinished,
+    RequestRejected,
     WorkerSnapshot,
     build_series,
 )
@@ -52,7 +52,7 @@ def _exercised() -> Metrics:
     m.inter_token(0.05)
     m.request_params(16, 1)
     m.request_finished(RequestFinished("OK", "stop", 3, 2, 1, 0.5, True, 0.1, 0.2, 0.2, 0.4))
-    m.request_rejected(Rejection("queue_full"))
+    m.request_rejected(RequestRejected("queue_full"))
     m.worker_snapshot(
         WorkerSnapshot(
             "decode-0", "decode", "decode", 0.5, 1, 0, 10, 5, block_size=16, num_blocks=64

@@ -20,8 +20,8 @@ from batonserve.cluster.metrics import (
     HandoffRecord,
     Metrics,
     PoolChange,
-    Rejection,
     RequestFinished,
+    RequestRejected,
     WorkerSnapshot,
 )
 from batonserve.cluster.metrics_inputs import HandoffOutcome
@@ -65,7 +65,7 @@ def _cluster_events(metrics: Metrics, wave: int) -> None:
     )
     if wave == 1:
         for _ in range(REJECTED):
-            metrics.request_rejected(Rejection("queue_full"))
+            metrics.request_rejected(RequestRejected("queue_full"))
     if wave == 2:
         metrics.pool_change(PoolChange("prefill", "borrow", "prefill", "mixed"))
     if wave == 6:

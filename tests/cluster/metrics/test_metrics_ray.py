@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from batonserve.cluster.metrics import Metrics, Rejection, RequestFinished, WorkerSnapshot
+from batonserve.cluster.metrics import Metrics, RequestFinished, RequestRejected, WorkerSnapshot
 from batonserve.cluster.metrics_ray import RAY_KEY_SERIES
 
 DEADLINE_S = 30.0
@@ -68,7 +68,7 @@ def test_key_series_reach_rays_metrics_export() -> None:
             m.request_started(0.01)
             m.first_token(0.05 * (i + 1))
             m.request_finished(RequestFinished("OK", "stop", 8, 4, 0, 0.5, started=True))
-        m.request_rejected(Rejection("queue_full"))
+        m.request_rejected(RequestRejected("queue_full"))
         m.worker_snapshot(WorkerSnapshot("decode-0", "decode", "decode", 0.625, 2, 0, 0, 0))
 
         # The driver's metrics leave through the metrics agent of the node it runs on.

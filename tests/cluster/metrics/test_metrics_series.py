@@ -14,8 +14,8 @@ from batonserve.cluster.metrics import (
     HandoffRecord,
     Metrics,
     PoolChange,
-    Rejection,
     RequestFinished,
+    RequestRejected,
     WorkerSnapshot,
     token_buckets,
 )
@@ -132,9 +132,9 @@ def test_unbalanced_calls_raise_instead_of_going_negative() -> None:
 
 def test_rejections_count_by_reason_and_as_requests_by_code(scrape) -> None:
     m = Metrics("demo")
-    m.request_rejected(Rejection("queue_full"))
-    m.request_rejected(Rejection("queue_full"))
-    m.request_rejected(Rejection("prompt_too_long", code="INVALID_ARGUMENT"))
+    m.request_rejected(RequestRejected("queue_full"))
+    m.request_rejected(RequestRejected("queue_full"))
+    m.request_rejected(RequestRejected("prompt_too_long", code="INVALID_ARGUMENT"))
     s = scrape(m)
     assert s.value("batonserve_rejections_total", reason="queue_full", **M) == 2
     assert s.value("batonserve_rejections_total", reason="prompt_too_long", **M) == 1
@@ -266,15 +266,15 @@ def test_inputs_reject_bad_values_naming_the_field() -> None:
         HandoffRecord("a", "b", 0.1, 1, outcome="lost")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"PoolChange\.change"):
         PoolChange("a", "lend", "prefill", "mixed")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"Rejection\.reason"):
-        Rejection("")
+    with pytest.raises(ValueError, match=r"RequestRejected\.reason"):
+        RequestRejected("")
     with pytest.raises(ValueError, match="model"):
         Metrics("")
 
 
 def test_instances_have_independent_registries(scrape) -> None:
     a, b = Metrics("demo"), Metrics("demo")
-    a.request_rejected(Rejection("queue_full"))
+    a.request_rejected(RequestRejected("queue_full"))
     assert scrape(a).value("batonserve_rejections_total", reason="queue_full", **M) == 1
     assert scrape(b).value("batonserve_rejections_total", reason="queue_full", **M) is None
 
@@ -283,7 +283,7 @@ def test_http_endpoint_serves_metrics_on_loopback() -> None:
     m = Metrics("demo")
     port = m.start_http_server("127.0.0.1", 0)
     try:
-        m.request_rejected(Rejection("queue_full"))
+        m.request_rejected(RequestRejected("queue_full"))
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             body = resp.read().decode()
         assert 'batonserve_rejections_total{model="demo",reason="queue_full"} 1.0' in body
