@@ -24,7 +24,6 @@ from batonserve.cluster.api import (
     ModelInfo,
     ServerInfo,
     TokenDelta,
-    WorkerInfo,
 )
 from batonserve.cluster.config import ServeConfig
 from batonserve.cluster.controller import Controller, WorkerHandle
@@ -45,6 +44,7 @@ from batonserve.cluster.scheduling import (
     assume_assigned,
 )
 from batonserve.cluster.worker_events import WorkerEvents
+from batonserve.cluster.worker_stats import worker_info, worker_view
 from batonserve.workers.block_pool import hash_blocks
 from batonserve.workers.output_processor import OutputProcessor
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
@@ -99,21 +99,10 @@ class Cluster(WorkerEvents, RingRouting):
 
     def server_info(self) -> ServerInfo:
         """Pools and workers with their current roles and loads."""
-        workers = []
-        for h in self.controller.workers.values():
-            s = h.stats
-            workers.append(
-                WorkerInfo(
-                    name=h.name,
-                    pool=h.spec.pool,
-                    role=h.role,
-                    healthy=h.healthy,
-                    running_requests=s.running if s else 0,
-                    waiting_requests=s.waiting if s else 0,
-                    pending_prefill_tokens=s.pending_prefill_tokens if s else 0,
-                    kv_cache_usage=s.kv_usage if s else 0.0,
-                )
-            )
+        workers = [
+            worker_info(h.name, h.spec.pool, h.role, h.healthy, h.stats)
+            for h in self.controller.workers.values()
+        ]
         return ServerInfo(tuple(p.name for p in self.config.pools), tuple(workers))
 
     def ready(self) -> bool:
@@ -199,19 +188,13 @@ class Cluster(WorkerEvents, RingRouting):
     # ---- pairing and attempts ------------------------------------------------------------------
 
     def _view(self, h: WorkerHandle) -> WorkerView:
-        s = h.stats
-        return WorkerView(
-            worker_id=h.name,
-            pool=h.spec.pool,
-            home_role=h.home_role,
-            role=h.role,
+        return worker_view(
+            h.name,
+            h.spec.pool,
+            h.home_role,
+            h.role,
+            h.stats,
             healthy=h.healthy,
-            pending_prefill_tokens=s.pending_prefill_tokens if s else 0,
-            running=s.running if s else 0,
-            waiting=s.waiting if s else 0,
-            num_free_blocks=s.num_free_blocks if s else 0,
-            num_total_blocks=s.num_blocks if s else 0,
-            block_size=s.block_size if s else 16,
             draining=h.draining,
         )
 

@@ -9,10 +9,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from batonserve.cluster.metrics_adapters import snapshot_from_worker_stats
 from batonserve.cluster.metrics_inputs import PoolChange
 from batonserve.cluster.observer import handoff_record
 from batonserve.cluster.reconcile import Reconciler
+from batonserve.cluster.worker_stats import worker_snapshot
 from batonserve.workers.worker_types import HandoffEvent, PollResult, RequestDelta
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class WorkerEvents:
         if now - self._last_snapshot.get(name, 0.0) >= SNAPSHOT_S:
             self._last_snapshot[name] = now
             s = r.stats
-            self.observer.worker_snapshot(snapshot_from_worker_stats(s, h.role))
+            self.observer.worker_snapshot(worker_snapshot(s, h.role))
             if s.moe is not None:
                 self.observer.moe(s.name, s.pool, s.moe)
             if s.ep_tuner is not None:

@@ -16,6 +16,7 @@ from batonserve.cluster.scheduling import Role, WorkerView
 from batonserve.cluster.sim.count_pool import CountingBlockPool
 from batonserve.cluster.sim.hardware import MachineSpec
 from batonserve.cluster.sim.perf_model import PerfModel
+from batonserve.cluster.worker_stats import worker_view
 from batonserve.workers.block_pool import BlockPool
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.request import Request
@@ -175,32 +176,48 @@ class SimWorker:
         """Blocks covering `num_tokens` tokens."""
         return -(-num_tokens // self.block_size)
 
-    def view(self) -> WorkerView:
-        """The snapshot the cluster-level scheduler sees."""
-        if self._view is not None:
-            return self._view
-        # The three load figures of `Scheduler.stats()`, without its cache and pin counters
-        # (which walk every request the worker holds, at every arrival, on every worker).
-        sched = self.sched
+    @property
+    def running(self) -> int:
+        """Requests in the batch, plus handoffs waiting here for free blocks (paired here)."""
+        return len(self.sched.running) + len(self.imports)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued, not yet admitted to the batch."""
+        return len(self.sched.waiting)
+
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens not yet computed (`Scheduler.stats()`'s figure, without its cache and
+        pin counters, which walk every request the worker holds)."""
         pending = 0
-        for queue in (sched.waiting, sched.running):
+        for queue in (self.sched.waiting, self.sched.running):
             for r in queue:
                 if r.num_computed_tokens < r.num_prompt_tokens:
                     pending += r.num_prompt_tokens - r.num_computed_tokens
-        self._view = WorkerView(
-            worker_id=self.worker_id,
-            pool=self.pool,
-            home_role=self.home_role,
-            role=self.role,
-            healthy=True,
-            pending_prefill_tokens=pending,
-            running=len(sched.running) + len(self.imports),
-            waiting=len(sched.waiting),
-            num_free_blocks=max(0, self.blocks.num_free_blocks - self.reserved_blocks),
-            num_total_blocks=self.blocks.num_blocks,
-            block_size=self.block_size,
-            machine=self.machine.name,
-        )
+        return pending
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Free KV blocks less those promised to handoffs, as a live worker reports them."""
+        return self.blocks.num_free_blocks - self.reserved_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        """All KV blocks."""
+        return self.blocks.num_blocks
+
+    def view(self) -> WorkerView:
+        """The snapshot the cluster-level scheduler sees (built as the live cluster builds it)."""
+        if self._view is None:
+            self._view = worker_view(
+                self.worker_id,
+                self.pool,
+                self.home_role,
+                self.role,
+                self,
+                machine=self.machine.name,
+            )
         return self._view
 
     # ---- steps -----------------------------------------------------------------------------

@@ -6,10 +6,9 @@ from batonserve.cluster.metrics import Metrics
 from batonserve.cluster.metrics_adapters import (
     pool_change_from_role_change,
     rejection_from_scheduler,
-    snapshot_from_engine_stats,
-    snapshot_from_worker_stats,
 )
 from batonserve.cluster.scheduling.types import Rejection, RejectReason, RoleChange
+from batonserve.cluster.worker_stats import engine_snapshot, worker_snapshot
 from batonserve.workers.scheduler import SchedulerStats
 from batonserve.workers.worker_types import WorkerStats
 
@@ -32,8 +31,8 @@ def _engine_stats(queries: int, hits: int, preemptions: int) -> SchedulerStats:
 
 def test_engine_stats_become_worker_series(scrape) -> None:
     m = Metrics("demo")
-    m.worker_snapshot(snapshot_from_engine_stats("decode-1", "decode", "decode", _engine_stats(50, 20, 1)))  # fmt: skip
-    m.worker_snapshot(snapshot_from_engine_stats("decode-1", "decode", "decode", _engine_stats(80, 30, 3)))  # fmt: skip
+    m.worker_snapshot(engine_snapshot("decode-1", "decode", "decode", _engine_stats(50, 20, 1)))  # fmt: skip
+    m.worker_snapshot(engine_snapshot("decode-1", "decode", "decode", _engine_stats(80, 30, 3)))  # fmt: skip
     s = scrape(m)
     assert s.value("batonserve_kv_cache_usage_perc", **W) == 0.5
     assert s.value("batonserve_worker_running_batch_size", **W) == 6
@@ -67,7 +66,7 @@ def test_worker_actor_stats_become_worker_series(scrape) -> None:
         regroup_deferred=15,
     )
     m = Metrics("demo")
-    m.worker_snapshot(snapshot_from_worker_stats(stats))
+    m.worker_snapshot(worker_snapshot(stats))
     s = scrape(m)
     w = {"pool": "prefill", "worker": "prefill-0"}
     assert s.value("batonserve_worker_role", role="mixed", **w) == 1
@@ -78,7 +77,7 @@ def test_worker_actor_stats_become_worker_series(scrape) -> None:
     assert s.value("batonserve_num_preemptions_total", **w) == 2
     assert s.value("batonserve_moe_regroup_deferred_total", **w) == 15
     # The controller's role wins over the one the worker last reported.
-    m.worker_snapshot(snapshot_from_worker_stats(stats, role="decode"))
+    m.worker_snapshot(worker_snapshot(stats, role="decode"))
     s = scrape(m)
     assert s.value("batonserve_worker_role", role="decode", **w) == 1
 
