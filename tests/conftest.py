@@ -1,6 +1,6 @@
-"""Test-wide setup: shared helper modules in tests/ are importable from every test folder, the
-repository root is not, and any Ray the tests start stays on 127.0.0.1 (with
-`node_ip_address="127.0.0.1"` on every node)."""
+"""Test-wide setup: the shared helper package `testkit` (tests/testkit/) is importable from every
+test folder and from Ray workers, the repository root is not, and any Ray the tests start stays
+on 127.0.0.1 (with `node_ip_address="127.0.0.1"` on every node)."""
 
 import os
 import sys
@@ -15,4 +15,4 @@ REPO = TESTS.parent
 # the project itself is imported only as `batonserve.*`, so the root never needs to be there.
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != REPO]
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS))  # tests/ only: `import testkit.<helper>`

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (hf_tiny.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the testkit package
 
-from hf_tiny import make_tiny_model
+from testkit.hf_tiny import make_tiny_model
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.kv_transfer import KVChunk, KVTransferConfig, make_transport

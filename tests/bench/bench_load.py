@@ -19,17 +19,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROUTER_TESTS = Path(__file__).resolve().parents[1] / "cluster" / "router"
-sys.path.insert(0, str(ROUTER_TESTS))
-sys.path.insert(0, str(ROUTER_TESTS.parents[1]))  # tests/ (loop_thread.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the testkit package
 
-from router_harness import write_tiny_model  # noqa: E402
+from testkit import TESTS
+from testkit.router_harness import write_tiny_model
 
-from batonserve.cluster.bench.drivers import Connection, RequestResult  # noqa: E402
-from batonserve.cluster.bench.plots import write_plots  # noqa: E402
-from batonserve.cluster.bench.report import SLO, BenchReport, summarize  # noqa: E402
-from batonserve.cluster.bench.runner import BenchConfig, run_bench  # noqa: E402
-from batonserve.cluster.bench.workload import LengthSpec, synthetic_requests  # noqa: E402
+from batonserve.cluster.bench.drivers import Connection, RequestResult
+from batonserve.cluster.bench.plots import write_plots
+from batonserve.cluster.bench.report import SLO, BenchReport, summarize
+from batonserve.cluster.bench.runner import BenchConfig, run_bench
+from batonserve.cluster.bench.workload import LengthSpec, synthetic_requests
 
 INTERVAL_S = 0.01
 OUTPUT = 32
@@ -37,11 +36,12 @@ SLO_ = SLO(ttft_s=0.1, tbt_s=0.02)
 
 
 def start_server(model_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    """fake_server.py (router + paced fake cluster, 8 running at most) on a free port."""
+    """testkit.fake_server (router + paced fake cluster, 8 running at most) on a free port."""
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(ROUTER_TESTS / "fake_server.py"),
+            "-m",
+            "testkit.fake_server",
             str(model_dir),
             "1",
             str(INTERVAL_S),
@@ -51,6 +51,7 @@ def start_server(model_dir: Path) -> tuple[subprocess.Popen[str], str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        cwd=TESTS,
     )
     assert proc.stdout is not None
     for line in proc.stdout:

@@ -20,15 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from moe_bench_cache import MODEL, run_cache, run_memory
 from moe_bench_ep import run_ep
 from moe_bench_regroup import run_regroup

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "workers" / "moe")]  # hf_tiny, big_mixtral
+sys.path.insert(0, str(HERE.parent))  # tests/: the testkit package
 
 MB = 1 << 20
 
@@ -32,8 +32,8 @@ def say(msg: str) -> None:
 
 def build_model(workdir: Path, hidden: int, inter: int, layers: int, experts: int) -> Path:
     """The random Mixtral and its tokenizer (reused when already written)."""
-    from big_mixtral import CONFIG, write_big_mixtral
-    from hf_tiny import build_tokenizer
+    from testkit.big_mixtral import CONFIG, write_big_mixtral
+    from testkit.hf_tiny import build_tokenizer
 
     path = workdir / f"mixtral-{layers}x{experts}-{hidden}-{inter}"
     if not (path / "model.safetensors").is_file():

@@ -22,17 +22,16 @@ from pathlib import Path
 
 import grpc
 
-ROUTER_TESTS = Path(__file__).resolve().parents[1] / "cluster" / "router"
-sys.path.insert(0, str(ROUTER_TESTS))
-sys.path.insert(0, str(ROUTER_TESTS.parents[1]))  # tests/ (loop_thread.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the testkit package
 
-from router_harness import REPLY, fakes, reply_script, write_tiny_model  # noqa: E402
+from testkit import TESTS
+from testkit.router_harness import REPLY, fakes, reply_script, write_tiny_model
 
-from batonserve.cluster.api import GenerateRequest, ModelInfo  # noqa: E402
-from batonserve.proto import generation_pb2 as pb  # noqa: E402
-from batonserve.proto import generation_pb2_grpc  # noqa: E402
-from batonserve.workers.sampling_params import SamplingParams  # noqa: E402
-from batonserve.workers.tokenizer import Tokenizer  # noqa: E402
+from batonserve.cluster.api import GenerateRequest, ModelInfo
+from batonserve.proto import generation_pb2 as pb
+from batonserve.proto import generation_pb2_grpc
+from batonserve.workers.sampling_params import SamplingParams
+from batonserve.workers.tokenizer import Tokenizer
 
 CONTEXT = 4096
 
@@ -63,7 +62,8 @@ def through_router(model_dir: Path, repeat: int, n: int, tokens: int) -> list[fl
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(ROUTER_TESTS / "fake_server.py"),
+            "-m",
+            "testkit.fake_server",
             str(model_dir),
             "5",
             "0",
@@ -73,6 +73,7 @@ def through_router(model_dir: Path, repeat: int, n: int, tokens: int) -> list[fl
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        cwd=TESTS,
     )
     try:
         assert proc.stdout is not None

@@ -141,8 +141,9 @@ def plots(out: Path) -> list[Path]:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         made.append(p)
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     labels, paper_v, ours_v, faithful_v, notebook_v, sampled_v = [], [], [], [], [], []
+    conv_v, conv_sampled_v = [], []
     for exp, fam, base, q, val in PAPER:
         labels.append(f"{exp}\n{fam.split('-')[1]}/{base.split('-')[1]} {q}")
         paper_v.append(val)
@@ -151,17 +152,29 @@ def plots(out: Path) -> list[Path]:
         thr = q == "throughput"
         notebook_v.append(_design_ratio(out, exp, fam, base) if thr else 0.0)
         sampled_v.append(_design_ratio(out, exp, fam, base, "_12000s") if thr else 0.0)
+        # The conversation trace: the notebook's iso-power designs for it, and the searched
+        # iso-throughput designs (bench_paper.py ... --trace conv).
+        if exp == "isothroughput":
+            conv = _ratio(_load(out, exp, "paper_conv"), fam, base, q) or 0.0
+            conv_v.append(conv)
+            conv_sampled_v.append(0.0)
+        else:
+            cexp = f"{exp}-conv"
+            conv_v.append(_design_ratio(out, cexp, fam, base, "_conv"))
+            conv_sampled_v.append(_design_ratio(out, cexp, fam, base, "_12000s_conv"))
     xs = range(len(labels))
-    w = 0.17
+    w = 0.12
     bars = (
         (paper_v, "paper"),
-        (sampled_v, "paper setting, notebook's designs, SplitwiseSim-style traces (A)"),
-        (notebook_v, "paper setting, notebook's designs, first 3000 (B)"),
-        (faithful_v, "paper setting, searched designs (C)"),
-        (ours_v, "batonserve setting, searched (D)"),
+        (sampled_v, "code: paper setting, notebook's designs, SplitwiseSim-style traces (A)"),
+        (notebook_v, "code: paper setting, notebook's designs, first 3000 (B)"),
+        (faithful_v, "code: paper setting, searched designs (C)"),
+        (ours_v, "code: batonserve setting, searched (D)"),
+        (conv_sampled_v, "conversation: paper setting, notebook's designs, SplitwiseSim-style (E)"),
+        (conv_v, "conversation: paper setting, notebook's designs first 3000 / searched (F)"),
     )
     for i, (vals, label) in enumerate(bars):
-        ax.bar([x + (i - 2) * w for x in xs], vals, w, label=label)
+        ax.bar([x + (i - 3) * w for x in xs], vals, w, label=label)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("ratio to the baseline")
     ax.grid(axis="y", alpha=0.3)

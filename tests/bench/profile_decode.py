@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import build_model, prompts_for
 
 from batonserve.workers import engine as engine_mod

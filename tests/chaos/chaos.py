@@ -41,9 +41,9 @@ from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
 from batonserve.workers.worker_types import HandoffEvent
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: shared helpers
-from cluster_checks import idle
-from scripted_reference import scripted_reference
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the testkit package
+from testkit.cluster_checks import idle
+from testkit.scripted_reference import scripted_reference
 
 # Kinds of fault: a random worker of a pool; the sending or receiving side of a handoff in
 # flight; two workers at once. Armed ones fire at the next exact moment after their token count:

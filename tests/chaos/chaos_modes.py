@@ -38,10 +38,10 @@ from batonserve.workers.engine import Engine
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.sp_serving.config import SequenceParallelConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: shared helpers
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the testkit package
 from chaos import RUN_S, START_S, Report, settle
-from hf_tiny import make_tiny_model
-from ray_local import two_node_ray
+from testkit.hf_tiny import make_tiny_model
+from testkit.ray_local import two_node_ray
 
 PAIR_ONLY = SchedulerConfig(  # ring members and EP groups serve prefill; no role flips here
     conditional_disaggregation=False, mixed_pool=MixedPoolConfig(enabled=False)

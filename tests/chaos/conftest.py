@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from ray_local import two_node_ray
+from testkit.ray_local import two_node_ray
 
 
 @pytest.fixture(scope="module")

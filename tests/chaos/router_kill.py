@@ -27,10 +27,10 @@ from batonserve.cluster.env import keep_ray_on_loopback
 
 keep_ray_on_loopback()  # before Ray is imported: it reads the setting at import time
 TESTS = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(TESTS), str(TESTS / "cluster" / "e2e")]  # shared helpers
+sys.path.insert(0, str(TESTS))  # tests/: the testkit package
 
 import grpc  # noqa: E402
-from router_attach import (  # noqa: E402
+from testkit.router_attach import (  # noqa: E402
     NAMESPACE,
     PROMPTS,
     config,
@@ -42,7 +42,7 @@ from router_attach import (  # noqa: E402
     wait_baseline,
     worker_ids,
 )
-from serve_process import Server, cli  # noqa: E402
+from testkit.serve_process import Server, cli  # noqa: E402
 
 
 def check(i: int, out: list[int] | grpc.StatusCode, want: list[int], victim: bool) -> str:

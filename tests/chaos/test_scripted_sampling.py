@@ -3,7 +3,7 @@ check seeded sampling across a resume: prompt + tokens so far continue the same 
 
 from __future__ import annotations
 
-from scripted_reference import scripted_reference
+from testkit.scripted_reference import scripted_reference
 
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig

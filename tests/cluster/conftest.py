@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from loop_thread import LoopThread
-from ray_local import two_node_ray
+from testkit.loop_thread import LoopThread
+from testkit.ray_local import two_node_ray
 
 
 @pytest.fixture(scope="module")

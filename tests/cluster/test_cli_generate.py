@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared helpers
-
-from hf_tiny import make_tiny_model
+from testkit.hf_tiny import make_tiny_model
 
 from batonserve.cluster.cli import main
 from batonserve.workers.engine import Engine

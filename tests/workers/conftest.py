@@ -1,4 +1,4 @@
-"""Engine-test fixtures: tiny random HF models (tests/hf_tiny.py) built once per session."""
+"""Engine-test fixtures: tiny random HF models (testkit.hf_tiny) built once per session."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-# tests/ holds shared helpers (hf_tiny.py); test dirs have no __init__.py, so put it on the path.
-from hf_tiny import build_tokenizer
+from testkit.hf_tiny import build_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +20,7 @@ def tiny_tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """tiny_model(arch) -> directory of a tiny random HF model of `arch`, built once per session."""
-    from hf_tiny import make_tiny_model
+    from testkit.hf_tiny import make_tiny_model
 
     built: dict[str, Path] = {}
 

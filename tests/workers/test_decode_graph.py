@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import make_tiny_model
+from testkit.hf_tiny import make_tiny_model
 
 from batonserve.workers.decode_graph import bucket_sizes
 from batonserve.workers.engine import Engine

@@ -11,7 +11,6 @@ import random
 from fake_runner import FakeRunner, reference_greedy
 
 from batonserve.workers.engine_core import EngineCore
-from batonserve.workers.request import Request
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import SchedulerStats
 
@@ -49,9 +48,8 @@ def _run_workload(seed: int) -> SchedulerStats:
             rid = f"r{i}"
             expected[rid] = reference_greedy(runner, prompt, n)
             got[rid] = []
-            core.add_request(
-                Request(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-            )
+            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            core.add_request(rid, prompt, params)
         if not core.has_unfinished() and not pending:
             break
         for out in core.step():

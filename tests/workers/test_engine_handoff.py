@@ -39,7 +39,11 @@ def test_prefill_on_a_decode_on_b_equals_one_engine(
     for _ in range(20):
         if not a.has_unfinished():
             break
-        for out in a.step(layer_hook=lambda layer, ids: seen.append((layer, ids))):
+        for out in a.step(
+            layer_hook=lambda layer, plan: seen.append(
+                (layer, tuple(s.request_id for s in plan.seqs))
+            )
+        ):
             assert out.prefilled and not out.finished and len(out.token_ids) == 1
             first[out.request_id] = out.token_ids[0]
     assert sorted(first) == ["r0", "r1"]

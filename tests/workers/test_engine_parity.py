@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import ARCHS, load_hf_model
+from testkit.hf_tiny import ARCHS, load_hf_model
 
 from batonserve.workers.engine import LLM, Engine
 from batonserve.workers.sampling_params import SamplingParams

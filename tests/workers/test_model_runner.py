@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import make_tiny_model
-from paged_batch import PagedSeqs
+from testkit.hf_tiny import make_tiny_model
+from testkit.paged_batch import PagedSeqs
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.model_runner import ModelRunner

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))
-
-from router_harness import RouterHarness, router_factory, write_tiny_model
+from testkit.router_harness import RouterHarness, router_factory, write_tiny_model
 
 from batonserve.workers.tokenizer import Tokenizer
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from router_harness import RouterHarness
+from testkit.router_harness import RouterHarness
 
 from batonserve.cluster.bench.drivers import Connection
 from batonserve.cluster.bench.openai_driver import base_url

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from router_harness import CONTEXT_LENGTH, RouterHarness, fakes
+from testkit.router_harness import CONTEXT_LENGTH, RouterHarness, fakes
 
 from batonserve.cluster.bench.drivers import Connection
 from batonserve.cluster.bench.report import SLO, summarize

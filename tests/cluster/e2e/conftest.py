@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from router_attach import owned_ray
+from testkit.router_attach import owned_ray
 
 
 @pytest.fixture(scope="module")

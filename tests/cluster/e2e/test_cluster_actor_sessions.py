@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 
 import pytest
-from fakes import FakeCluster
+from testkit.fakes import FakeCluster
 
 from batonserve.cluster.api import GenerateRequest, ModelInfo, TokenDelta
 from batonserve.cluster.cluster_actor import ClusterActor, StreamError

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import grpc
 import openai
 import pytest
-from serve_process import Server, serve_config
+from testkit.serve_process import Server, serve_config
 
 from batonserve.proto import generation_pb2 as pb
 from batonserve.proto import generation_pb2_grpc

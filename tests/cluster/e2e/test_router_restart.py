@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import ray
-from router_attach import (
+from testkit.router_attach import (
     MAX_TOKENS,
     NAMESPACE,
     PROMPTS,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from router_attach import (
+from testkit.router_attach import (
     NAMESPACE,
     PROMPTS,
     config,
@@ -21,7 +21,7 @@ from router_attach import (
     wait_baseline,
     worker_ids,
 )
-from serve_process import cli
+from testkit.serve_process import cli
 
 pytestmark = pytest.mark.cluster
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_server import PrometheusServer
-from serve_process import Server, cli, serve_config
+from testkit.prometheus_server import PrometheusServer
+from testkit.serve_process import Server, cli, serve_config
 
 from batonserve.cluster.metrics import TTFT_BUCKETS
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serve_process import Server, cli, serve_config
+from testkit.serve_process import Server, cli, serve_config
 
 from batonserve.cluster.config import PoolConfig
 from batonserve.cluster.placement import StartupError, check_pools_fit, local_num_cpus

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import ray
-from router_attach import (
+from testkit.router_attach import (
     NAMESPACE,
     PROMPTS,
     config,
@@ -25,7 +25,7 @@ from router_attach import (
     wait_baseline,
     worker_ids,
 )
-from serve_process import cli, serve_config
+from testkit.serve_process import cli, serve_config
 
 pytestmark = pytest.mark.cluster
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "router"))  # router_harness.py
-
-from router_harness import RouterHarness, router_factory, write_tiny_model  # noqa: E402
+from testkit.router_harness import RouterHarness, router_factory, write_tiny_model  # noqa: E402
 
 from batonserve.workers.tokenizer import Tokenizer  # noqa: E402
 

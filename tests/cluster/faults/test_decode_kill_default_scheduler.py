@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 import pytest
 import ray
-from cluster_checks import wait_idle
-from router_harness import RouterHarness
+from testkit.cluster_checks import wait_idle
+from testkit.router_harness import RouterHarness
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig

@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 import pytest
 import ray
-from cluster_checks import prompt_of, wait_idle
-from hf_tiny import make_tiny_model
-from router_harness import RouterHarness
+from testkit.cluster_checks import prompt_of, wait_idle
+from testkit.hf_tiny import make_tiny_model
+from testkit.router_harness import RouterHarness
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.cluster.config import PoolConfig, RayConfig, RouterConfig, ServeConfig

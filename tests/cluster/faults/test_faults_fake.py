@@ -21,7 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from router_harness import RouterHarness, fakes, reply_script
+from testkit import TESTS
+from testkit.router_harness import RouterHarness, fakes, reply_script
 
 from batonserve.cluster.bench.drivers import Connection
 from batonserve.cluster.bench.report import percentile
@@ -206,15 +207,22 @@ def _free_port() -> int:
 
 
 class _Server:
-    """fault_server.py in a subprocess on a fixed port."""
+    """testkit.fault_server in a subprocess on a fixed port."""
 
     def __init__(self, model_dir: Path, port: int, interval: float) -> None:
-        script = Path(__file__).resolve().parent / "fault_server.py"
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(model_dir), str(port), str(interval)],
+            [
+                sys.executable,
+                "-m",
+                "testkit.fault_server",
+                str(model_dir),
+                str(port),
+                str(interval),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            cwd=TESTS,
         )
         assert self.proc.stdout is not None
         lines = []

@@ -18,10 +18,10 @@ import itertools
 from collections.abc import Iterator
 
 import pytest
-from cluster_checks import collect, prompt_of, wait_idle
-from loop_thread import LoopThread
-from observer_recorder import Recorder
-from scripted_reference import scripted_reference
+from testkit.cluster_checks import collect, prompt_of, wait_idle
+from testkit.loop_thread import LoopThread
+from testkit.observer_recorder import Recorder
+from testkit.scripted_reference import scripted_reference
 
 from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig

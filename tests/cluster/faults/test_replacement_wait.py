@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import ray
-from cluster_checks import prompt_of, wait_idle
-from loop_thread import LoopThread
-from scripted_reference import scripted_reference
+from testkit.cluster_checks import prompt_of, wait_idle
+from testkit.loop_thread import LoopThread
+from testkit.scripted_reference import scripted_reference
 
 from batonserve.cluster import runtime
 from batonserve.cluster.api import GenerateRequest

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 import ray
-from cluster_checks import wait_idle
-from loop_thread import LoopThread
+from testkit.cluster_checks import wait_idle
+from testkit.loop_thread import LoopThread
 
 from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig

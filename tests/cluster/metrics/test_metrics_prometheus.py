@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_server import PrometheusServer
+from testkit.prometheus_server import PrometheusServer
 
 from batonserve.cluster.metrics import (
     TTFT_BUCKETS,

@@ -9,10 +9,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cluster_checks import collect, prompt_of, wait_idle
-from hf_tiny import make_tiny_model
-from loop_thread import LoopThread
-from observer_recorder import Recorder
+from testkit.cluster_checks import collect, prompt_of, wait_idle
+from testkit.hf_tiny import make_tiny_model
+from testkit.loop_thread import LoopThread
+from testkit.observer_recorder import Recorder
 
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
 from batonserve.cluster.runtime import Cluster, start_cluster

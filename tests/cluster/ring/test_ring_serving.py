@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import ray
-from cluster_checks import collect, prompt_of, wait_idle
-from hf_tiny import make_tiny_model
-from loop_thread import LoopThread
-from observer_recorder import Recorder
+from testkit.cluster_checks import collect, prompt_of, wait_idle
+from testkit.hf_tiny import make_tiny_model
+from testkit.loop_thread import LoopThread
+from testkit.observer_recorder import Recorder
 
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
 from batonserve.cluster.runtime import Cluster, start_cluster

@@ -82,11 +82,14 @@ def test_sliding_window_model_refuses_to_join_before_any_collective() -> None:
 
     import torch.distributed as dist
 
+    from batonserve.workers.engine_core import EngineCore
     from batonserve.workers.sp_serving.member import RingMember
     from batonserve.workers.sp_serving.types import RingSetup
 
     cfg = SimpleNamespace(num_layers=2, layer_window=lambda i: 16 if i == 1 else None)
-    member = RingMember(SimpleNamespace(runner=SimpleNamespace(model_config=cfg)), None)  # type: ignore[arg-type]
+    core = SimpleNamespace(runner=SimpleNamespace(model_config=cfg))
+    core.has_sliding_window = lambda: EngineCore.has_sliding_window(core)  # type: ignore[arg-type]
+    member = RingMember(core, None)  # type: ignore[arg-type]
     setup = RingSetup(1, "127.0.0.1", 1, 0, ("p-0", "p-1"), "gloo", 1.0, "auto", "zigzag")
     with pytest.raises(ValueError, match="sliding-window"):
         member.join(setup)

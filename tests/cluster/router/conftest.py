@@ -1,4 +1,4 @@
-"""Fixtures for router tests (helpers live in router_harness.py)."""
+"""Fixtures for router tests (helpers live in testkit.router_harness)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from router_harness import RouterHarness, router_factory, tiny_model_info, write_tiny_model
+from testkit.router_harness import RouterHarness, router_factory, tiny_model_info, write_tiny_model
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.workers.tokenizer import Tokenizer

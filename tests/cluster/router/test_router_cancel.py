@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from router_harness import RouterHarness, fakes, reply_script
+from testkit.router_harness import RouterHarness, fakes, reply_script
 
 from batonserve.proto import generation_pb2 as pb
 from batonserve.workers.tokenizer import Tokenizer

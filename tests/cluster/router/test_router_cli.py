@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from router_harness import REPLY, RouterHarness
+from testkit.router_harness import REPLY, RouterHarness
 
 from batonserve.cluster.cli import build_parser, main
 from batonserve.cluster.cli_serve import build_config

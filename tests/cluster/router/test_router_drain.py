@@ -13,23 +13,30 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from router_harness import eventually
+from testkit import TESTS
+from testkit.router_harness import eventually
 
 from batonserve.proto import generation_pb2 as pb
 from batonserve.proto import generation_pb2_grpc
 
-SCRIPT = Path(__file__).resolve().parent / "fake_server.py"
-
 
 class Served:
-    """fake_server.py running in a subprocess."""
+    """testkit.fake_server running in a subprocess."""
 
     def __init__(self, model_dir: Path, grace_s: float, interval_s: float) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(model_dir), str(grace_s), str(interval_s)],
+            [
+                sys.executable,
+                "-m",
+                "testkit.fake_server",
+                str(model_dir),
+                str(grace_s),
+                str(interval_s),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            cwd=TESTS,
         )
         self.lines: list[str] = []
         assert self.proc.stdout is not None

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from router_harness import CONTEXT_LENGTH, REPLY, RouterHarness
+from testkit.router_harness import CONTEXT_LENGTH, REPLY, RouterHarness
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.cluster.config import RouterConfig

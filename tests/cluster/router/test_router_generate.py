@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router_harness import REPLY, RouterHarness
+from testkit.router_harness import REPLY, RouterHarness
 
 from batonserve.proto import generation_pb2 as pb
 from batonserve.workers.tokenizer import Tokenizer

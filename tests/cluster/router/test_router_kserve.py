@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from router_harness import REPLY, RouterHarness, fakes, reply_script
+from testkit.router_harness import REPLY, RouterHarness, fakes, reply_script
 
 from batonserve.proto import kserve_v2_pb2 as pb
 from batonserve.proto import kserve_v2_pb2_grpc

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from router_harness import RouterHarness, fakes
+from testkit.router_harness import RouterHarness, fakes
 
 from batonserve.cluster.metrics import Metrics
 from batonserve.proto import generation_pb2 as pb

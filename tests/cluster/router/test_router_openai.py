@@ -19,8 +19,8 @@ from typing import Any
 
 import openai
 import pytest
-from router_harness import REPLY, RouterHarness, fakes, router_factory
 from test_router_security import _self_signed
+from testkit.router_harness import REPLY, RouterHarness, fakes, router_factory
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.cluster.config import RouterConfig, TLSConfig

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from router_harness import RouterHarness
+from testkit.router_harness import RouterHarness
 
 from batonserve.cluster.config import AuthConfig, RouterConfig, TLSConfig
 from batonserve.cluster.router.auth import load_token

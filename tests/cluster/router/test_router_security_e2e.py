@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from router_harness import RouterHarness, fakes, reply_script, write_tiny_model
 from test_router_security import _self_signed
+from testkit.router_harness import RouterHarness, fakes, reply_script, write_tiny_model
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.cluster.cli import main

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 import pytest
-from router_harness import CONTEXT_LENGTH, RouterHarness, fakes, reply_script
+from testkit.router_harness import CONTEXT_LENGTH, RouterHarness, fakes, reply_script
 
 from batonserve.cluster.config import RouterConfig
 from batonserve.proto import generation_pb2 as pb

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import ray
-from cluster_checks import collect, prompt_of, wait_idle
-from loop_thread import LoopThread
-from observer_recorder import Recorder
+from testkit.cluster_checks import collect, prompt_of, wait_idle
+from testkit.loop_thread import LoopThread
+from testkit.observer_recorder import Recorder
 
 from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import ray
-from cluster_checks import collect as collect_stream
-from cluster_checks import prompt_of, wait_idle
-from hf_tiny import make_tiny_model
-from loop_thread import LoopThread
-from observer_recorder import Recorder
+from testkit.cluster_checks import collect as collect_stream
+from testkit.cluster_checks import prompt_of, wait_idle
+from testkit.hf_tiny import make_tiny_model
+from testkit.loop_thread import LoopThread
+from testkit.observer_recorder import Recorder
 
 from batonserve.cluster.api import GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig

@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 import ray
 import yaml
-from cluster_checks import collect, idle, prompt_of
-from loop_thread import LoopThread
-from observer_recorder import Recorder
-from scripted_reference import scripted_reference
+from testkit.cluster_checks import collect, idle, prompt_of
+from testkit.loop_thread import LoopThread
+from testkit.observer_recorder import Recorder
+from testkit.scripted_reference import scripted_reference
 
 from batonserve.cluster import controller
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig, load_config

@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
-from loop_thread import LoopThread
+from testkit.loop_thread import LoopThread
 
 from batonserve.cluster.api import AdmissionRejected, GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig

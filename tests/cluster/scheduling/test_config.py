@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batonserve.cluster.config import ServeConfig, dump_config, load_config
-from batonserve.cluster.scheduling import ClusterScheduler, SchedulerConfig
+from batonserve.cluster.scheduling import POLICIES, ClusterScheduler, SchedulerConfig
 from batonserve.cluster.schema import ConfigError
 
 
@@ -18,7 +18,7 @@ def test_default_and_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-de
     path.write_text(dump_config(cfg))
     again = load_config(path)
     assert again.scheduler == cfg.scheduler
-    assert ClusterScheduler(again.scheduler).policy.name == "round_robin"
+    assert isinstance(ClusterScheduler(again.scheduler).policy, POLICIES.get("round_robin"))
 
 
 @pytest.mark.parametrize(

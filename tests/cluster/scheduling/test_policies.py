@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from sched_helpers import worker
 
-from batonserve.cluster.scheduling import RequestView, available_policies, make_policy
+from batonserve.cluster.scheduling import POLICIES, RequestView, make_policy
 from batonserve.cluster.schema import ConfigError
 
 REQ = RequestView("r", prompt_len=100, max_tokens=10)
 
 
 def test_registry_lists_the_three_policies_and_rejects_unknown() -> None:
-    assert set(available_policies()) >= {"round_robin", "jsq", "splitwise"}
+    assert set(POLICIES.names()) >= {"round_robin", "jsq", "splitwise"}
     with pytest.raises(ConfigError, match=r"scheduler\.policy"):
         make_policy("nope")
 

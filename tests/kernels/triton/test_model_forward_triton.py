@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import make_tiny_model
-from paged_batch import PagedSeqs
+from testkit.hf_tiny import make_tiny_model
+from testkit.paged_batch import PagedSeqs
 
 from batonserve.kernels import dispatch
 from batonserve.workers.config import EngineConfig

@@ -1,4 +1,4 @@
-"""Model-test fixtures: tiny random HF models (tests/hf_tiny.py), built once per session."""
+"""Model-test fixtures: tiny random HF models (testkit.hf_tiny), built once per session."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def hf_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """hf_tiny_dir(arch, **kw) -> directory of a tiny random HF model, cached per (arch, kw)."""
-    from hf_tiny import make_tiny_model
+    from testkit.hf_tiny import make_tiny_model
 
     built: dict[str, Path] = {}
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import load_hf_model
-from paged_batch import PagedSeqs
 from safetensors.torch import load_file, save_file
+from testkit.hf_tiny import load_hf_model
+from testkit.paged_batch import PagedSeqs
 
 from batonserve.kernels.rope import RopeScaling
 from batonserve.workers.config import EngineConfig

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # moe_helpers
-
 torch.set_num_threads(1)
 
-from moe_helpers import PROMPTS, ResidentRun, resident_run  # noqa: E402 (after sys.path)
+from moe_helpers import PROMPTS, ResidentRun, resident_run  # noqa: E402 (after set_num_threads)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from batonserve.kernels.moe import moe_swiglu
 from batonserve.workers.parallel.ep_tuner import EPSettings, EPTuner

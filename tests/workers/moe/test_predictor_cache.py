@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hf_tiny import make_tiny_model
+from testkit.hf_tiny import make_tiny_model
 
 from batonserve.cluster.cli import main as cli_main
 from batonserve.workers.config import EngineConfig

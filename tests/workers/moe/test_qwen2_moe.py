@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import load_hf_model, make_tiny_model
+from testkit.hf_tiny import load_hf_model, make_tiny_model
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.expert_store.decode import greedy_decode

@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from big_mixtral import CONFIG, expert_bytes, write_big_mixtral
+from testkit.big_mixtral import CONFIG, expert_bytes, write_big_mixtral
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.expert_store.decode import greedy_decode

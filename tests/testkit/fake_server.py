@@ -1,8 +1,8 @@
 """`batonserve serve` with the fake cluster, as a subprocess for the SIGTERM tests.
 
-Usage: python fake_server.py MODEL_DIR GRACE_S TOKEN_INTERVAL_S [CONTEXT_LENGTH [REPEAT]]. Runs
-the same serve() coroutine as the CLI, on a free port; prints where it listens and, on exit, the
-fake's block count. (Also the server of tests/bench/bench_router.py.)
+Usage, from tests/: python -m testkit.fake_server MODEL_DIR GRACE_S TOKEN_INTERVAL_S
+[CONTEXT_LENGTH [REPEAT]]. Runs the same serve() coroutine as the CLI, on a free port; prints
+where it listens and, on exit, the fake's block count. (Also the server of tests/bench/bench_router.py.)
 """
 
 from __future__ import annotations
@@ -11,16 +11,11 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (loop_thread.py)
-
-from router_harness import fakes, reply_script
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.cluster.config import RouterConfig, ServeConfig
 from batonserve.cluster.router.app import load_tokenizer, serve
+from testkit.router_harness import fakes, reply_script
 
 
 def main(

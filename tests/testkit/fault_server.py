@@ -1,6 +1,7 @@
 """The router over the fake cluster as a process on a given port, for router kill/restart tests.
 
-Usage: python fault_server.py MODEL_DIR PORT TOKEN_INTERVAL_S. Prints "listening on HOST:PORT".
+Usage, from tests/: python -m testkit.fault_server MODEL_DIR PORT TOKEN_INTERVAL_S.
+Prints "listening on HOST:PORT".
 """
 
 from __future__ import annotations
@@ -9,16 +10,11 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (loop_thread.py)
-
-from router_harness import fakes, reply_script
 
 from batonserve.cluster.api import ModelInfo
 from batonserve.cluster.config import RouterConfig, ServeConfig
 from batonserve.cluster.router.app import load_tokenizer, serve
+from testkit.router_harness import fakes, reply_script
 
 
 def main(model_dir: str, port: int, interval_s: float) -> int:

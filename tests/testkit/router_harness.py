@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -13,7 +11,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from loop_thread import LoopThread
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -24,9 +21,10 @@ from batonserve.cluster.router.app import ClusterFactory
 from batonserve.cluster.router.server import RouterServer
 from batonserve.proto import generation_pb2_grpc
 from batonserve.workers.tokenizer import Tokenizer
+from testkit import fakes
+from testkit.loop_thread import LoopThread
 
 T = TypeVar("T")
-HERE = Path(__file__).resolve().parent
 CONTEXT_LENGTH = 64
 REPLY = "The baton passes from prefill to decode, token by token. ¡Olé! 🙂 Done."
 CORPUS = [
@@ -35,21 +33,6 @@ CORPUS = [
     "Splitwise splits a request into a prefill and a decode phase on two machines.",
     "hello world, the quick brown fox jumps over the lazy dog; Python source code.",
 ]
-
-
-def _load_fakes() -> Any:
-    """tests/cluster/fakes.py, loaded by path (test folders are not packages)."""
-    name = "batonserve_tests_cluster_fakes"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE.parent / "fakes.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fakes = _load_fakes()
 
 
 def write_tiny_model(path: Path) -> Path:

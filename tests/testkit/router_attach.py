@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from serve_process import Server, serve_config
 
 from batonserve.proto import generation_pb2 as gpb
 from batonserve.proto import generation_pb2_grpc
+from testkit.serve_process import Server, serve_config
 
 NAMESPACE = "attach-test"
 ENGINE = "engine:\n  dtype: float32\n"  # greedy tokens exactly the offline engine's under batching

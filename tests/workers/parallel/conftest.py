@@ -1,8 +1,0 @@
-"""Sequence-parallel tests: put this folder on sys.path so spawned ranks can import the helpers."""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
