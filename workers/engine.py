@@ -1,7 +1,7 @@
 """The offline engine API: `Engine.from_model(dir).generate(prompts, params)` and a step interface.
 
 `Engine` = engine core (scheduler, model runner, sampler) + output processor (tokenizer, stop
-strings). The cluster drives the same step interface, plus the KV handoff hooks below.
+strings). A worker holds only the core (`build_core`); its router holds the output processor.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any, cast
 import torch
 
 from batonserve.workers.config import EngineConfig
-from batonserve.workers.engine_core import EngineCore, LayerHook, Runner
+from batonserve.workers.engine_core import EngineCore, Runner
+from batonserve.workers.engine_protocol import LayerHook
 from batonserve.workers.models.paths import resolve_model_dir
 from batonserve.workers.output_processor import OutputProcessor, merge_outputs
 from batonserve.workers.outputs import RequestOutput
 from batonserve.workers.regroup import RegroupConfig
-from batonserve.workers.request import Request
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import SchedulerStats
 from batonserve.workers.tokenizer import Tokenizer
@@ -34,6 +34,40 @@ def _default_runner(model_dir: Path, config: EngineConfig) -> Runner:
 
     runner: Runner = ModelRunner(model_dir, config)
     return runner
+
+
+def build_core(
+    model: str | Path,
+    config: EngineConfig,
+    runner_factory: RunnerFactory | None = None,
+    model_name: str = "",
+) -> EngineCore:
+    """Load a model directory into an engine core (what a worker holds: no tokenizer)."""
+    model_dir = resolve_model_dir(model)
+    runner = (runner_factory or _default_runner)(model_dir, config)
+    ctx = int(runner.model_config.max_position_embeddings)
+    if not 0 <= config.max_model_len <= ctx:
+        raise ValueError(
+            f"max_model_len: {config.max_model_len} is outside [0, {ctx}] "
+            "(0 takes the model's context length)"
+        )
+    regroup = None
+    paths = getattr(runner, "token_paths", None)  # ModelRunner of a MoE model
+    if config.moe_regroup_batch:
+        if paths is None:
+            raise ValueError("moe_regroup_batch: this model runner gives no routing forecasts")
+        regroup = RegroupConfig(config.moe_regroup_batch, config.moe_regroup_max_wait)
+    return EngineCore(
+        runner,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        enable_prefix_caching=config.enable_prefix_caching,
+        seed=config.seed,
+        regroup=regroup,
+        expert_path=paths if regroup else None,
+        max_model_len=config.max_model_len,
+        model_name=model_name,
+    )
 
 
 class Engine:
@@ -53,32 +87,12 @@ class Engine:
                 "cluster, where each worker leads its group (use `batonserve serve`); the "
                 "offline Engine needs 1"
             )
-        self.runner = (runner_factory or _default_runner)(self.model_dir, self.config)
+        self.core = build_core(self.model_dir, self.config, runner_factory)
+        self.runner = self.core.runner
         self.model_config = self.runner.model_config
-        ctx = int(self.model_config.max_position_embeddings)
-        if not 0 <= self.config.max_model_len <= ctx:
-            raise ValueError(
-                f"max_model_len: {self.config.max_model_len} is outside [0, {ctx}] "
-                "(0 takes the model's context length)"
-            )
-        self.max_model_len = self.config.max_model_len or ctx
-        self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        self.max_model_len = self.core.max_model_len
+        self.eos_token_ids = self.core.eos_token_ids
         self.tokenizer = Tokenizer.from_model_dir(self.model_dir)
-        regroup = None
-        paths = getattr(self.runner, "token_paths", None)  # ModelRunner of a MoE model
-        if self.config.moe_regroup_batch:
-            if paths is None:
-                raise ValueError("moe_regroup_batch: this model runner gives no routing forecasts")
-            regroup = RegroupConfig(self.config.moe_regroup_batch, self.config.moe_regroup_max_wait)
-        self.core = EngineCore(
-            self.runner,
-            max_num_batched_tokens=self.config.max_num_batched_tokens,
-            max_num_seqs=self.config.max_num_seqs,
-            enable_prefix_caching=self.config.enable_prefix_caching,
-            seed=self.config.seed,
-            regroup=regroup,
-            expert_path=paths if regroup else None,
-        )
         self.processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self._gen_ids = itertools.count()
 
@@ -94,50 +108,14 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt (text through the tokenizer; ids checked against the vocab)."""
+        """Token ids of a prompt (text through the tokenizer; ids are checked by the core)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: must not be empty")
             if self.tokenizer is None:
                 raise ValueError("prompt: text needs a tokenizer.json; pass token ids instead")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("prompt: must not be empty")
-        vocab = int(self.model_config.vocab_size)
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return ids
-
-    def _check(self, request_id: str, ids: list[int], params: Any) -> None:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
-        if request_id in self.core.scheduler.requests or request_id in self.processor:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt: {len(ids)} tokens leave no room to generate within the model's "
-                f"context (max_model_len={self.max_model_len})"
-            )
-        blocks = -(-(len(ids) + 1) // self.core.block_size)
-        if blocks > self.core.pool.num_blocks:
-            raise ValueError(
-                f"prompt: {len(ids)} tokens need {blocks} KV blocks; the engine has "
-                f"{self.core.pool.num_blocks} (raise num_kv_blocks or kv_cache_bytes)"
-            )
-
-    def _request(self, request_id: str, ids: list[int], params: SamplingParams) -> Request:
-        return Request(
-            request_id=request_id,
-            prompt_token_ids=ids,
-            params=params,
-            eos_token_ids=self.eos_token_ids,
-            max_model_len=self.max_model_len,
-        )
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
 
     def add_request(
         self,
@@ -149,22 +127,20 @@ class Engine:
         """Queue a request. prefill_only: stop after the first token and pin the KV (handoff)."""
         params = SamplingParams() if params is None else params
         ids = self.encode(prompt)
-        self._check(request_id, ids, params)
-        req = self._request(request_id, ids, params)
-        req.prefill_only = prefill_only
+        self.core.check(request_id, ids, params)
         self.processor.add_request(request_id, ids, params)
-        self.core.add_request(req)
+        self.core.add_request(request_id, ids, params, prefill_only=prefill_only)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; idempotent."""
-        self.core.abort(request_id)
+        self.core.abort_request(request_id)
         self.processor.remove(request_id)
 
     def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
         """One engine step: the outputs (deltas) of every request that progressed."""
         processed = self.processor.process(self.core.step(layer_hook))
         for request_id in processed.stopped:  # a stop string ended it: free it in the core
-            self.core.abort(request_id)
+            self.core.abort_request(request_id)
         return processed.outputs
 
     def has_unfinished(self) -> bool:
@@ -237,15 +213,10 @@ class Engine:
         params: SamplingParams,
     ) -> torch.Tensor:
         """Reserve KV for a request prefilled elsewhere; write each layer to the returned slots
-        with `runner.write_kv`, then call `commit_import`."""
-        ids = self.encode(list(prompt_ids))
-        self._check(request_id, ids, params)
-        self.encode([first_token_id])
-        req = self._request(request_id, ids, params)
-        req.output_token_ids.append(int(first_token_id))
-        slots = self.core.import_request(req)
+        with `core.write_kv`, then call `commit_import`."""
+        slots = self.core.import_request(request_id, prompt_ids, first_token_id, params)
         # The first token was emitted by the prefill side: it is context here, not output.
-        self.processor.add_request(request_id, [*ids, int(first_token_id)], params)
+        self.processor.add_request(request_id, [*prompt_ids, int(first_token_id)], params)
         return slots
 
     def commit_import(self, request_id: str) -> None:

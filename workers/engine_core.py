@@ -1,23 +1,27 @@
 """The engine core: scheduler + model runner + sampler, token ids in and token ids out.
 
-In the cluster this runs inside a worker process; text (tokenizer, stop strings) lives in the
-output processor on the router side.
+In the cluster this runs inside a worker process and is all the worker holds (it implements
+`WorkerEngine`); text (tokenizer, stop strings) lives in the output processor on the router side.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from batonserve.workers.block_pool import BlockPool
+from batonserve.workers.engine_protocol import LayerHook
 from batonserve.workers.forward_batch import ForwardBatch
+from batonserve.workers.kv_transfer.base import KVSpec
 from batonserve.workers.outputs import CoreOutput, TokenLogprobs
+from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.regroup import ExpertPath, RegroupConfig
 from batonserve.workers.request import Request, RequestStatus
 from batonserve.workers.sampler import Sampler
+from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import (
     RequestUpdate,
     SampledToken,
@@ -27,8 +31,8 @@ from batonserve.workers.scheduler import (
     StepResult,
 )
 
-# Called after each layer's KV is written: (layer index, ids of the requests in the step).
-LayerHook = Callable[[int, tuple[str, ...]], None]
+if TYPE_CHECKING:
+    from batonserve.workers.sp_serving.forward import SPForward
 
 
 class Runner(Protocol):
@@ -38,11 +42,20 @@ class Runner(Protocol):
     num_blocks: int
     block_size: int
     device: torch.device
+    dtype: torch.dtype
 
     def execute(
         self, batch: ForwardBatch, layer_hook: Callable[[int], None] | None = None
     ) -> torch.Tensor:
         """Run one forward pass; float32 logits [len(batch.logits_indices), vocab]."""
+        ...
+
+    def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) at slots, each [n, num_kv_heads, head_dim]."""
+        ...
+
+    def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write (k, v) at slots."""
         ...
 
 
@@ -86,7 +99,7 @@ def build_forward_batch(plan: StepPlan, block_size: int, device: torch.device) -
 
 
 class EngineCore:
-    """Steps the scheduler, runs the model and samples; owns the block pool."""
+    """Steps the scheduler, runs the model and samples; owns the block pool (a `WorkerEngine`)."""
 
     def __init__(
         self,
@@ -97,22 +110,76 @@ class EngineCore:
         seed: int = 0,
         regroup: RegroupConfig | None = None,
         expert_path: Callable[[int], ExpertPath] | None = None,
+        max_model_len: int = 0,
+        model_name: str = "",
     ) -> None:
         self.runner = runner
+        self.device = runner.device
         self.block_size = runner.block_size
-        self.vocab_size = int(runner.model_config.vocab_size)
+        mc = runner.model_config
+        self.vocab_size = int(mc.vocab_size)
+        self.max_model_len = max_model_len or int(mc.max_position_embeddings)
+        self.eos_token_ids = tuple(mc.eos_token_ids)
+        self.model_name = model_name
         self.pool = BlockPool(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(
             self.pool, max_num_batched_tokens, max_num_seqs, regroup, expert_path
         )
         self.sampler = Sampler(runner.device, seed)
-        self.last_plan: StepPlan | None = None  # the plan of the step running / just run
 
-    def add_request(self, req: Request) -> None:
-        """Queue a request (already validated by the caller)."""
+    @property
+    def kv_spec(self) -> KVSpec:
+        """What must match a peer engine's for KV handoff."""
+        mc = self.runner.model_config
+        dtype = str(self.runner.dtype).removeprefix("torch.")
+        return KVSpec(
+            self.model_name, dtype, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.block_size
+        )
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def check(self, request_id: str, prompt_token_ids: Sequence[int], params: object) -> None:
+        """Raise ValueError naming what is wrong with a new request; nothing changes here."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt: must not be empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(prompt_token_ids)} tokens leave no room to generate within the "
+                f"model's context (max_model_len={self.max_model_len})"
+            )
+        blocks = -(-(len(prompt_token_ids) + 1) // self.block_size)
+        if blocks > self.pool.num_blocks:
+            raise ValueError(
+                f"prompt: {len(prompt_token_ids)} tokens need {blocks} KV blocks; the engine has "
+                f"{self.pool.num_blocks} (raise num_kv_blocks or kv_cache_bytes)"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        prefill_only: bool = False,
+    ) -> None:
+        """Check and queue a request; prefill_only pins its KV after the first token."""
+        ids = [int(t) for t in prompt_token_ids]
+        self.check(request_id, ids, params)
+        req = self._request(request_id, ids, params)
+        req.prefill_only = prefill_only
         self.scheduler.add(req)
 
-    def abort(self, request_id: str) -> bool:
+    def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if unknown."""
         return self.scheduler.abort(request_id)
 
@@ -128,19 +195,22 @@ class EngineCore:
             return stats
         return dataclasses.replace(stats, moe=store.snapshot_stats())
 
+    def ep_tuner_stats(self) -> EPTunerStats | None:
+        """The expert-parallel overlap tuner's choices when this engine leads an EP group."""
+        stats = getattr(self.runner, "tuner_stats", None)  # only the EP runner has a tuner
+        return stats() if stats is not None else None  # type: ignore[no-any-return]
+
     def step(self, layer_hook: LayerHook | None = None) -> list[CoreOutput]:
         """Schedule, run one forward pass, sample; returns each touched request's progress."""
         plan = self.scheduler.schedule()
-        self.last_plan = plan
         if plan.is_empty:
             return self._outputs(self.scheduler.update(plan, StepResult(())), {})
         batch = build_forward_batch(plan, self.block_size, self.runner.device)
         hook = None
         if layer_hook is not None:
-            ids = tuple(s.request_id for s in plan.seqs)
 
             def hook(layer: int) -> None:
-                layer_hook(layer, ids)
+                layer_hook(layer, plan)
 
         logits = self.runner.execute(batch, layer_hook=hook)  # [num_sampled, vocab] float32
         sampled_ids = [s.request_id for s in plan.seqs if s.sample]
@@ -175,6 +245,15 @@ class EngineCore:
             )
         return outs
 
+    def _request(self, request_id: str, ids: list[int], params: SamplingParams) -> Request:
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            params=params,
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+        )
+
     # ---- KV handoff (Splitwise): prefill here, decode elsewhere -------------------------
 
     def slots_of(self, request_id: str, num_tokens: int | None = None) -> torch.Tensor:
@@ -202,11 +281,82 @@ class EngineCore:
         """Free a prefilled request's pinned blocks; False if unknown."""
         return self.scheduler.release(request_id)
 
-    def import_request(self, req: Request) -> torch.Tensor:
+    def import_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        first_token_id: int,
+        params: SamplingParams,
+    ) -> torch.Tensor:
         """Reserve blocks for a request prefilled elsewhere; returns its prompt slots."""
+        ids = [int(t) for t in prompt_token_ids]
+        self.check(request_id, ids, params)
+        if not 0 <= first_token_id < self.vocab_size:
+            raise ValueError(
+                f"first token id {first_token_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        req = self._request(request_id, ids, params)
+        req.output_token_ids.append(int(first_token_id))  # context here, not output
         self.scheduler.import_request(req)
-        return self.slots_of(req.request_id)
+        return self.slots_of(request_id)
 
     def commit_import(self, request_id: str) -> None:
         """Every layer has arrived: decode the request from its next token on."""
         self.scheduler.commit_import(request_id)
+
+    def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) at slots, each [n, num_kv_heads, head_dim]."""
+        return self.runner.read_kv(layer, slots)
+
+    def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write (k, v) at slots."""
+        self.runner.write_kv(layer, slots, k, v)
+
+    # ---- ring prefill (sequence parallel): one rank's rows of a long prompt ------------------
+
+    def has_sliding_window(self) -> bool:
+        """True when some layer attends over a window (ring prefill refuses such models)."""
+        mc = self.runner.model_config
+        return any(mc.layer_window(i) is not None for i in range(mc.num_layers))
+
+    def hold_rows(self, hold_id: str, token_ids: Sequence[int]) -> torch.Tensor | None:
+        """Reserve blocks, through the scheduler, for KV rows computed outside a step (a ring
+        shard); int64 [len(token_ids)] slots, or None when no blocks are free. Freed by
+        `abort_request(hold_id)`; counted as pinned in the stats meanwhile."""
+        req = self._request(hold_id, [int(t) for t in token_ids], SamplingParams())
+        try:
+            self.scheduler.import_request(req)
+        except RuntimeError:
+            return None
+        return self.slots_of(hold_id)
+
+    def run_shard(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        sp: SPForward,
+        logits_rows: torch.Tensor,
+        layer_hook: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """This rank's rows of a ring prefill through the model; float32 [len(logits_rows), V]."""
+        from batonserve.workers.sp_serving.forward import sp_prefill_forward
+
+        return sp_prefill_forward(
+            self.runner, token_ids, positions, slots, sp, logits_rows, layer_hook
+        )
+
+    def sample_first(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        logits: torch.Tensor,
+    ) -> tuple[int, str | None]:
+        """A prompt's first token from its last row's logits [1, vocab], and the reason it ends
+        the request there (stop token, EOS, max_tokens) or None."""
+        n = len(prompt_token_ids)
+        tok = int(self.sampler.sample(logits, [params], [n]).token_ids[0])
+        req = self._request(request_id, [int(t) for t in prompt_token_ids], params)
+        req.output_token_ids.append(tok)
+        return tok, req.check_stop()

@@ -17,10 +17,10 @@ import time
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from batonserve.workers.engine_protocol import WorkerEngine
 from batonserve.workers.kv_transfer.base import FINAL_LAYER, KVChunk, KVSpec, KVTransport
 from batonserve.workers.outputs import CoreOutput
 from batonserve.workers.scheduler import StepPlan
@@ -35,6 +35,30 @@ def block_slots(block_ids: Sequence[int], block_size: int, start: int, end: int)
     return blocks[pos // block_size - first] * block_size + pos % block_size
 
 
+def send_layer(
+    engine: WorkerEngine,
+    transport: KVTransport,
+    dst: str,
+    handoff_id: int,
+    layer: int,
+    slots: torch.Tensor,
+    runs: Sequence[tuple[int, int, int]],
+) -> int:
+    """Read one layer's KV at `slots` [n] and queue it to `dst`, one chunk per run
+    (row_start, row_end, first_position) of consecutive positions; returns the bytes queued.
+
+    Both the exporter (one run per request and step) and a ring member (one per run of its
+    shard) hand KV over through this; it raises whatever the transport raises.
+    """
+    k, v = engine.read_kv(layer, slots)  # each [n, num_kv_heads, head_dim]
+    nbytes = 0
+    for a, b, start in runs:
+        kv = torch.stack((k[a:b], v[a:b])).contiguous()  # [2, b - a, num_kv_heads, head_dim]
+        transport.send(dst, KVChunk(handoff_id, layer, start, kv))
+        nbytes += kv.numel() * kv.element_size()
+    return nbytes
+
+
 @dataclass
 class _Export:
     spec: HandoffSpec
@@ -46,7 +70,7 @@ class _Export:
 class KVExporter:
     """Prefill side: streams the KV of prefill-only requests to their decode workers."""
 
-    def __init__(self, engine: Any, transport: KVTransport, spec: KVSpec) -> None:
+    def __init__(self, engine: WorkerEngine, transport: KVTransport, spec: KVSpec) -> None:
         self.engine = engine
         self.transport = transport
         self.spec = spec
@@ -70,16 +94,15 @@ class KVExporter:
             if end <= ex.sent_upto:
                 continue
             slots = block_slots(seq.block_ids, self.spec.block_size, ex.sent_upto, end)
-            k, v = self.engine.read_kv(layer, slots)  # each [n, num_kv_heads, head_dim]
-            kv = torch.stack((k, v)).contiguous()  # [2, n, num_kv_heads, head_dim]
+            run = (0, end - ex.sent_upto, ex.sent_upto)
+            sp = ex.spec
             try:
-                self.transport.send(
-                    ex.spec.dst, KVChunk(ex.spec.handoff_id, layer, ex.sent_upto, kv)
+                ex.nbytes += send_layer(
+                    self.engine, self.transport, sp.dst, sp.handoff_id, layer, slots, [run]
                 )
             except Exception as e:
                 failed.append(self._fail(ex, str(e)))
                 continue
-            ex.nbytes += kv.numel() * kv.element_size()
             if last:
                 ex.sent_upto = end
         return failed
@@ -164,7 +187,7 @@ class _Import:
 class KVImporter:
     """Decode side: stages incoming chunks and imports a request once all of it has arrived."""
 
-    def __init__(self, engine: Any, spec: KVSpec, device: torch.device) -> None:
+    def __init__(self, engine: WorkerEngine, spec: KVSpec, device: torch.device) -> None:
         self.engine = engine
         self.spec = spec
         self.device = device

@@ -9,14 +9,16 @@ pairing, handoff and recovery check real data movement, only cheaper than a mode
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from batonserve.workers.block_pool import BlockPool
+from batonserve.workers.engine_protocol import LayerHook
 from batonserve.workers.kv_transfer.base import KVSpec
 from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.request import Request
 from batonserve.workers.sampler import Sampler
 from batonserve.workers.sampling_params import SamplingParams
@@ -24,11 +26,8 @@ from batonserve.workers.scheduler import (
     SampledToken,
     Scheduler,
     SchedulerStats,
-    StepPlan,
     StepResult,
 )
-
-LayerHook = Callable[[int, StepPlan], None]
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class ScriptedEngineConfig:
 
 
 class ScriptedEngine:
-    """Engine-shaped fake: add/abort/step/release and the KV handoff hooks."""
+    """A `WorkerEngine` with scripted tokens: add/abort/step/release and the KV handoff hooks."""
 
     def __init__(self, cfg: ScriptedEngineConfig, name: str = "scripted") -> None:
         self.cfg = cfg
@@ -62,7 +61,7 @@ class ScriptedEngine:
         self.cache = torch.zeros(
             cfg.num_layers, cfg.num_blocks * cfg.block_size, 2, cfg.num_kv_heads, cfg.head_dim
         )
-        self.layer_hook: LayerHook | None = None
+        self.device = torch.device("cpu")
         self.sampler = Sampler()  # seeded rows draw from (seed, position): exact across a resume
 
     # ---- requests ------------------------------------------------------------------------
@@ -70,12 +69,13 @@ class ScriptedEngine:
     def add_request(
         self,
         request_id: str,
-        prompt_token_ids: list[int],
+        prompt_token_ids: Sequence[int],
         params: SamplingParams,
         prefill_only: bool = False,
     ) -> None:
         """Queue a request; prefill_only pins its KV after the first token until release()."""
-        self.scheduler.add(self._request(request_id, prompt_token_ids, params, prefill_only))
+        req = self._request(request_id, list(prompt_token_ids), params, prefill_only)
+        self.scheduler.add(req)
 
     def abort_request(self, request_id: str) -> bool:
         """End a request anywhere and free its blocks; False if unknown."""
@@ -93,12 +93,16 @@ class ScriptedEngine:
         """Scheduler figures."""
         return self.scheduler.stats()
 
+    def ep_tuner_stats(self) -> EPTunerStats | None:
+        """None: the fake leads no expert-parallel group."""
+        return None
+
     # ---- KV handoff hooks ------------------------------------------------------------------
 
-    def kv_slots(self, request_id: str) -> list[int]:
-        """Cache slots of the request's tokens, by position."""
+    def kv_slots(self, request_id: str) -> torch.Tensor:
+        """int64 cache slots of the request's computed tokens, by position."""
         req = self.scheduler.requests[request_id]
-        return self.slots(req.block_ids, 0, req.num_computed_tokens)
+        return torch.tensor(self.slots(req.block_ids, 0, req.num_computed_tokens))
 
     def slots(self, block_ids: tuple[int, ...] | list[int], start: int, end: int) -> list[int]:
         """Cache slots of positions [start, end) under a block table."""
@@ -106,28 +110,28 @@ class ScriptedEngine:
         return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
 
     def import_request(
-        self, request_id: str, prompt_ids: list[int], first_token_id: int, params: SamplingParams
-    ) -> list[int]:
-        """Hold blocks for KV written from outside; returns the prompt's slots by position."""
-        req = self._request(request_id, prompt_ids, params, False)
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        first_token_id: int,
+        params: SamplingParams,
+    ) -> torch.Tensor:
+        """Hold blocks for KV written from outside; int64 slots of the prompt, by position."""
+        req = self._request(request_id, list(prompt_token_ids), params, False)
         req.output_token_ids.append(first_token_id)
         blocks = self.scheduler.import_request(req)
-        return self.slots(blocks, 0, len(prompt_ids))
+        return torch.tensor(self.slots(blocks, 0, len(prompt_token_ids)))
 
     def commit_import(self, request_id: str) -> None:
         """All layers written: decode from here."""
         self.scheduler.commit_import(request_id)
 
-    def read_kv(
-        self, layer: int, slots: torch.Tensor | list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v), each [len(slots), num_kv_heads, head_dim]."""
         kv = self.cache[layer, torch.as_tensor(slots, dtype=torch.long)]
         return kv[:, 0].clone(), kv[:, 1].clone()
 
-    def write_kv(
-        self, layer: int, slots: torch.Tensor | list[int], k: torch.Tensor, v: torch.Tensor
-    ) -> None:
+    def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write (k, v), each [len(slots), num_kv_heads, head_dim]."""
         idx = torch.as_tensor(slots, dtype=torch.long)
         self.cache[layer, idx, 0] = k
@@ -135,7 +139,7 @@ class ScriptedEngine:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def step(self) -> list[CoreOutput]:
+    def step(self, layer_hook: LayerHook | None = None) -> list[CoreOutput]:
         """Schedule, write every layer's KV (calling the layer hook), sample, update."""
         plan = self.scheduler.schedule()
         for layer in range(self.cfg.num_layers):
@@ -148,8 +152,8 @@ class ScriptedEngine:
                 self.cache[layer, idx, 1] = pos[:, None, None]
             if self.cfg.layer_delay_s:
                 time.sleep(self.cfg.layer_delay_s)
-            if self.layer_hook is not None:
-                self.layer_hook(layer, plan)
+            if layer_hook is not None:
+                layer_hook(layer, plan)
         sampled = []
         for seq in plan.seqs:
             if seq.sample:

@@ -12,14 +12,17 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
 
 import torch
 
+from batonserve.workers.config import EngineConfig
+from batonserve.workers.engine_core import EngineCore, Runner
+from batonserve.workers.engine_protocol import WorkerEngine
 from batonserve.workers.handoff_io import KVExporter, KVImporter
-from batonserve.workers.kv_transfer import ChannelAddress, KVChunk, make_transport
+from batonserve.workers.kv_transfer import ChannelAddress, KVChunk, KVSpec, make_transport
 from batonserve.workers.outputs import CoreOutput
-from batonserve.workers.parallel.ep_tuner import EPTunerStats
+from batonserve.workers.request import RequestStatus
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import StepPlan
 from batonserve.workers.scripted_engine import ScriptedEngine
@@ -51,13 +54,20 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
-def build_engine(spec: WorkerSpec) -> Any:
-    """The scripted fake or the real engine, with the KV handoff hooks the worker uses."""
+def build_engine(spec: WorkerSpec) -> WorkerEngine:
+    """The scripted fake, or the real engine core (leading an EP group if the spec says so)."""
     if spec.scripted is not None:
         return ScriptedEngine(spec.scripted, name=spec.model)
-    from batonserve.workers.engine_adapter import build_real_engine
+    from batonserve.workers.engine import build_core
 
-    return build_real_engine(spec)
+    if spec.engine.expert_parallel_size > 1:
+        from batonserve.workers.parallel.ep_serving import build_ep_runner
+
+        def factory(model_dir: Path, config: EngineConfig) -> Runner:
+            return build_ep_runner(model_dir, config, spec.name, spec.namespace)
+
+        return build_core(spec.model, spec.engine, factory, model_name=spec.model)
+    return build_core(spec.model, spec.engine, model_name=spec.model)
 
 
 class Worker:
@@ -69,7 +79,7 @@ class Worker:
         self.engine = build_engine(spec)
         self.clock = StepClock(self.engine.scheduler)
         self.kv_spec = self.engine.kv_spec
-        device = torch.device(getattr(self.engine, "device", "cpu"))
+        device = self.engine.device
         self.transport = make_transport(
             spec.kv.transport,
             spec.name,
@@ -83,7 +93,6 @@ class Worker:
         )
         self.exporter = KVExporter(self.engine, self.transport, self.kv_spec)
         self.importer = KVImporter(self.engine, self.kv_spec, device)
-        self.engine.layer_hook = self._on_layer
         self.ring: RingMember | None = None  # set when the controller makes this a ring member
         # Ring jobs sent here and not yet run (queued behind other jobs): reported as handoffs
         # in progress, so the cluster renews their leases while the ring works through the queue.
@@ -114,7 +123,7 @@ class Worker:
         """Stats once the engine is built (the controller awaits this after creating the actor)."""
         return self._stats
 
-    def kv_spec_info(self) -> Any:
+    def kv_spec_info(self) -> KVSpec:
         """The KVSpec that must match a peer's for handoff."""
         return self.kv_spec
 
@@ -160,6 +169,8 @@ class Worker:
         def run() -> None:
             try:
                 if self.ring is None:
+                    if not isinstance(self.engine, EngineCore):
+                        raise ValueError("sequence_parallel: ring prefill needs a model engine")
                     self.ring = RingMember(self.engine, self.transport)
                 self.ring.join(setup)
             except Exception as e:
@@ -315,7 +326,7 @@ class Worker:
                 outputs: list[CoreOutput] = []
                 stepped = self.engine.has_unfinished()
                 if stepped:
-                    outputs = self.engine.step()
+                    outputs = self.engine.step(self._on_layer)
                     self._steps += 1
                     self._events_out(self.importer.drain())  # the step may have freed blocks
                 self._backstop()
@@ -344,7 +355,7 @@ class Worker:
                 self._events.extend(events)
 
     def _busy(self) -> bool:
-        return bool(self.engine.has_unfinished())
+        return self.engine.has_unfinished()
 
     def _on_layer(self, layer: int, plan: StepPlan) -> None:
         failed = self.exporter.on_layer(layer, plan)
@@ -408,9 +419,7 @@ class Worker:
         self._enqueue(run)
 
     def _pinned(self) -> set[str]:
-        from batonserve.workers.request import RequestStatus
-
-        reqs = getattr(getattr(self.engine, "scheduler", None), "requests", {})
+        reqs = self.engine.scheduler.requests
         return {r for r, q in reqs.items() if q.status is RequestStatus.PREFILLED}
 
     def _cached_hashes(self) -> tuple[int, ...]:
@@ -458,14 +467,10 @@ class Worker:
             cached_block_hashes=hashes,
             prefix_epoch=self._prefix_epoch,
             sp_reports=tuple(self.ring.reports) if self.ring else (),
-            moe=getattr(s, "moe", None),
-            ep_tuner=self._ep_tuner_stats(),
+            moe=s.moe,
+            ep_tuner=self.engine.ep_tuner_stats(),
         )
 
     def _ring_in_progress(self) -> tuple[int, ...]:
         with self._cv:
             return tuple(self._ring_waiting)
-
-    def _ep_tuner_stats(self) -> EPTunerStats | None:
-        stats = getattr(self.engine, "ep_tuner_stats", None)  # the scripted engine has none
-        return stats() if stats is not None else None

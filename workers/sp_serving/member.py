@@ -9,19 +9,19 @@ every rank, and Ray may deliver two submits out of order.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from batonserve.workers.engine_core import EngineCore
+from batonserve.workers.handoff_io import send_layer
 from batonserve.workers.kv_transfer.base import FINAL_LAYER, KVChunk, KVTransport
 from batonserve.workers.parallel import SPGroup, shard_batch
-from batonserve.workers.sp_serving.forward import SPForward, attention_dims, sp_prefill_forward
+from batonserve.workers.sp_serving.forward import SPForward, attention_dims
 from batonserve.workers.sp_serving.report import SPStepReport
 from batonserve.workers.sp_serving.types import RingJob, RingSetup, contiguous_runs
 from batonserve.workers.worker_types import HandoffEvent, RequestDelta
@@ -34,15 +34,15 @@ MAX_REPORTS = 64  # recent reports kept in the stats (the cluster reads each onc
 class RingMember:
     """This worker's membership of the ring group (see module docstring)."""
 
-    def __init__(self, engine: Any, transport: KVTransport) -> None:
-        self.engine = engine  # a RealEngine: runner, pool, core.sampler, engine._request
+    def __init__(self, engine: EngineCore, transport: KVTransport) -> None:
+        self.engine = engine
         self.transport = transport
         self.setup: RingSetup | None = None
         self.groups: dict[int, SPGroup] = {}  # ring size -> the SPGroup of ranks 0..size-1
         self.broken = False  # a collective failed: wait for the controller's rebuild
         self._jobs: dict[int, RingJob] = {}
         self._next_seq = 0
-        self.held: dict[str, tuple[list[int], float]] = {}  # request id -> (blocks, since)
+        self.held: dict[str, float] = {}  # request id -> since when its rows hold blocks
         self.reports: deque[SPStepReport] = deque(maxlen=MAX_REPORTS)
         self._report_seq = 0
 
@@ -51,8 +51,7 @@ class RingMember:
     def join(self, setup: RingSetup) -> None:
         """(Re)build the process groups for `setup` (collective among the members)."""
         self.leave()
-        mc = self.engine.runner.model_config
-        if any(mc.layer_window(i) is not None for i in range(mc.num_layers)):
+        if self.engine.has_sliding_window():
             # Refused before any collective: the ring never forms, long prompts go the normal way.
             raise ValueError(
                 "sequence_parallel: models with sliding-window layers are not supported"
@@ -144,19 +143,16 @@ class RingMember:
         if self.broken:
             return self._refuse(job, "broken group"), []
         h = job.handoff
-        runner = self.engine.runner
-        bs = runner.block_size
         shard = shard_batch([h.prompt_len], None, job.size, rank, layout=self.setup.layout)
         pos = shard.spec.q_pos  # [n] global positions of this rank's rows
         n = int(pos.shape[0])
-        blocks = self.engine.pool.allocate(math.ceil(n / bs))
-        if blocks is None:
+        tokens = torch.tensor(h.prompt_token_ids, dtype=torch.int64)[pos]  # [n]
+        slots = self.engine.hold_rows(_hold_id(h.request_id), tokens.tolist())  # [n]
+        if slots is None:
             self.broken = True  # the others will time out in the first collective
             log.warning("ring: no KV blocks for %d rows of %s", n, h.request_id)
             return self._refuse(job, "no KV blocks"), []
-        self.held[h.request_id] = (blocks, time.monotonic())
-        rows = torch.arange(n, dtype=torch.int64)
-        slots = torch.tensor(blocks, dtype=torch.int64)[rows // bs] * bs + rows % bs  # [n]
+        self.held[h.request_id] = time.monotonic()
         runs = contiguous_runs(pos)
         send_error: list[str] = []
         nbytes = [0]
@@ -165,23 +161,20 @@ class RingMember:
             # This layer's rows are in the cache: queue them while the next layer computes.
             if send_error:
                 return
-            k, v = runner.read_kv(layer, slots)  # [n, Hkv, d] each
-            for a, b, start in runs:
-                kv = torch.stack((k[a:b], v[a:b])).contiguous()  # [2, b - a, Hkv, d]
-                try:
-                    self.transport.send(h.dst, KVChunk(h.handoff_id, layer, start, kv))
-                except Exception as e:
-                    send_error.append(str(e))
-                    return
-                nbytes[0] += kv.numel() * kv.element_size()
+            try:
+                nbytes[0] += send_layer(
+                    self.engine, self.transport, h.dst, h.handoff_id, layer, slots, runs
+                )
+            except Exception as e:
+                send_error.append(str(e))
 
         schedule = None if self.setup.schedule == "auto" else self.setup.schedule
-        sp = SPForward(self.groups[job.size], shard.spec, attention_dims(runner), schedule)
+        dims = attention_dims(self.engine.runner)
+        sp = SPForward(self.groups[job.size], shard.spec, dims, schedule)
         last = (pos == h.prompt_len - 1).nonzero()[:, 0]
-        tokens = torch.tensor(h.prompt_token_ids, dtype=torch.int64)[pos]
         t0 = time.perf_counter()
         try:
-            logits = sp_prefill_forward(runner, tokens, pos, slots, sp, last, hook)
+            logits = self.engine.run_shard(tokens, pos, slots, sp, last, hook)
         except Exception as e:  # SPCommError from a dead peer, or anything else: retry elsewhere
             self.broken = True
             self.free(h.request_id)
@@ -205,11 +198,7 @@ class RingMember:
     ) -> tuple[list[RequestDelta], list[HandoffEvent]]:
         """Leader: sample the first token, stream it, and send the handoff's final marker."""
         h = job.handoff
-        p = h.params
-        tok = int(self.engine.core.sampler.sample(logits, [p], [h.prompt_len]).token_ids[0])
-        req = self.engine.engine._request(h.request_id, list(h.prompt_token_ids), p)
-        req.output_token_ids.append(tok)
-        reason = req.check_stop()
+        tok, reason = self.engine.sample_first(h.request_id, h.prompt_token_ids, h.params, logits)
         if reason is not None:  # ended at its first token: nothing to hand off
             self.free(h.request_id)
             return [RequestDelta(h.request_id, (tok,), True, reason, True, h.prompt_len, 0)], []
@@ -243,14 +232,19 @@ class RingMember:
 
     def free(self, request_id: str) -> None:
         """Free a request's rows (released after the decode side's ack, or aborted); idempotent."""
-        held = self.held.pop(request_id, None)
-        if held is not None:
-            self.engine.pool.free(held[0])
+        if self.held.pop(request_id, None) is not None:
+            self.engine.abort_request(_hold_id(request_id))
 
     def stale(self, older_than_s: float) -> list[str]:
         """Free rows held longer than `older_than_s` (a backstop: the cluster releases first)."""
         cut = time.monotonic() - older_than_s
-        old = [r for r, (_, since) in self.held.items() if since < cut]
+        old = [r for r, since in self.held.items() if since < cut]
         for r in old:
             self.free(r)
         return old
+
+
+def _hold_id(request_id: str) -> str:
+    """The engine-side id of a ring request's rows: apart from the request itself, which this
+    worker may also decode (a prefill worker lent to decode keeps its ring membership)."""
+    return f"{request_id}@ring"
