@@ -15,6 +15,7 @@ import typing
 from typing import Any, Union
 
 from batonserve.cluster.config import ServeConfig
+from batonserve.workers.plugins import CHOICES
 
 JSON_SCHEMA_DRAFT = "http://json-schema.org/draft-07/schema#"
 DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -95,7 +96,11 @@ def dataclass_schema(cls: type, path: str = "") -> dict[str, Any]:
     required: list[str] = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         sub = f"{path}.{f.name}" if path else f.name
-        schema = _type_schema(hints[f.name], sub)
+        allowed = f.metadata.get(CHOICES)  # a `str` field naming a registered plug-in
+        if allowed is not None:
+            schema: dict[str, Any] = {"enum": list(allowed), "type": "string"}
+        else:
+            schema = _type_schema(hints[f.name], sub)
         schema.update(EXTRA.get(sub, {}))
         props[f.name] = schema
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

@@ -7,6 +7,8 @@ import types
 import typing
 from typing import Any, TypeVar, Union
 
+from batonserve.workers.plugins import CHOICES
+
 T = TypeVar("T")
 
 
@@ -28,7 +30,11 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
+        where = f"{path}.{name}" if path else name
+        kwargs[name] = _convert(hints[name], value, where)
+        allowed = fields[name].metadata.get(CHOICES)  # a `str` field naming a registered plug-in
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{where}: must be one of {list(allowed)}, got {value!r}")
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing

@@ -14,12 +14,7 @@ from batonserve.cluster.scheduling.decision_log import (
     DecisionRecorder,
     replay,
 )
-from batonserve.cluster.scheduling.policies import (
-    PairingPolicy,
-    available_policies,
-    make_policy,
-    register_policy,
-)
+from batonserve.cluster.scheduling.policies import POLICIES, PairingPolicy, make_policy
 from batonserve.cluster.scheduling.prefix import NoPrefixCache, PrefixIndex, PrefixLookup
 from batonserve.cluster.scheduling.scheduler import ClusterScheduler, assume_assigned
 from batonserve.cluster.scheduling.types import (
@@ -35,6 +30,7 @@ from batonserve.cluster.scheduling.types import (
 )
 
 __all__ = [
+    "POLICIES",
     "AdmissionConfig",
     "ClusterScheduler",
     "Decision",
@@ -56,8 +52,6 @@ __all__ = [
     "SchedulerConfig",
     "WorkerView",
     "assume_assigned",
-    "available_policies",
     "make_policy",
-    "register_policy",
     "replay",
 ]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from batonserve.cluster.scheduling.policies import POLICIES
 from batonserve.cluster.schema import ConfigError
+from batonserve.workers.plugins import choices
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class MixedPoolConfig:
 class SchedulerConfig:
     """The cluster-level scheduler: pairing policy, conditional disaggregation, mixed pool, admission."""
 
-    policy: str = "splitwise"  # a name in batonserve.cluster.scheduling.policies (round_robin, jsq, splitwise)
+    policy: str = field(default="splitwise", metadata=choices(POLICIES.names()))
     conditional_disaggregation: bool = True
     # A prompt whose uncached part is at most this many tokens is prefilled in place on a decode
     # worker (a short prompt, or a long one whose prefix that worker already caches).
@@ -83,13 +85,7 @@ class SchedulerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
     def __post_init__(self) -> None:
-        from batonserve.cluster.scheduling.policies import available_policies
-
-        if self.policy not in available_policies():
-            raise ConfigError(
-                f"scheduler.policy: unknown policy {self.policy!r}; "
-                f"choose one of {sorted(available_policies())}"
-            )
+        POLICIES.check(self.policy)
         if self.in_place_max_tokens < 0:
             raise ConfigError(
                 f"scheduler.in_place_max_tokens: must be >= 0, got {self.in_place_max_tokens}"

@@ -1,19 +1,25 @@
 """Pairing policies (plug-ins, one per file) and their registry."""
 
-from batonserve.cluster.scheduling.policies import jsq, round_robin, splitwise
-from batonserve.cluster.scheduling.policies.base import (
-    PairingPolicy,
-    available_policies,
-    make_policy,
-    register_policy,
+from batonserve.cluster.scheduling.policies.base import PairingPolicy
+from batonserve.cluster.schema import ConfigError
+from batonserve.workers.plugins import Registry
+
+POLICIES: Registry[type[PairingPolicy]] = Registry(
+    "pairing policy",
+    "scheduler.policy",
+    __name__,
+    {
+        "round_robin": "round_robin:RoundRobinPolicy",
+        "jsq": "jsq:JSQPolicy",
+        "splitwise": "splitwise:SplitwisePolicy",
+    },
+    error=ConfigError,
 )
 
-__all__ = [
-    "PairingPolicy",
-    "available_policies",
-    "jsq",
-    "make_policy",
-    "register_policy",
-    "round_robin",
-    "splitwise",
-]
+
+def make_policy(name: str) -> PairingPolicy:
+    """A fresh policy instance (policies may keep state, e.g. a round-robin cursor)."""
+    return POLICIES.get(name)()
+
+
+__all__ = ["POLICIES", "PairingPolicy", "make_policy"]

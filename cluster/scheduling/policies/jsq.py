@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from batonserve.cluster.scheduling.policies.base import PairingPolicy, argmin, register_policy
+from batonserve.cluster.scheduling.policies.base import PairingPolicy, argmin
 from batonserve.cluster.scheduling.types import RequestView, WorkerView
 
 
-@register_policy
 class JSQPolicy(PairingPolicy):
     """Both phases go to the worker with the fewest requests (waiting + running)."""
-
-    name = "jsq"
 
     def pick_prefill(self, request: RequestView, candidates: Sequence[WorkerView]) -> WorkerView:
         """Fewest queued-or-running requests."""

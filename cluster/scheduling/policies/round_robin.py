@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from batonserve.cluster.scheduling.policies.base import PairingPolicy, register_policy
+from batonserve.cluster.scheduling.policies.base import PairingPolicy
 from batonserve.cluster.scheduling.types import RequestView, WorkerView
 
 
-@register_policy
 class RoundRobinPolicy(PairingPolicy):
     """Cycles by worker id, so a worker that drops out or joins does not reset the cycle."""
-
-    name = "round_robin"
 
     def __init__(self) -> None:
         self._last: dict[str, str] = {}  # phase -> id of the worker picked last

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from batonserve.cluster.scheduling.policies.base import PairingPolicy, argmin, register_policy
+from batonserve.cluster.scheduling.policies.base import PairingPolicy, argmin
 from batonserve.cluster.scheduling.types import RequestView, WorkerView
 
 
-@register_policy
 class SplitwisePolicy(PairingPolicy):
     """Both workers are chosen at arrival, so the KV transfer can overlap the prefill.
 
@@ -16,8 +15,6 @@ class SplitwisePolicy(PairingPolicy):
     that one 8k-token prompt costs as much as sixteen 512-token ones). Decode: the worker with the
     most free KV memory, breaking ties on fewer running requests.
     """
-
-    name = "splitwise"
 
     def pick_prefill(self, request: RequestView, candidates: Sequence[WorkerView]) -> WorkerView:
         """Fewest pending prefill tokens, then fewest requests (idle ties go to a worker not decoding)."""
