@@ -5,10 +5,10 @@ config needs, can be imported without torch: a router is a light front end."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from batonserve.workers.lazy_exports import lazy_exports
+from batonserve.workers.plugins import Registry
 
 if TYPE_CHECKING:
     from batonserve.workers.kv_transfer.base import (
@@ -32,31 +32,21 @@ _HOMES = {
     "KVTransferConfig": "config",
 }
 
-# Transport name -> "module:class"; imported when a transport is built.
-_TRANSPORTS = {
-    "torch_dist": "torch_dist:TorchDistTransport",
-    "object_store": "object_store:ObjectStoreTransport",
-}
-
-
-def _load(ref: str) -> Any:
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-
-
-def transports() -> dict[str, type[KVTransport]]:
-    """Every registered transport class by its name."""
-    return {name: _load(ref) for name, ref in _TRANSPORTS.items()}
+# The one list of transports: name -> "module:class", imported when a transport is built.
+TRANSPORTS: Registry[type[KVTransport]] = Registry(
+    "KV transport",
+    "kv_transfer.transport",
+    __name__,
+    {
+        "torch_dist": "torch_dist:TorchDistTransport",
+        "object_store": "object_store:ObjectStoreTransport",
+    },
+)
 
 
 def make_transport(name: str, *args: Any, **kwargs: Any) -> KVTransport:
     """Build the transport registered as `name` (ValueError naming kv_transfer.transport)."""
-    ref = _TRANSPORTS.get(name)
-    if ref is None:
-        raise ValueError(
-            f"kv_transfer.transport: unknown {name!r}; choose one of {sorted(_TRANSPORTS)}"
-        )
-    cls = _load(ref)
+    cls = TRANSPORTS.get(name)
     if name != "torch_dist":
         kwargs.pop("device", None)
     return cls(*args, **kwargs)
@@ -66,7 +56,7 @@ _exports = lazy_exports(__name__, _HOMES)
 
 
 def __getattr__(name: str) -> Any:
-    return transports() if name == "TRANSPORTS" else _exports(name)
+    return _exports(name)
 
 
 __all__ = [
@@ -79,5 +69,4 @@ __all__ = [
     "KVTransferError",
     "KVTransport",
     "make_transport",
-    "transports",
 ]

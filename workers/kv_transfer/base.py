@@ -6,7 +6,6 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -74,8 +73,6 @@ OnError = Callable[[str, Exception], None]  # (peer, error): every handoff with 
 
 class KVTransport(ABC):
     """Moves KV chunks between workers; sends are queued and never block the caller."""
-
-    name: ClassVar[str]
 
     def __init__(
         self,

@@ -13,8 +13,6 @@ from batonserve.workers.kv_transfer.base import KVChunk, KVTransferError, KVTran
 class ObjectStoreTransport(KVTransport):
     """KV over the Ray object store; no channel setup, peers are found by actor name."""
 
-    name = "object_store"
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._handles: dict[str, Any] = {}

@@ -123,8 +123,6 @@ class _Channel:
 class TorchDistTransport(KVTransport):
     """Point-to-point KV transport over per-pair torch.distributed process groups."""
 
-    name = "torch_dist"
-
     def __init__(self, *args: Any, device: str = "cpu", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.device = torch.device(device)
