@@ -25,7 +25,6 @@ from testkit import TESTS
 from testkit.router_harness import RouterHarness, fakes, reply_script
 
 from batonserve.cluster.bench.drivers import Connection
-from batonserve.cluster.bench.report import percentile
 from batonserve.cluster.bench.runner import BenchConfig, run_bench
 from batonserve.cluster.bench.workload import LengthSpec, synthetic_requests
 from batonserve.cluster.metrics import Metrics
@@ -187,15 +186,9 @@ def test_overload_at_ten_times_capacity(fault_router: Make, fault_tokenizer: Tok
         rejected = [r for r in results if not r.ok]
         assert {r.code for r in rejected} == {"RESOURCE_EXHAUSTED"}
         assert capacity <= len(ok) < len(results) / 2  # most are refused, capacity is used
-        # Rejections are fast: well under one admitted request's generation time.
-        gen_time = out_len * interval
-        assert percentile([r.e2e_s for r in rejected], 50) < gen_time
-        assert percentile([r.e2e_s for r in rejected], 99) < 1.0
-        # Admitted requests are unharmed by the storm: every token, at about the paced rate.
+        # Admitted requests are unharmed by the storm: every token. (How fast refusals come back
+        # and the admitted streams' TTFT/TBT: tests/bench/bench_overload.py.)
         assert all(r.output_tokens == out_len for r in ok)
-        assert max((r.ttft_s or 0) for r in ok) < 1.0
-        tbts = [g for r in ok for g in r.tbt_s]
-        assert percentile(tbts, 50) < 3 * interval
     # Memory stays bounded: later waves do not grow the process (first wave warms up).
     assert max(rss[1:]) - rss[1] < 32, rss
 
