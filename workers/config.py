@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-# Online cache policies of the tiered expert store (workers/expert_store/policies); "belady" is
-# offline only (it needs the future demand trace), so it cannot serve.
-EXPERT_CACHE_POLICIES = ("lru", "popularity", "predictive")
+from batonserve.workers.expert_store.policies import SERVING_POLICIES
+from batonserve.workers.plugins import choices
+
+# The cache policies a serving engine may use (the registry's, less the offline-only ones).
+EXPERT_CACHE_POLICIES = SERVING_POLICIES
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class EngineConfig:
     seed: int = 0
     # MoE models: "" keeps every expert resident; a policy name serves experts from the tiered
     # store (disk -> RAM -> GPU) with a compute-tier budget of this fraction of expert bytes.
-    expert_cache_policy: Literal["", "lru", "popularity", "predictive"] = ""
+    expert_cache_policy: str = field(default="", metadata=choices(("", *EXPERT_CACHE_POLICIES)))
     expert_cache_fraction: float = 0.25
     expert_prefetch: bool = True  # prefetch the routing predictor's forecasts in the background
     # On a GPU, a host-RAM tier (pinned) between disk and GPU holds up to this fraction of expert

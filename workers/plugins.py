@@ -10,7 +10,7 @@ a router that merely validates `kv_transfer.transport` never pays for torch.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -49,6 +49,9 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
 
     def check(self, name: str) -> None:
         """Raise the registry's error, naming the setting and the known names, if `name` is unknown."""

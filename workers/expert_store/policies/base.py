@@ -5,7 +5,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import ClassVar
 
 from batonserve.workers.expert_store.types import ExpertKey
 
@@ -24,8 +23,6 @@ class PolicyContext:
 
 class CachePolicy(ABC):
     """Chooses what the fast tier evicts and admits. Times: `now` = index of the demand access."""
-
-    name: ClassVar[str]
 
     def __init__(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
@@ -57,21 +54,3 @@ class CachePolicy(ABC):
     def advance(self, tick: int) -> None:
         """A new layer tick begins (ignored by default)."""
         return None
-
-
-POLICIES: dict[str, type[CachePolicy]] = {}
-
-
-def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
-    """Class decorator: add a policy to the registry under `cls.name`."""
-    if cls.name in POLICIES:
-        raise ValueError(f"cache policy {cls.name!r} registered twice")
-    POLICIES[cls.name] = cls
-    return cls
-
-
-def make_policy(name: str, ctx: PolicyContext) -> CachePolicy:
-    """Build the policy registered as `name`, or raise ValueError naming the field."""
-    if name not in POLICIES:
-        raise ValueError(f"policy: unknown cache policy {name!r}; known: {sorted(POLICIES)}")
-    return POLICIES[name](ctx)

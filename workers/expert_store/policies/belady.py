@@ -14,16 +14,12 @@ from batonserve.workers.expert_store.policies.base import (
     INF,
     CachePolicy,
     PolicyContext,
-    register_policy,
 )
 from batonserve.workers.expert_store.types import ExpertKey
 
 
-@register_policy
 class BeladyPolicy(CachePolicy):
     """Furthest next use first, from the known future."""
-
-    name = "belady"
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)

@@ -8,7 +8,6 @@ from collections.abc import Collection
 from batonserve.workers.expert_store.policies.base import (
     CachePolicy,
     PolicyContext,
-    register_policy,
 )
 from batonserve.workers.expert_store.types import ExpertKey
 
@@ -40,11 +39,8 @@ class Recency:
         raise AssertionError("victim() called with no candidates")
 
 
-@register_policy
 class LRUPolicy(CachePolicy):
     """Least recently used."""
-
-    name = "lru"
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)

@@ -7,17 +7,13 @@ from collections.abc import Collection
 from batonserve.workers.expert_store.policies.base import (
     CachePolicy,
     PolicyContext,
-    register_policy,
 )
 from batonserve.workers.expert_store.policies.lru import Recency
 from batonserve.workers.expert_store.types import ExpertKey
 
 
-@register_policy
 class PopularityPolicy(CachePolicy):
     """Evict the least popular expert (trace counts); admit only a more popular one."""
-
-    name = "popularity"
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)

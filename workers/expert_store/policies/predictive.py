@@ -13,17 +13,13 @@ from batonserve.workers.expert_store.policies.base import (
     INF,
     CachePolicy,
     PolicyContext,
-    register_policy,
 )
 from batonserve.workers.expert_store.policies.lru import Recency
 from batonserve.workers.expert_store.types import ExpertKey
 
 
-@register_policy
 class PredictivePolicy(CachePolicy):
     """Forecast-driven eviction and prefetch admission."""
-
-    name = "predictive"
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
