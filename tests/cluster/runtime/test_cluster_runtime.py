@@ -206,7 +206,10 @@ def test_role_change_keeps_weights(
 ) -> None:
     cluster, _ = gloo
     w = cluster.controller.workers["decode-0"]
-    steps = w.stats.steps if w.stats else 0
+    # A request first, so the engine has stepped whichever tests ran before (or none).
+    warm = prompt_of(44, 10)
+    assert loop_thread.run(collect(cluster, "role-warm", warm)) == reference(warm)
+    steps = ray.get(w.actor.stats.remote()).steps
     incarnation = w.incarnation
     loop_thread.run(cluster.controller.set_role("decode-0", "mixed"))
     info = {x.name: x for x in cluster.server_info().workers}
