@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-SPScheduleName = Literal["auto", "ring", "tokenring", "allgather"]
+from batonserve.workers.parallel.schedules import SCHEDULES
+from batonserve.workers.plugins import choices
+
 SPLayoutName = Literal["zigzag", "striped"]
+# "auto": the cost model picks one of the registered schedules per request.
+SP_SCHEDULE_CHOICES = ("auto", *SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,7 @@ class SequenceParallelConfig:
     threshold_tokens: int = 4096  # prompts at least this long go to a ring group
     tokens_per_rank: int = 2048  # N = min(group size, ceil(len / tokens_per_rank)), at least 2
     max_group_size: int = 4  # members taken from the prefill pool (at most its replicas)
-    schedule: SPScheduleName = "auto"  # "auto": the cost model picks per request
+    schedule: str = field(default="auto", metadata=choices(SP_SCHEDULE_CHOICES))
     layout: SPLayoutName = "zigzag"
     timeout_s: float = 60.0  # a dead peer raises within this (no hang)
 
@@ -32,9 +36,9 @@ class SequenceParallelConfig:
             raise ValueError(
                 f"sequence_parallel.max_group_size: must be >= 2, got {self.max_group_size}"
             )
-        if self.schedule not in ("auto", "ring", "tokenring", "allgather"):
+        if self.schedule not in SP_SCHEDULE_CHOICES:
             raise ValueError(f"sequence_parallel.schedule: unknown {self.schedule!r}")
-        if self.layout not in ("zigzag", "striped"):
+        if self.layout not in get_args(SPLayoutName):
             raise ValueError(f"sequence_parallel.layout: unknown {self.layout!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"sequence_parallel.timeout_s: must be > 0, got {self.timeout_s}")

@@ -14,15 +14,11 @@ from batonserve.workers.parallel.schedules.base import (
     Schedule,
     ScheduleResult,
     merged_result,
-    register,
 )
 
 
-@register
 class AllGatherSchedule(Schedule):
     """Gather all KV (padded to the largest block), attend once."""
-
-    name = "allgather"
 
     def plan_blocks(self, meta: GroupMeta, rank: int, tile: int) -> tuple[BlockPlan, ...]:
         """One step: this rank's queries over every rank's KV, concatenated in rank order."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -100,8 +99,6 @@ def merged_result(
 class Schedule(ABC):
     """A way to compute causal attention of every rank's queries over every rank's keys."""
 
-    name: ClassVar[str]
-
     @abstractmethod
     def plan_blocks(self, meta: GroupMeta, rank: int, tile: int) -> tuple[BlockPlan, ...]:
         """The local block plan of each step on `rank` (depends on positions only)."""
@@ -124,19 +121,3 @@ class Schedule(ABC):
         scale: float,
     ) -> ScheduleResult:
         """Run on this rank: q [n_q, H, d], k/v [n_kv, Hkv, d] (its own rows)."""
-
-
-SCHEDULES: dict[str, Schedule] = {}
-
-
-def register(cls: type[Schedule]) -> type[Schedule]:
-    """Class decorator: add a schedule to the registry under its `name`."""
-    SCHEDULES[cls.name] = cls()
-    return cls
-
-
-def get_schedule(name: str) -> Schedule:
-    """The registered schedule called `name`."""
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule={name!r} is not one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name]

@@ -21,15 +21,11 @@ from batonserve.workers.parallel.schedules.base import (
     ScheduleResult,
     merged_result,
     plan_pair,
-    register,
 )
 
 
-@register
 class RingSchedule(Schedule):
     """Pass-KV ring attention."""
-
-    name = "ring"
 
     def plan_blocks(self, meta: GroupMeta, rank: int, tile: int) -> tuple[BlockPlan, ...]:
         """Step s: this rank's queries over rank (rank - s)'s KV."""

@@ -23,7 +23,6 @@ from batonserve.workers.parallel.schedules.base import (
     ScheduleResult,
     merged_result,
     plan_pair,
-    register,
 )
 
 LSE_BYTES = 4  # the LSE travels as float32 whatever the activation dtype
@@ -48,11 +47,8 @@ def _unpack(
     return out, lse
 
 
-@register
 class TokenRingSchedule(Schedule):
     """Pass-Q, bidirectional."""
-
-    name = "tokenring"
 
     def plan_blocks(self, meta: GroupMeta, rank: int, tile: int) -> tuple[BlockPlan, ...]:
         """Step s: rank (rank - s)'s queries over this rank's KV."""
