@@ -18,7 +18,6 @@ from batonserve.cluster.api import GenerateRequest, TokenDelta, Usage
 from batonserve.workers.output_processor import OutputProcessor
 from batonserve.workers.outputs import CoreOutput, TokenLogprobs
 from batonserve.workers.sampling_params import SamplingParams
-from batonserve.workers.worker_types import RequestDelta
 
 Phase = Literal["prefill", "decode"]
 
@@ -38,17 +37,20 @@ class Attempt:
     started_at: float = field(default_factory=time.monotonic)  # submitted (router's clock)
     handoff_id: int | None = None
     phase: Phase = "prefill"  # "decode" once the decode side owns the request
-    # The first token reaches the router twice (the prefill side's delta and the decode side's
-    # commit event, in either order); whichever comes first is streamed, the other ignored.
-    first_token_sent: bool = False
-    # A commit that came first for a request asking for logprobs: its first token waits for the
-    # prefill side's delta, which alone carries that token's logprobs (HOLD_TOKENS at most).
-    first_token_held: int = -1
-    held: list[RequestDelta] = field(default_factory=list)  # decode deltas behind that token
+    # A disaggregated attempt's first token comes back one way only: in the prefill side's
+    # output (with its logprobs). Decode outputs that overtake it wait in `held`.
+    first_token_in: bool = False
+    held: list[CoreOutput] = field(default_factory=list)
+
+    @property
+    def disaggregated(self) -> bool:
+        """Prefill and decode run on different workers."""
+        return self.prefill != self.decode
 
     def uses(self, worker: str) -> bool:
-        """True when this attempt still depends on `worker`."""
-        if self.phase == "decode":
+        """True when this attempt still depends on `worker` (the prefill side until its first
+        token is in, even once the decode side owns the request)."""
+        if self.phase == "decode" and self.first_token_in:
             return worker == self.decode
         return worker in (self.prefill, self.decode)
 
@@ -102,38 +104,23 @@ class RequestState:
             cached_tokens=max(self.cached_tokens, 0),
         )
 
-    def emit(
-        self,
-        processor: OutputProcessor,
-        tokens: tuple[int, ...],
-        finished: bool,
-        reason: str | None,
-        logprobs: tuple[TokenLogprobs | None, ...] = (),
-    ) -> bool:
-        """Detokenize and queue new tokens; True when the request ended (stop string included)."""
-        self.produced.extend(tokens)
-        if len(logprobs) != len(tokens):  # none asked for (the engine sends none), or unknown
-            logprobs = tuple(None for _ in tokens)
-        core = CoreOutput(
-            request_id=self.request_id,
-            new_token_ids=tokens,
-            logprobs=logprobs,
-            finished=finished,
-            finish_reason=reason,
-            prefilled=False,
-            num_prompt_tokens=len(self.request.prompt_token_ids),
-            num_output_tokens=len(self.produced),
-            num_cached_tokens=max(self.cached_tokens, 0),
-        )
+    def emit(self, processor: OutputProcessor, out: CoreOutput) -> bool:
+        """Detokenize and queue a worker's output as is; True when the request ended (a stop
+        string included). `produced` is the one list of tokens sent, across attempts."""
+        self.produced.extend(out.new_token_ids)
         ended = False
-        for out in processor.process([core]).outputs:
-            final = out.finish_reason if out.finished else None
-            usage = self.usage() if out.finished else None
-            lps = tuple(out.logprobs) if self.request.sampling.logprobs is not None else ()
-            self.queue.put_nowait(
-                TokenDelta(tuple(out.token_ids), out.text, final, usage, lps, self.scheduled_at)
-            )
-            ended = ended or out.finished
+        ro = processor.process_output(self.request_id, out)
+        if ro is not None:
+            final = ro.finish_reason if ro.finished else None
+            usage = self.usage() if ro.finished else None
+            lps: tuple[TokenLogprobs | None, ...] = ()
+            if self.request.sampling.logprobs is not None:  # one per token, None where unknown
+                lps = tuple(ro.logprobs)
+                if len(lps) != len(ro.token_ids):
+                    lps = tuple(None for _ in ro.token_ids)
+            delta = TokenDelta(tuple(ro.token_ids), ro.text, final, usage, lps, self.scheduled_at)
+            self.queue.put_nowait(delta)
+            ended = ro.finished
         if ended:
             self.done = True
         return ended

@@ -13,7 +13,8 @@ from batonserve.cluster.metrics_inputs import PoolChange
 from batonserve.cluster.observer import handoff_record
 from batonserve.cluster.reconcile import Reconciler
 from batonserve.cluster.worker_stats import worker_snapshot
-from batonserve.workers.worker_types import HandoffEvent, PollResult, RequestDelta
+from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.worker_types import HandoffEvent, PollResult
 
 if TYPE_CHECKING:
     from batonserve.cluster.runtime import Cluster
@@ -23,7 +24,6 @@ log = logging.getLogger("batonserve.cluster")
 POLL_S = 0.5
 HOUSEKEEPING_S = 0.1
 SNAPSHOT_S = 0.5  # at most this often per worker to the observer
-HOLD_TOKENS = 8  # decode tokens held back at most while a first token's logprobs are on the way
 
 
 class WorkerEvents:
@@ -84,21 +84,18 @@ class WorkerEvents:
             if s.ep_tuner is not None:
                 self.observer.ep_tuner(s.name, s.pool, s.ep_tuner)
 
-    def _on_delta(self: Cluster, name: str, d: RequestDelta) -> None:
+    def _on_delta(self: Cluster, name: str, d: CoreOutput) -> None:
         st = self.by_worker_rid.get(d.request_id)
         a = st.attempt if st is not None else None
         if st is None or a is None or a.worker_request_id != d.request_id:
             return  # an abandoned attempt: never taken
         if name not in (a.prefill, a.decode):
             return
-        if d.queue_s >= 0 and name == a.prefill:
-            st.scheduled(a, d.queue_s)
-        if a.prefill != a.decode and name == a.prefill:
-            if a.first_token_sent and not d.finished:
-                return  # the commit event already carried the first token
-            a.first_token_sent = True
-        if st.cached_tokens < 0:
-            st.cached_tokens = d.num_cached_tokens
+        if name == a.prefill:
+            if d.queue_s >= 0:
+                st.scheduled(a, d.queue_s)
+            if st.cached_tokens < 0:
+                st.cached_tokens = d.num_cached_tokens
         if d.prefilled and a.handoff_id is not None:
             self.ledger.prefilled(a.handoff_id)
         if d.error:
@@ -111,21 +108,18 @@ class WorkerEvents:
         if d.finished and d.finish_reason == "abort":
             self.restart(st, f"{name} aborted the request")
             return
-        if not d.token_ids and not d.finished:
+        if not d.new_token_ids and not d.finished:
             return
-        if name == a.decode and a.first_token_held >= 0 and not a.first_token_sent:
-            # Decode tokens wait (briefly) behind the first token, whose logprobs only the prefill
-            # side's delta carries; past HOLD_TOKENS that delta is late and the token goes bare.
-            a.held.append(d)
-            if not d.finished and sum(len(x.token_ids) for x in a.held) < HOLD_TOKENS:
-                return
-            a.first_token_sent = True
-            st.emit(self.processor, (a.first_token_held,), False, None)
-            batch, a.held = a.held, []
-        else:
-            batch, a.held = [d, *a.held], []  # the prefill side's first token, then any held
+        batch = [d]
+        if a.disaggregated and name == a.prefill:
+            # The first token's one way back: stream it, then the decode outputs it held up.
+            a.first_token_in = True
+            batch, a.held = [d, *a.held], []
+        elif a.disaggregated and not a.first_token_in:
+            a.held.append(d)  # the decode side overtook the prefill side's output: keep order
+            return
         for x in batch:
-            if st.emit(self.processor, x.token_ids, x.finished, x.finish_reason, x.logprobs):
+            if st.emit(self.processor, x):
                 self._finish(st)  # also frees a handoff that the first token made useless
                 return
 
@@ -137,12 +131,7 @@ class WorkerEvents:
                 st = self.by_worker_rid.get(ev.request_id)
                 a = st.attempt if st is not None else None
                 if st is not None and a is not None and a.worker_request_id == ev.request_id:
-                    a.phase = "decode"
-                    if st.request.sampling.logprobs is not None:
-                        a.first_token_held = ev.first_token  # its logprobs come from prefill
-                    elif not a.first_token_sent:
-                        a.first_token_sent = True
-                        st.emit(self.processor, (ev.first_token,), False, None)
+                    a.phase = "decode"  # its first token still comes from the prefill side
                 self.abort_on_release(h.src, ev.request_id)
                 self.ledger.released(ev.handoff_id)
                 self.observer.kv_handoff(handoff_record(self.controller, h, "ok"))

@@ -352,11 +352,23 @@ class EngineCore:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         logits: torch.Tensor,
-    ) -> tuple[int, str | None]:
-        """A prompt's first token from its last row's logits [1, vocab], and the reason it ends
-        the request there (stop token, EOS, max_tokens) or None."""
+    ) -> CoreOutput:
+        """A ring prefill's first token (with its logprobs) from the last row's logits [1, vocab];
+        finished when it already ends the request (stop token, EOS, max_tokens)."""
         n = len(prompt_token_ids)
-        tok = int(self.sampler.sample(logits, [params], [n]).token_ids[0])
+        out = self.sampler.sample(logits, [params], [n])
+        tok, lp = int(out.token_ids[0]), out.logprobs[0]
         req = self._request(request_id, [int(t) for t in prompt_token_ids], params)
         req.output_token_ids.append(tok)
-        return tok, req.check_stop()
+        reason = req.check_stop()
+        return CoreOutput(
+            request_id=request_id,
+            new_token_ids=(tok,),
+            logprobs=(lp,) if lp is not None else (),
+            finished=reason is not None,
+            finish_reason=reason,
+            prefilled=True,
+            num_prompt_tokens=n,
+            num_output_tokens=1,
+            num_cached_tokens=0,
+        )

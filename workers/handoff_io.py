@@ -278,9 +278,7 @@ class KVImporter:
         except Exception as e:
             self.engine.abort_request(sp.request_id)
             return HandoffEvent(handoff_id, sp.request_id, "failed", imp.nbytes, f"import: {e}")
-        return HandoffEvent(
-            handoff_id, sp.request_id, "committed", imp.nbytes, first_token=imp.first_token
-        )
+        return HandoffEvent(handoff_id, sp.request_id, "committed", imp.nbytes)
 
     def drop_request(self, request_id: str) -> None:
         """Forget every staged handoff of a request (aborted)."""

@@ -7,7 +7,7 @@ the engine core runs in a Ray worker, so it needs only the tokenizer, never the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from batonserve.workers.outputs import CoreOutput, RequestOutput, TokenLogprobs
 from batonserve.workers.sampling_params import SamplingParams
@@ -58,10 +58,11 @@ class StopStringMatcher:
 
 @dataclass
 class _State:
+    # No token list here: the caller (the router's RequestState, Engine.generate) keeps the
+    # tokens; this holds only what text needs.
     params: SamplingParams
     detok: IncrementalDetokenizer | None
     matcher: StopStringMatcher
-    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -106,34 +107,39 @@ class OutputProcessor:
         outputs: list[RequestOutput] = []
         stopped: list[str] = []
         for co in core_outputs:
-            st = self._states.get(co.request_id)
-            if st is None:
+            out = self.process_output(co.request_id, co)
+            if out is None:
                 continue
-            new_ids = list(co.new_token_ids)
-            finished, reason = co.finished, co.finish_reason
-            text = self._text(st, new_ids, finished, reason)
-            if st.matcher.stopped:
-                if not co.finished:
-                    stopped.append(co.request_id)
-                finished, reason = True, "stop"
-            st.token_ids.extend(new_ids)
-            outputs.append(
-                RequestOutput(
-                    request_id=co.request_id,
-                    token_ids=new_ids,
-                    text=text,
-                    finished=finished,
-                    finish_reason=reason,
-                    prompt_tokens=co.num_prompt_tokens,
-                    completion_tokens=co.num_output_tokens,
-                    cached_tokens=co.num_cached_tokens,
-                    logprobs=list(co.logprobs),
-                    prefilled=co.prefilled and not finished,
-                )
-            )
-            if finished:
-                del self._states[co.request_id]
+            if out.finished and not co.finished:
+                stopped.append(co.request_id)
+            outputs.append(out)
         return ProcessedStep(outputs, stopped)
+
+    def process_output(self, key: str, co: CoreOutput) -> RequestOutput | None:
+        """One core output of the request tracked as `key` (the router keeps one key across a
+        request's attempts, whose worker-level ids differ); None if `key` is not tracked."""
+        st = self._states.get(key)
+        if st is None:
+            return None
+        new_ids = list(co.new_token_ids)
+        finished, reason = co.finished, co.finish_reason
+        text = self._text(st, new_ids, finished, reason)
+        if st.matcher.stopped:
+            finished, reason = True, "stop"
+        if finished:
+            del self._states[key]
+        return RequestOutput(
+            request_id=key,
+            token_ids=new_ids,
+            text=text,
+            finished=finished,
+            finish_reason=reason,
+            prompt_tokens=co.num_prompt_tokens,
+            completion_tokens=co.num_output_tokens,
+            cached_tokens=co.num_cached_tokens,
+            logprobs=list(co.logprobs),
+            prefilled=co.prefilled and not finished,
+        )
 
     def _text(self, st: _State, new_ids: list[int], finished: bool, reason: str | None) -> str:
         if st.detok is None or st.matcher.stopped:

@@ -16,7 +16,11 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class CoreOutput:
-    """One request's token-level progress in one engine-core step."""
+    """One request's token-level progress in one engine-core step.
+
+    In the cluster this is also what a worker hands back to the router, as is: the router's
+    output processor consumes it (text, stop strings), so logprobs ride along untouched.
+    """
 
     request_id: str
     new_token_ids: tuple[int, ...]
@@ -27,6 +31,15 @@ class CoreOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    error: str = ""  # the engine refused the request (finish_reason "abort"); the worker lives on
+    # With a request's first output from a worker: seconds from its submit there to the step that
+    # first scheduled it (vLLM's queue time); -1 when unknown.
+    queue_s: float = -1.0
+
+
+def aborted_output(request_id: str, num_prompt_tokens: int, error: str = "") -> CoreOutput:
+    """A request that ends here without a token: refused by the engine (`error`) or abandoned."""
+    return CoreOutput(request_id, (), (), True, "abort", False, num_prompt_tokens, 0, 0, error)
 
 
 @dataclass

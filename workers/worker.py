@@ -8,6 +8,7 @@ needs no locks. The role only says which work the cluster sends here: changing i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 import traceback
@@ -21,7 +22,7 @@ from batonserve.workers.engine_core import EngineCore, Runner
 from batonserve.workers.engine_protocol import WorkerEngine
 from batonserve.workers.handoff_io import KVExporter, KVImporter
 from batonserve.workers.kv_transfer import ChannelAddress, KVChunk, KVSpec, make_transport
-from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.outputs import CoreOutput, aborted_output
 from batonserve.workers.request import RequestStatus
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import StepPlan
@@ -33,7 +34,6 @@ from batonserve.workers.worker_types import (
     HandoffEvent,
     HandoffSpec,
     PollResult,
-    RequestDelta,
     WorkerRole,
     WorkerSpec,
     WorkerStats,
@@ -100,7 +100,7 @@ class Worker:
         self._cv = threading.Condition()
         self._aborted: dict[str, None] = {}  # insertion-ordered set of recently aborted ids
         self._cmds: list[Callable[[], None]] = []
-        self._deltas: list[RequestDelta] = []
+        self._deltas: list[CoreOutput] = []  # outputs not yet polled, in step order
         self._step_tokens: list[int] = []
         self._events: list[HandoffEvent] = []
         self._steps = 0
@@ -302,7 +302,7 @@ class Worker:
             yield
         except ValueError as e:
             self.exporter.drop(request_id)
-            delta = RequestDelta(request_id, (), True, "abort", False, prompt_len, 0, str(e))
+            delta = aborted_output(request_id, prompt_len, str(e))
             with self._cv:
                 self._deltas.append(delta)
                 self._cv.notify_all()
@@ -364,26 +364,14 @@ class Worker:
                 self._events.extend(failed)
 
     def _publish(self, outputs: list[CoreOutput], wake: bool) -> None:
-        deltas: list[RequestDelta] = []
+        deltas: list[CoreOutput] = []
         events: list[HandoffEvent] = []
         self.clock.stepped(o.request_id for o in outputs)
         for o in outputs:
             ev = self.exporter.on_output(o)
             if ev is not None:
                 events.append(ev)
-            deltas.append(
-                RequestDelta(
-                    o.request_id,
-                    tuple(o.new_token_ids),
-                    o.finished,
-                    o.finish_reason,
-                    o.prefilled,
-                    o.num_prompt_tokens,
-                    o.num_cached_tokens,
-                    logprobs=tuple(o.logprobs),
-                    queue_s=self.clock.take_queue_s(o.request_id),
-                )
-            )
+            deltas.append(dataclasses.replace(o, queue_s=self.clock.take_queue_s(o.request_id)))
         stats = self._make_stats()
         steps = self.clock.take_step_tokens()
         with self._cv:

@@ -8,7 +8,7 @@ from typing import Literal
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.expert_store.types import ExpertStoreStats
 from batonserve.workers.kv_transfer.config import KVTransferConfig
-from batonserve.workers.outputs import TokenLogprobs
+from batonserve.workers.outputs import CoreOutput
 from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
@@ -50,25 +50,6 @@ class HandoffSpec:
 
 
 @dataclass(frozen=True)
-class RequestDelta:
-    """New tokens of one request on one worker since the last poll."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    finished: bool
-    finish_reason: str | None
-    prefilled: bool  # the prefill-only phase ended; the tokens so far are the first token
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    error: str = ""  # the engine refused the request (finish_reason "abort"); the worker lives on
-    # One per token of token_ids when the request asked for logprobs (chosen token and top-n).
-    logprobs: tuple[TokenLogprobs | None, ...] = ()
-    # With the request's first delta from this worker: seconds from its submit here to the step
-    # that first scheduled it (vLLM's queue time); -1 when unknown.
-    queue_s: float = -1.0
-
-
-@dataclass(frozen=True)
 class HandoffEvent:
     """The decode side committed a handoff, or either side saw it fail."""
 
@@ -77,7 +58,6 @@ class HandoffEvent:
     kind: HandoffEventKind
     nbytes: int = 0
     detail: str = ""
-    first_token: int = -1  # on "committed": the token the prefill side sampled
 
 
 @dataclass(frozen=True)
@@ -123,7 +103,7 @@ class WorkerStats:
 class PollResult:
     """What one long-poll returns: all deltas and events since the previous poll."""
 
-    deltas: tuple[RequestDelta, ...]
+    deltas: tuple[CoreOutput, ...]  # the first token of a handoff comes only from its prefill side
     events: tuple[HandoffEvent, ...]
     stats: WorkerStats
     step_tokens: tuple[int, ...] = ()  # tokens computed by each engine step since the last poll

@@ -84,7 +84,7 @@ def token_times(workers: list[Worker], rids: set[str], until: float) -> dict[str
                     workers[0].release(e.request_id)
             for dl in r.deltas:
                 if dl.request_id in times:
-                    times[dl.request_id] += [now] * len(dl.token_ids)
+                    times[dl.request_id] += [now] * len(dl.new_token_ids)
                     if dl.finished:
                         left.discard(dl.request_id)
     return times
@@ -211,7 +211,7 @@ def tbt(p: Worker, d: Worker, m: Worker, long_len: int, seconds: float) -> None:
                         p.release(e.request_id)
                 for dl in r.deltas:
                     if dl.request_id in times:
-                        times[dl.request_id] += [now] * len(dl.token_ids)
+                        times[dl.request_id] += [now] * len(dl.new_token_ids)
         for r in rids:
             target.abort(r)
         gaps = sorted(b - a for ts in times.values() for a, b in itertools.pairwise(ts) if b > a)

@@ -1,21 +1,22 @@
-"""A disaggregated request's first token keeps its logprobs when the KV commit overtakes it.
-
-The decode side's commit event names the first token but not its logprobs (only the prefill
-side's delta has them): decode tokens wait behind it, briefly, and the stream stays in order.
-"""
+"""A disaggregated request's first token has one way back: the prefill side's output, with its
+logprobs, consumed as is by the router. Decode outputs that overtake it wait behind it, and a
+prefill worker that dies before that output is read takes the attempt with it."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from batonserve.cluster import worker_events
 from batonserve.cluster.api import GenerateRequest, TokenDelta
 from batonserve.cluster.request_state import RequestState
-from batonserve.cluster.worker_events import HOLD_TOKENS, WorkerEvents
+from batonserve.cluster.worker_events import WorkerEvents
 from batonserve.workers.output_processor import OutputProcessor
-from batonserve.workers.outputs import TokenLogprobs
+from batonserve.workers.outputs import CoreOutput, TokenLogprobs
 from batonserve.workers.sampling_params import SamplingParams
-from batonserve.workers.worker_types import RequestDelta
+from batonserve.workers.worker_types import HandoffEvent
 
 PROMPT = (5, 6, 7)
 
@@ -24,29 +25,49 @@ def _lp(token: int) -> TokenLogprobs:
     return TokenLogprobs(token, -0.5 - token / 100, ((token, -0.5 - token / 100), (1, -3.0)))
 
 
-def _setup() -> tuple[Any, RequestState]:
-    params = SamplingParams(max_tokens=20, temperature=0.0, logprobs=1, ignore_eos=True)
+def _setup(logprobs: int | None = 1) -> tuple[Any, RequestState, list[RequestState]]:
+    params = SamplingParams(max_tokens=20, temperature=0.0, logprobs=logprobs, ignore_eos=True)
     st = RequestState(GenerateRequest("r", PROMPT, params))
     a = st.next_attempt("prefill-0", "decode-0")
-    a.phase = "decode"  # as the commit left it
-    a.first_token_held = 40  # ... holding the first token it named
+    a.handoff_id = 7
     processor = OutputProcessor(None)
     processor.add_request("r", PROMPT, params)
     finished: list[RequestState] = []
+    handoff = SimpleNamespace(src="prefill-0")
     cluster = SimpleNamespace(
         by_worker_rid={a.worker_request_id: st},
         processor=processor,
-        ledger=SimpleNamespace(prefilled=lambda hid: None),
+        ledger=SimpleNamespace(
+            prefilled=lambda hid: None,
+            get=lambda hid: handoff,
+            committed=lambda hid, nbytes: True,
+            released=lambda hid: None,
+        ),
+        observer=SimpleNamespace(kv_handoff=lambda rec: None),
+        controller=None,
+        abort_on_release=lambda worker, rid: None,
         _finish=finished.append,
         restart=lambda st, why: None,
     )
-    return cluster, st
+    return cluster, st, finished
 
 
-def _delta(st: RequestState, tokens: tuple[int, ...], prefilled: bool = False) -> RequestDelta:
+def _out(st: RequestState, tokens: tuple[int, ...], prefilled: bool = False) -> CoreOutput:
     assert st.attempt is not None
     lps = tuple(_lp(t) for t in tokens)
-    return RequestDelta(st.attempt.worker_request_id, tokens, False, None, prefilled, 3, 0, "", lps)
+    return CoreOutput(st.attempt.worker_request_id, tokens, lps, False, None, prefilled, 3, 1, 0)
+
+
+@pytest.fixture(autouse=True)
+def _no_handoff_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit's metrics record needs a controller; these tests look at tokens only."""
+    monkeypatch.setattr(worker_events, "handoff_record", lambda *a: None)
+
+
+def _commit(cluster: Any, st: RequestState) -> None:
+    assert st.attempt is not None
+    ev = HandoffEvent(7, st.attempt.worker_request_id, "committed", 100)
+    WorkerEvents._on_event(cluster, "decode-0", ev)
 
 
 def _drain(st: RequestState) -> list[TokenDelta]:
@@ -58,12 +79,14 @@ def _drain(st: RequestState) -> list[TokenDelta]:
     return out
 
 
-def test_decode_tokens_wait_for_the_prefill_report_of_the_first_token() -> None:
-    cluster, st = _setup()
-    WorkerEvents._on_delta(cluster, "decode-0", _delta(st, (41,)))
-    WorkerEvents._on_delta(cluster, "decode-0", _delta(st, (42,)))
+def test_decode_outputs_wait_for_the_prefill_sides_first_token() -> None:
+    cluster, st, _ = _setup()
+    _commit(cluster, st)  # the commit names no token: nothing is streamed
+    assert st.queue.empty()
+    WorkerEvents._on_delta(cluster, "decode-0", _out(st, (41,)))
+    WorkerEvents._on_delta(cluster, "decode-0", _out(st, (42,)))
     assert st.queue.empty()  # held behind the first token
-    WorkerEvents._on_delta(cluster, "prefill-0", _delta(st, (40,), prefilled=True))
+    WorkerEvents._on_delta(cluster, "prefill-0", _out(st, (40,), prefilled=True))
     out = _drain(st)
     assert [t for d in out for t in d.token_ids] == [40, 41, 42]
     lps = [lp for d in out for lp in d.logprobs]
@@ -71,13 +94,37 @@ def test_decode_tokens_wait_for_the_prefill_report_of_the_first_token() -> None:
     assert st.produced == [40, 41, 42]
 
 
-def test_a_late_prefill_report_does_not_stall_the_stream() -> None:
-    cluster, st = _setup()
-    for t in range(HOLD_TOKENS):
-        WorkerEvents._on_delta(cluster, "decode-0", _delta(st, (50 + t,)))
-    out = _drain(st)
-    tokens = [t for d in out for t in d.token_ids]
-    assert tokens == [40, *range(50, 50 + HOLD_TOKENS)]  # in order, the first one bare
-    assert out[0].logprobs == (None,)
-    WorkerEvents._on_delta(cluster, "prefill-0", _delta(st, (40,), prefilled=True))
-    assert st.queue.empty()  # the late report is not streamed a second time
+def test_the_first_token_is_delivered_exactly_once_in_either_order() -> None:
+    for commit_first in (True, False):
+        cluster, st, _ = _setup(logprobs=None)
+        if commit_first:
+            _commit(cluster, st)
+        WorkerEvents._on_delta(cluster, "prefill-0", _out(st, (40,), prefilled=True))
+        if not commit_first:
+            _commit(cluster, st)
+        WorkerEvents._on_delta(cluster, "decode-0", _out(st, (41,)))
+        out = _drain(st)
+        assert [t for d in out for t in d.token_ids] == [40, 41]
+        assert all(d.logprobs == () for d in out)  # none asked for, none sent
+        assert st.produced == [40, 41]
+
+
+def test_the_prefill_worker_matters_until_its_first_token_is_in() -> None:
+    cluster, st, _ = _setup()
+    a = st.attempt
+    assert a is not None
+    _commit(cluster, st)
+    assert a.phase == "decode" and a.uses("prefill-0")  # its death must resume the request
+    WorkerEvents._on_delta(cluster, "prefill-0", _out(st, (40,), prefilled=True))
+    assert not a.uses("prefill-0") and a.uses("decode-0")
+
+
+def test_a_first_token_that_ends_the_request_finishes_it() -> None:
+    cluster, st, finished = _setup()
+    assert st.attempt is not None
+    rid = st.attempt.worker_request_id
+    last = CoreOutput(rid, (40,), (_lp(40),), True, "stop", True, 3, 1, 0)
+    WorkerEvents._on_delta(cluster, "prefill-0", last)
+    (d,) = _drain(st)
+    assert d.token_ids == (40,) and d.finish_reason == "stop" and d.logprobs == (_lp(40),)
+    assert finished == [st]

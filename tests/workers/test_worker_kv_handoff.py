@@ -12,10 +12,11 @@ import torch
 
 from batonserve.cluster.handoff import HandoffLedger
 from batonserve.workers.kv_transfer import KVTransferConfig
+from batonserve.workers.outputs import CoreOutput
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngine, ScriptedEngineConfig
 from batonserve.workers.worker import Worker
-from batonserve.workers.worker_types import HandoffEvent, HandoffSpec, RequestDelta, WorkerSpec
+from batonserve.workers.worker_types import HandoffEvent, HandoffSpec, WorkerSpec
 
 # Small prefill chunks: a prompt spans several steps, so KV leaves in several chunks per layer.
 SC = ScriptedEngineConfig(
@@ -53,9 +54,9 @@ def pair() -> Iterator[tuple[Worker, Worker]]:
 
 def drain(
     workers: tuple[Worker, ...], until: float, stop: object = None
-) -> tuple[list[tuple[str, RequestDelta]], list[tuple[str, HandoffEvent]]]:
+) -> tuple[list[tuple[str, CoreOutput]], list[tuple[str, HandoffEvent]]]:
     """Poll every worker for `until` seconds (or until `stop(deltas, events)` is true)."""
-    deltas: list[tuple[str, RequestDelta]] = []
+    deltas: list[tuple[str, CoreOutput]] = []
     events: list[tuple[str, HandoffEvent]] = []
     end = time.monotonic() + until
     while time.monotonic() < end:
@@ -90,7 +91,7 @@ def run_handoff(p: Worker, d: Worker, hid: int, rid: str, prompt: list[int]) -> 
     ledger_done = []
 
     def finished(
-        deltas: list[tuple[str, RequestDelta]], events: list[tuple[str, HandoffEvent]]
+        deltas: list[tuple[str, CoreOutput]], events: list[tuple[str, HandoffEvent]]
     ) -> bool:
         for _, e in events:
             if e.kind == "committed" and e.handoff_id not in ledger_done:
@@ -104,9 +105,9 @@ def run_handoff(p: Worker, d: Worker, hid: int, rid: str, prompt: list[int]) -> 
     deltas, events = drain((p, d), 10, finished)
     assert [e.kind for _, e in events] == ["committed"]
     first = [x for n, x in deltas if n == "prefill-0"]
-    assert len(first) == 1 and first[0].prefilled and len(first[0].token_ids) == 1
-    rest = [t for n, x in deltas if n == "decode-0" for t in x.token_ids]
-    return list(first[0].token_ids) + rest  # the first token, then the decode side's
+    assert len(first) == 1 and first[0].prefilled and len(first[0].new_token_ids) == 1
+    rest = [t for n, x in deltas if n == "decode-0" for t in x.new_token_ids]
+    return list(first[0].new_token_ids) + rest  # the first token, then the decode side's
 
 
 def test_layerwise_handoff_is_token_identical_and_frees_both_sides(
@@ -173,7 +174,7 @@ def test_first_token_ends_request_without_handoff(pair: tuple[Worker, Worker]) -
     p.submit_prefill(spec)
     deltas, _ = drain((p, d), 0.5)
     assert [(n, x.finished, x.finish_reason) for n, x in deltas] == [("prefill-0", True, "length")]
-    assert [t for _, x in deltas for t in x.token_ids] == reference(prompt, one)
+    assert [t for _, x in deltas for t in x.new_token_ids] == reference(prompt, one)
     d.abort("f#1")  # the owner drops the useless staging
     idle(p, d)
 
@@ -187,7 +188,7 @@ def test_refused_request_ends_alone(pair: tuple[Worker, Worker]) -> None:
     errors = [x for _, x in deltas if x.error]
     assert len(errors) == 1 and "already in use" in errors[0].error
     assert errors[0].finish_reason == "abort"
-    assert [t for _, x in deltas for t in x.token_ids] == reference(prompt, GREEDY)
+    assert [t for _, x in deltas for t in x.new_token_ids] == reference(prompt, GREEDY)
     assert d.health()
     idle(p, d)
 

@@ -20,11 +20,12 @@ import torch.distributed as dist
 from batonserve.workers.engine_core import EngineCore
 from batonserve.workers.handoff_io import send_layer
 from batonserve.workers.kv_transfer.base import FINAL_LAYER, KVChunk, KVTransport
+from batonserve.workers.outputs import CoreOutput, aborted_output
 from batonserve.workers.parallel import SPGroup, shard_batch
 from batonserve.workers.sp_serving.forward import SPForward, attention_dims
 from batonserve.workers.sp_serving.report import SPStepReport
 from batonserve.workers.sp_serving.types import RingJob, RingSetup, contiguous_runs
-from batonserve.workers.worker_types import HandoffEvent, RequestDelta
+from batonserve.workers.worker_types import HandoffEvent
 
 log = logging.getLogger("batonserve.ring")
 
@@ -104,9 +105,9 @@ class RingMember:
 
     def offer(
         self, job: RingJob, aborted: Callable[[str], bool]
-    ) -> tuple[list[RequestDelta], list[HandoffEvent]]:
+    ) -> tuple[list[CoreOutput], list[HandoffEvent]]:
         """Queue a job and run every job whose turn has come."""
-        deltas: list[RequestDelta] = []
+        deltas: list[CoreOutput] = []
         events: list[HandoffEvent] = []
         if self.setup is None or job.epoch != self.setup.epoch:
             deltas += self._refuse(job, "the ring group was rebuilt")
@@ -126,16 +127,16 @@ class RingMember:
             self.setup is not None and job.epoch == self.setup.epoch and job.seq >= self._next_seq
         )
 
-    def _refuse(self, job: RingJob, why: str) -> list[RequestDelta]:
+    def _refuse(self, job: RingJob, why: str) -> list[CoreOutput]:
         """The leader ends the attempt (the cluster retries it); others stay silent."""
         if self.setup is None or self.setup.rank != job.leader:
             return []
         h = job.handoff
-        return [RequestDelta(h.request_id, (), True, "abort", False, h.prompt_len, 0, "")]
+        return [aborted_output(h.request_id, h.prompt_len)]
 
     def _run(
         self, job: RingJob, aborted: Callable[[str], bool]
-    ) -> tuple[list[RequestDelta], list[HandoffEvent]]:
+    ) -> tuple[list[CoreOutput], list[HandoffEvent]]:
         assert self.setup is not None
         rank = self.setup.rank
         if rank >= job.size:
@@ -195,19 +196,20 @@ class RingMember:
 
     def _first_token(
         self, job: RingJob, logits: torch.Tensor, nbytes: int
-    ) -> tuple[list[RequestDelta], list[HandoffEvent]]:
+    ) -> tuple[list[CoreOutput], list[HandoffEvent]]:
         """Leader: sample the first token, stream it, and send the handoff's final marker."""
         h = job.handoff
-        tok, reason = self.engine.sample_first(h.request_id, h.prompt_token_ids, h.params, logits)
-        if reason is not None:  # ended at its first token: nothing to hand off
+        first = self.engine.sample_first(h.request_id, h.prompt_token_ids, h.params, logits)
+        if first.finished:  # ended at its first token: nothing to hand off
             self.free(h.request_id)
-            return [RequestDelta(h.request_id, (tok,), True, reason, True, h.prompt_len, 0)], []
+            return [first], []
         try:
+            tok = first.new_token_ids[0]
             self.transport.send(h.dst, KVChunk(h.handoff_id, FINAL_LAYER, h.prompt_len, None, tok))
         except Exception as e:
             self.free(h.request_id)
             return [], [HandoffEvent(h.handoff_id, h.request_id, "failed", nbytes, str(e))]
-        return [RequestDelta(h.request_id, (tok,), False, None, True, h.prompt_len, 0)], []
+        return [first], []
 
     def _report(self, job: RingJob, sp: SPForward, total_s: float) -> None:
         assert self.setup is not None
