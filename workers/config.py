@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from batonserve.workers.expert_store.policies import SERVING_POLICIES
+from batonserve.workers.models.config import DTYPES
 from batonserve.workers.plugins import choices
 
 # The cache policies a serving engine may use (the registry's, less the offline-only ones).
@@ -18,7 +18,7 @@ class EngineConfig:
 
     # auto: bf16 on a CPU with native bf16 matmul (AVX-512-BF16/AMX), else fp32 on CPU; the
     # checkpoint's dtype on GPU. The KV cache is kept in the same dtype.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: str = field(default="auto", metadata=choices(("auto", *DTYPES)))
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     # CPU threads of this engine's ops; 0 keeps torch's default, which in a Ray actor is the
     # actor's num_cpus (Ray sets OMP_NUM_THREADS from it).
@@ -56,6 +56,8 @@ class EngineConfig:
     expert_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype: must be 'auto' or one of {list(DTYPES)}, got {self.dtype!r}")
         nt = self.num_threads
         if isinstance(nt, bool) or not isinstance(nt, int) or nt < 0:
             raise ValueError(f"num_threads: must be an integer >= 0 (0 = default), got {nt!r}")

@@ -16,7 +16,7 @@ from batonserve.workers.forward_context import (
     ForwardContext,
     set_forward_context,
 )
-from batonserve.workers.models.config import ModelConfig
+from batonserve.workers.models.config import DTYPES, ModelConfig
 from batonserve.workers.models.loader import load_weights
 from batonserve.workers.models.paths import resolve_model_dir
 from batonserve.workers.models.registry import get_model_class
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from batonserve.workers.expert_store import ExpertStore, MoEController, RoutingPredictor
     from batonserve.workers.regroup import ExpertPath
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def cpu_has_native_bf16() -> bool:

@@ -21,10 +21,10 @@ import torch
 from safetensors import safe_open
 
 from batonserve.workers.expert_store.types import ExpertKey, ExpertWeights
-from batonserve.workers.models.config import ModelConfig
+from batonserve.workers.models.config import DTYPES, ModelConfig
 from batonserve.workers.models.loader import checkpoint_files
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 READERS = ("pread", "safe_open")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from batonserve.workers.models.config import DTYPES
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,8 +63,8 @@ class StoreConfig:
                 "prefetch_bandwidth_bytes_per_s: must be >= 0, got "
                 f"{self.prefetch_bandwidth_bytes_per_s}"
             )
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype: must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass

@@ -8,15 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from batonserve.kernels.rope_scaling import SUPPORTED_ROPE_TYPES, RopeScaling
+from batonserve.workers.models.registry import ARCHITECTURES
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM",
-)
 _QWEN2 = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")  # q/k/v bias, use_sliding_window rules
+# The floating-point types weights and the KV cache may use (torch's names): the one list.
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -76,10 +71,10 @@ class ModelConfig:
         gen = gen or {}
         archs = raw.get("architectures") or []
         arch = str(archs[0]) if archs else str(raw.get("model_type", "<missing>"))
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if arch not in ARCHITECTURES:
             raise ValueError(
                 f"architectures: unsupported model architecture {arch!r}; "
-                f"supported: {list(SUPPORTED_ARCHITECTURES)}"
+                f"supported: {list(ARCHITECTURES)}"
             )
         hidden = _req_int(raw, "hidden_size")
         heads = _req_int(raw, "num_attention_heads")

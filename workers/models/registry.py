@@ -1,27 +1,29 @@
-"""Architecture string (config.json `architectures[0]`) -> model class."""
+"""Architecture string (config.json `architectures[0]`) -> model class: the one list of supported
+architectures. Torch-free until a model is built, so configs and the router can check names."""
 
 from __future__ import annotations
 
-from batonserve.workers.models.config import SUPPORTED_ARCHITECTURES
-from batonserve.workers.models.llama import LlamaForCausalLM
-from batonserve.workers.models.mixtral import MixtralForCausalLM
-from batonserve.workers.models.qwen2_moe import Qwen2MoeForCausalLM
+from typing import TYPE_CHECKING
 
-MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "MixtralForCausalLM": MixtralForCausalLM,
-    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
-}
-assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES)
+from batonserve.workers.plugins import Registry
+
+if TYPE_CHECKING:
+    from batonserve.workers.models.llama import LlamaForCausalLM
+
+ARCHITECTURES: Registry[type[LlamaForCausalLM]] = Registry(
+    "model architecture",
+    "architectures",
+    "batonserve.workers.models",
+    {
+        "LlamaForCausalLM": "llama:LlamaForCausalLM",
+        "MistralForCausalLM": "llama:LlamaForCausalLM",
+        "Qwen2ForCausalLM": "llama:LlamaForCausalLM",
+        "MixtralForCausalLM": "mixtral:MixtralForCausalLM",
+        "Qwen2MoeForCausalLM": "qwen2_moe:Qwen2MoeForCausalLM",
+    },
+)
 
 
 def get_model_class(architecture: str) -> type[LlamaForCausalLM]:
     """The model class for `architecture`, or ValueError listing the supported ones."""
-    if architecture not in MODEL_REGISTRY:
-        raise ValueError(
-            f"architectures: unsupported model architecture {architecture!r}; "
-            f"supported: {sorted(MODEL_REGISTRY)}"
-        )
-    return MODEL_REGISTRY[architecture]
+    return ARCHITECTURES.get(architecture)
