@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from batonserve.cluster.kube_config import KubernetesConfig, PoolKubernetesConfig
 from batonserve.cluster.scheduling.config import SchedulerConfig
 from batonserve.cluster.schema import ConfigError, from_dict, to_dict
-from batonserve.workers.config import EngineConfig
+from batonserve.workers.config import EngineConfig, Role
 from batonserve.workers.kv_transfer.config import KVTransferConfig
 from batonserve.workers.sp_serving.config import SequenceParallelConfig
-
-Role = Literal["prefill", "decode", "mixed"]
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ import ray
 from batonserve.cluster.config import PoolConfig, ServeConfig
 from batonserve.cluster.placement import StartupError, describe, worker_demand
 from batonserve.cluster.ring import RingGroup, ring_members
+from batonserve.workers.config import Role
 from batonserve.workers.kv_transfer.base import KVSpec
 from batonserve.workers.kv_transfer.config import KVTransferConfig
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
 from batonserve.workers.worker import Worker
-from batonserve.workers.worker_types import WorkerRole, WorkerSpec, WorkerStats
+from batonserve.workers.worker_types import WorkerSpec, WorkerStats
 
 log = logging.getLogger("batonserve.controller")
 
@@ -38,9 +39,9 @@ class WorkerHandle:
     """The controller's view of one worker actor."""
 
     spec: WorkerSpec
-    home_role: WorkerRole
+    home_role: Role
     actor: Any
-    role: WorkerRole
+    role: Role
     healthy: bool = False
     stats: WorkerStats | None = None
     kv_spec: KVSpec | None = None
@@ -299,7 +300,7 @@ class Controller:
             task.add_done_callback(self._ring_tasks.discard)
         return h
 
-    async def set_role(self, name: str, role: WorkerRole) -> None:
+    async def set_role(self, name: str, role: Role) -> None:
         """Switch a worker's role (no weight reload)."""
         h = self.workers[name]
         await h.actor.set_role.remote(role)

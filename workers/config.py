@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from batonserve.workers.expert_store.policies import SERVING_POLICIES
 from batonserve.workers.models.config import DTYPES
 from batonserve.workers.plugins import choices
+
+# What a worker does in the Splitwise split: the one definition (the mixed pool flips a worker's
+# role without reloading weights).
+Role = Literal["prefill", "decode", "mixed"]
 
 # The cache policies a serving engine may use (the registry's, less the offline-only ones).
 EXPERT_CACHE_POLICIES = SERVING_POLICIES

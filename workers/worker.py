@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from batonserve.workers.config import EngineConfig
+from batonserve.workers.config import EngineConfig, Role
 from batonserve.workers.engine_core import EngineCore, Runner
 from batonserve.workers.engine_protocol import WorkerEngine
 from batonserve.workers.handoff_io import KVExporter, KVImporter
@@ -34,7 +34,6 @@ from batonserve.workers.worker_types import (
     HandoffEvent,
     HandoffSpec,
     PollResult,
-    WorkerRole,
     WorkerSpec,
     WorkerStats,
 )
@@ -75,7 +74,7 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        self.role: WorkerRole = spec.role
+        self.role: Role = spec.role
         self.engine = build_engine(spec)
         self.clock = StepClock(self.engine.scheduler)
         self.kv_spec = self.engine.kv_spec
@@ -127,7 +126,7 @@ class Worker:
         """The KVSpec that must match a peer's for handoff."""
         return self.kv_spec
 
-    def set_role(self, role: WorkerRole) -> None:
+    def set_role(self, role: Role) -> None:
         """Switch role (mixed pool); weights and in-flight requests stay."""
         self.role = role
         self._enqueue(lambda: None)  # refresh stats

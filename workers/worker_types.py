@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from batonserve.workers.config import EngineConfig
+from batonserve.workers.config import EngineConfig, Role
 from batonserve.workers.expert_store.types import ExpertStoreStats
 from batonserve.workers.kv_transfer.config import KVTransferConfig
 from batonserve.workers.outputs import CoreOutput
@@ -14,7 +14,6 @@ from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
 from batonserve.workers.sp_serving.report import SPStepReport
 
-WorkerRole = Literal["prefill", "decode", "mixed"]
 HandoffEventKind = Literal["committed", "failed"]
 
 
@@ -24,7 +23,7 @@ class WorkerSpec:
 
     name: str  # "<pool>-<index>", also the Ray actor name
     pool: str
-    role: WorkerRole
+    role: Role
     model: str  # a resolved model directory, or the name of the scripted engine
     engine: EngineConfig = field(default_factory=EngineConfig)
     kv: KVTransferConfig = field(default_factory=KVTransferConfig)
@@ -66,7 +65,7 @@ class WorkerStats:
 
     name: str
     pool: str
-    role: WorkerRole
+    role: Role
     healthy: bool
     running: int
     waiting: int

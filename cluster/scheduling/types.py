@@ -10,7 +10,8 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["prefill", "decode", "mixed"]
+from batonserve.workers.config import Role
+
 PairingMode = Literal["disaggregated", "in_place"]
 
 PREFILL_CAPABLE: frozenset[str] = frozenset({"prefill", "mixed"})

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from batonserve.cluster.scheduling.types import PREFILL_CAPABLE
 from batonserve.cluster.sim.design import (
     FAMILIES,
     Design,
@@ -74,7 +75,7 @@ def capacity_bound(setup: PlanSetup, design: Design) -> float:
         perf = setup.perf[perf_key(p.machine, p.tensor_parallel, setup.model.tensor_parallel)]
         _, per_machine = worker_machine(setup.machines[p.machine], p.tensor_parallel, setup.model)
         workers = p.replicas * per_machine
-        if p.role in ("prefill", "mixed"):
+        if p.role in PREFILL_CAPABLE:
             tokens_per_s += workers * chunk / perf.step_time(chunk, 0)
         elif lendable:  # borrowed decode machines add prompt capacity through the mixed pool
             tokens_per_s += 0.5 * workers * chunk / perf.step_time(chunk, 0)
