@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+from batonserve.cluster.scheduling.types import RoleChangeKind
 
 HandoffOutcome = Literal["ok", "failed", "lease_expired"]
-PoolChangeKind = Literal["borrow", "return"]
 
 # gRPC status code names (grpc.StatusCode.<NAME>.name); the router passes the final code's name.
 GRPC_CODES = frozenset(
@@ -162,9 +163,9 @@ class HandoffRecord:
         _check_label("HandoffRecord", "from_pool", self.from_pool)
         _check_label("HandoffRecord", "to_pool", self.to_pool)
         _check_non_negative("HandoffRecord", seconds=self.seconds, bytes=self.bytes)
-        if self.outcome not in ("ok", "failed", "lease_expired"):
+        if self.outcome not in get_args(HandoffOutcome):
             raise ValueError(
-                "HandoffRecord.outcome: must be 'ok', 'failed' or 'lease_expired', "
+                f"HandoffRecord.outcome: must be one of {list(get_args(HandoffOutcome))}, "
                 f"got {self.outcome!r}"
             )
 
@@ -174,14 +175,15 @@ class PoolChange:
     """A worker moved into or out of the mixed pool (Splitwise), keeping its weights."""
 
     pool: str  # the worker's home pool
-    change: PoolChangeKind  # "borrow": lent to the mixed pool; "return": back home
+    change: RoleChangeKind  # "borrow": lent to the mixed pool; "return": back home
     from_role: str
     to_role: str
 
     def __post_init__(self) -> None:
-        if self.change not in ("borrow", "return"):
+        if self.change not in get_args(RoleChangeKind):
             raise ValueError(
-                f"PoolChange.change: must be 'borrow' or 'return', got {self.change!r}"
+                f"PoolChange.change: must be one of {list(get_args(RoleChangeKind))}, "
+                f"got {self.change!r}"
             )
         for name in ("pool", "from_role", "to_role"):
             _check_label("PoolChange", name, getattr(self, name))
@@ -193,7 +195,6 @@ __all__ = [
     "HandoffOutcome",
     "HandoffRecord",
     "PoolChange",
-    "PoolChangeKind",
     "RequestFinished",
     "RequestRejected",
     "WorkerSnapshot",
