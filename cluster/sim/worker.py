@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, cast, get_args
 
 from batonserve.cluster.scheduling import Role, WorkerView
 from batonserve.cluster.sim.count_pool import CountingBlockPool
@@ -53,8 +53,8 @@ class EngineLimits:
     batching: Batching = "engine"
 
     def __post_init__(self) -> None:
-        if self.batching not in ("engine", "splitwise"):
-            raise ValueError(f"batching: 'engine' or 'splitwise', got {self.batching!r}")
+        if self.batching not in get_args(Batching):
+            raise ValueError(f"batching: one of {list(get_args(Batching))}, got {self.batching!r}")
         if self.batching == "splitwise" and self.enable_prefix_caching:
             raise ValueError("batching 'splitwise' has no prefix caching (the paper has none)")
 
