@@ -20,6 +20,7 @@ from batonserve.kernels.cpu.paged_attention import paged_attention_cpu, supports
 from batonserve.kernels.dispatch import use_triton
 
 NEG_INF = float("-inf")
+PREFILL_C_MAX_Q = 512  # longest plain prompt (per chunk) the CPU kernel takes; SDPA above
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,11 @@ def plan_prefill(
     mask = mask | ~has_key[:, 0, :, :].expand_as(mask) & (kj == 0)[None, None, :]
     all_have_keys = bool(has_key[:, 0, :, 0][q_valid].all())
     row_seq = row_last = None
-    # The CPU kernel takes a prefill only where a cached prefix would otherwise be gathered;
-    # a plain prompt (keys = its own new tokens) stays on SDPA, which tiles long prompts better.
-    if block_tables is not None and causal and bool((k_lens > q_lens).any()):
+    # The CPU kernel takes a prefill with a cached prefix (no gathered copy), and plain prompts
+    # (keys = the new tokens) up to PREFILL_C_MAX_Q rows: 1.2-3.7x faster than SDPA there on
+    # the CI VM (bf16, 1 thread); SDPA's tiles win on longer prompts.
+    cpu_rows = device.type == "cpu" and max_q <= PREFILL_C_MAX_Q
+    if block_tables is not None and causal and (cpu_rows or bool((k_lens > q_lens).any())):
         row_seq = torch.arange(num_seqs, device=device)[:, None].expand(-1, max_q)[q_valid]
         row_last = q_pos[q_valid]
     return PrefillPlan(
@@ -167,6 +170,8 @@ def prefill_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     k_flat = k.reshape(-1, num_kv, head_dim)  # a paged cache becomes [num_slots, kv_heads, d]
     v_flat = v.reshape(-1, num_kv, head_dim)
+    if not return_lse and _plain_causal(q, plan):
+        return _causal_per_sequence(q, k_flat, v_flat, plan, scale), None
     qp = q[plan.q_index].transpose(1, 2)  # [B, H, max_q, d]
     kp = k_flat[plan.k_index].transpose(1, 2)  # [B, Hkv, max_k, d]
     vp = v_flat[plan.k_index].transpose(1, 2)
@@ -189,6 +194,36 @@ def prefill_attention(
     if not plan.all_have_keys:
         out = out.masked_fill(~plan.has_key, 0.0)
     return out.transpose(1, 2)[plan.q_valid], lse_out
+
+
+def _plain_causal(q: torch.Tensor, plan: PrefillPlan) -> bool:
+    """CPU plain prompts (queries = keys, from position 0), no window cutting in: causal SDPA
+    per sequence needs no mask, so it skips the padding and the blocks above the diagonal."""
+    if q.device.type != "cpu" or not plan.causal or plan.q_lens is None or plan.k_lens is None:
+        return False
+    if not torch.equal(plan.q_lens, plan.k_lens):
+        return False
+    window = plan.sliding_window
+    return window is None or window >= int(plan.k_lens.max())
+
+
+def _causal_per_sequence(
+    q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, plan: PrefillPlan, scale: float
+) -> torch.Tensor:
+    """prefill_attention for `_plain_causal` plans: one SDPA(is_causal) per sequence."""
+    assert plan.q_lens is not None
+    gqa = k_flat.shape[1] != q.shape[1]
+    outs = []
+    for b, n in enumerate(plan.q_lens.tolist()):
+        if n == 0:
+            continue
+        qb = q[plan.q_index[b, :n]].transpose(0, 1)[None]  # [1, H, n, d]
+        keys = plan.k_index[b, :n]
+        kb = k_flat[keys].transpose(0, 1)[None]
+        vb = v_flat[keys].transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_zeros(0, *q.shape[1:])
 
 
 def varlen_attention(

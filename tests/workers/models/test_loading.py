@@ -156,7 +156,13 @@ def test_half_precision_checkpoints_load_and_run(
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     hf = load_hf_model(path, torch.float32)
     ref = hf(torch.tensor([tokens])).logits[0].detach()
-    torch.testing.assert_close(logits, ref, atol=0.1, rtol=0.05)
+    if arch == "mixtral":
+        # A near-tied router choice may pick another expert for one token after a half-precision
+        # rounding (seen in bf16: top-2 logits 0.0439 vs 0.0437): that row may leave the band.
+        ok = [torch.allclose(a, b, atol=0.1, rtol=0.05) for a, b in zip(logits, ref, strict=True)]
+        assert sum(not x for x in ok) <= 1, ok
+    else:
+        torch.testing.assert_close(logits, ref, atol=0.1, rtol=0.05)
     step = runner.execute(seqs.step({s: [77]}))  # one paged decode step in half precision
     ref_step = hf(torch.tensor([[*tokens, 77]])).logits[0, -1].detach()
     torch.testing.assert_close(step[0], ref_step, atol=0.1, rtol=0.05)
