@@ -221,7 +221,9 @@ def _causal_per_sequence(
         keys = plan.k_index[b, :n]
         kb = k_flat[keys].transpose(0, 1)[None]
         vb = v_flat[keys].transpose(0, 1)[None]
-        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa
+        )
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_zeros(0, *q.shape[1:])
 
