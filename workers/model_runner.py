@@ -20,6 +20,7 @@ from batonserve.workers.models.config import DTYPES, ModelConfig
 from batonserve.workers.models.loader import load_weights
 from batonserve.workers.models.paths import resolve_model_dir
 from batonserve.workers.models.registry import get_model_class
+from batonserve.workers.tp.shard import TPShard, check_tp
 
 if TYPE_CHECKING:
     from batonserve.workers.expert_store import ExpertStore, MoEController, RoutingPredictor
@@ -66,13 +67,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 class ModelRunner:
-    """One model on one device with its paged KV cache: `execute(batch)` returns logits."""
+    """One model on one device with its paged KV cache: `execute(batch)` returns logits.
 
-    def __init__(self, model: str | Path, config: EngineConfig) -> None:
+    With `tp` (a tensor-parallel rank) it holds that rank's shard of the weights and its KV heads;
+    every rank of the group must execute the same batches in the same order.
+    """
+
+    def __init__(self, model: str | Path, config: EngineConfig, tp: TPShard | None = None) -> None:
         self.config = config
+        self.tp = tp = tp or TPShard()
         self.model_dir = resolve_model_dir(model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
         mc = self.model_config
+        if tp.size > 1:
+            _check_tp_engine(config, mc, tp.size)
+        kv0, kv1 = tp.kv_heads(mc.num_kv_heads)
+        self.num_kv_heads = kv1 - kv0  # this rank's KV heads (all of them without TP)
         self.device = resolve_device(config.device)
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)  # process-wide: one engine per worker
@@ -92,7 +102,7 @@ class ModelRunner:
                     model_cls, mc, self.dtype, self.device, self.model_dir
                 )
             else:
-                self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device)
+                self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device, tp)
                 load_weights(self.model_dir, self.model.weight_specs())
             self.model.prepack()
         self.model.eval()
@@ -104,7 +114,8 @@ class ModelRunner:
             self._attach_moe(dtype_name)
         self.num_blocks = self._num_blocks()
         capture = bool(config.compile_decode) and self.model.supports_decode_graph()
-        # One allocation for the whole cache: [layers, 2 (k, v), blocks, block_size, kv_heads, d].
+        # One allocation for the whole cache: [layers, 2 (k, v), blocks, block_size, kv_heads, d]
+        # (this rank's KV heads under TP).
         # With decode graphs, one block more: the scratch block padded rows write to (the block
         # pool only knows num_blocks, so it never hands it out).
         self.kv_cache = torch.zeros(
@@ -112,7 +123,7 @@ class ModelRunner:
             2,
             self.num_blocks + int(capture),
             self.block_size,
-            mc.num_kv_heads,
+            self.num_kv_heads,
             mc.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -220,7 +231,7 @@ class ModelRunner:
             return self.config.num_kv_blocks
         mc = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        per_block = 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+        per_block = 2 * mc.num_layers * self.block_size * self.num_kv_heads * mc.head_dim * elem
         blocks = self.config.kv_cache_bytes // per_block
         if blocks < 1:
             raise ValueError(
@@ -270,24 +281,38 @@ class ModelRunner:
                 return self.model(batch.input_ids, batch.positions, batch.logits_indices)
 
     def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy out layer `layer`'s K and V at `slots` (block_id * block_size + offset): [n, Hkv, d] each."""
-        mc = self.model_config
+        """Copy out layer `layer`'s K and V at `slots` (block_id * block_size + offset): [n, Hkv, d] each
+        (Hkv: this rank's KV heads)."""
+        hkv, d = self.num_kv_heads, self.model_config.head_dim
         k_cache, v_cache = self.kv_caches[layer]
         idx = slots.to(self.device, torch.long)
-        return (
-            k_cache.view(-1, mc.num_kv_heads, mc.head_dim)[idx].clone(),
-            v_cache.view(-1, mc.num_kv_heads, mc.head_dim)[idx].clone(),
-        )
+        return k_cache.view(-1, hkv, d)[idx].clone(), v_cache.view(-1, hkv, d)[idx].clone()
 
     def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write K and V [n, Hkv, d] of layer `layer` at `slots` (the inverse of read_kv)."""
-        mc = self.model_config
+        hkv, d = self.num_kv_heads, self.model_config.head_dim
         k_cache, v_cache = self.kv_caches[layer]
         idx = slots.to(self.device, torch.long)
         with torch.inference_mode():
-            k_cache.view(-1, mc.num_kv_heads, mc.head_dim).index_copy_(
-                0, idx, k.to(self.device, self.dtype)
-            )
-            v_cache.view(-1, mc.num_kv_heads, mc.head_dim).index_copy_(
-                0, idx, v.to(self.device, self.dtype)
+            k_cache.view(-1, hkv, d).index_copy_(0, idx, k.to(self.device, self.dtype))
+            v_cache.view(-1, hkv, d).index_copy_(0, idx, v.to(self.device, self.dtype))
+
+    def parameter_bytes(self) -> int:
+        """Bytes of this rank's resident model parameters (tied tensors counted once)."""
+        seen = {id(p): p for p in self.model.parameters()}
+        return sum(p.numel() * p.element_size() for p in seen.values())
+
+
+def _check_tp_engine(config: EngineConfig, mc: ModelConfig, size: int) -> None:
+    """ValueError for what tensor parallelism cannot run with (the model's shapes, other modes)."""
+    check_tp(mc, size)
+    for name, on in (
+        ("expert_cache_policy", config.expert_cache_policy),
+        ("expert_parallel_size", config.expert_parallel_size > 1),
+        ("moe_regroup_batch", config.moe_regroup_batch),
+    ):
+        if on:
+            raise ValueError(
+                f"{name}: cannot be combined with tensor_parallel_size {size} (under TP every "
+                "rank holds a slice of every expert); leave it unset"
             )

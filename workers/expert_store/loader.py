@@ -67,7 +67,7 @@ def load_without_experts(
     left = [n for n, b in model.named_buffers() if b.is_meta]
     if left:
         raise ValueError(f"model: buffer {left[0]!r} cannot be rebuilt for a streaming load")
-    specs = [(n, d) for n, d in model.weight_specs() if not d.is_meta]  # type: ignore[operator]
+    specs = [s for s in model.weight_specs() if not s[1].is_meta]  # type: ignore[operator]
     load_weights(model_dir, specs)
     return model
 

@@ -2,6 +2,8 @@
 
 Projections are fused (q/k/v into one matrix, gate/up into one) to keep the op count per layer
 small; `weight_specs` maps each Hugging Face tensor name onto its slice of a fused parameter.
+Under tensor parallelism (`tp`, workers/tp/) every block holds only its rank's shard and returns
+a partial sum; the decoder layer all-reduces it. A spec then names the checkpoint region to read.
 """
 
 from __future__ import annotations
@@ -16,8 +18,20 @@ from batonserve.kernels.norm import fused_add_rms_norm, rms_norm
 from batonserve.kernels.rope import apply_rope
 from batonserve.workers.forward_context import get_forward_context
 from batonserve.workers.models.config import ModelConfig
+from batonserve.workers.tp.shard import Region, TPShard
 
-WeightSpecs = list[tuple[str, torch.Tensor]]  # (HF tensor name, destination view of a parameter)
+# (HF tensor name, destination view of a parameter) or, for a tensor-parallel shard, with the
+# region of the checkpoint tensor to read: (name, destination, (dim, start, stop)).
+WeightSpec = tuple[str, torch.Tensor] | tuple[str, torch.Tensor, Region]
+WeightSpecs = list[WeightSpec]
+NO_TP = TPShard()
+
+
+def sharded(
+    name: str, dest: torch.Tensor, tp: TPShard, dim: int, start: int, stop: int
+) -> WeightSpec:
+    """The spec of `dest`: the whole tensor without TP, else rows/columns [start, stop) of `dim`."""
+    return (name, dest) if tp.size == 1 else (name, dest, (dim, start, stop))
 
 
 def new_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -48,11 +62,19 @@ class Attention(nn.Module):
     """GQA self-attention: fused qkv, RoPE, write K/V to the paged cache, attend, project out."""
 
     def __init__(
-        self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TPShard = NO_TP,
     ) -> None:
         super().__init__()
-        self.layer = layer
-        self.num_heads, self.num_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.layer, self.tp = layer, tp
+        # This rank's heads: [h0, h1) of the query heads, [kv0, kv1) of the KV heads.
+        self.h0, h1 = tp.split(cfg.num_heads, "num_attention_heads")
+        self.kv0, kv1 = tp.kv_heads(cfg.num_kv_heads)
+        self.num_heads, self.num_kv, self.head_dim = h1 - self.h0, kv1 - self.kv0, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv * self.head_dim
         self.window = cfg.layer_window(layer)
@@ -70,23 +92,21 @@ class Attention(nn.Module):
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names q/k/v/o_proj under `prefix` (e.g. 'model.layers.0.self_attn.')."""
-        q, kv = self.q_size, self.kv_size
-        specs: WeightSpecs = [
-            (prefix + "q_proj.weight", self.qkv_weight[:q]),
-            (prefix + "k_proj.weight", self.qkv_weight[q : q + kv]),
-            (prefix + "v_proj.weight", self.qkv_weight[q + kv :]),
-            (prefix + "o_proj.weight", self.o_weight),
-        ]
-        if self.qkv_bias is not None:
-            specs += [
-                (prefix + "q_proj.bias", self.qkv_bias[:q]),
-                (prefix + "k_proj.bias", self.qkv_bias[q : q + kv]),
-                (prefix + "v_proj.bias", self.qkv_bias[q + kv :]),
-            ]
+        q, kv, d, tp = self.q_size, self.kv_size, self.head_dim, self.tp
+        qs, ks = self.h0 * d, self.kv0 * d  # this rank's first row in q_proj / k_proj, v_proj
+        specs: WeightSpecs = [sharded(prefix + "o_proj.weight", self.o_weight, tp, 1, qs, qs + q)]
+        for kind, full in (("weight", self.qkv_weight), ("bias", self.qkv_bias)):
+            if full is not None:
+                specs += [
+                    sharded(f"{prefix}q_proj.{kind}", full[:q], tp, 0, qs, qs + q),
+                    sharded(f"{prefix}k_proj.{kind}", full[q : q + kv], tp, 0, ks, ks + kv),
+                    sharded(f"{prefix}v_proj.{kind}", full[q + kv :], tp, 0, ks, ks + kv),
+                ]
         return specs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]; writes this layer's new K/V at the batch's slot_mapping."""
+        """x [T, hidden] -> [T, hidden] (this rank's partial sum under TP); writes this layer's
+        new K/V (this rank's KV heads) at the batch's slot_mapping."""
         ctx = get_forward_context()
         t = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv, self.head_dim
@@ -150,9 +170,13 @@ def attention_decode(
 class SwiGLU(nn.Module):
     """Dense MLP: down(silu(gate x) * up x), gate and up fused in one matrix."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPShard = NO_TP
+    ) -> None:
         super().__init__()
-        self.inter = cfg.intermediate_size
+        self.tp = tp
+        self.i0, i1 = tp.split(cfg.intermediate_size, "intermediate_size")
+        self.inter = i1 - self.i0  # this rank's slice of the intermediate width
         self.gate_up = new_param(2 * self.inter, cfg.hidden_size, dtype=dtype, device=device)
         self.down = new_param(cfg.hidden_size, self.inter, dtype=dtype, device=device)
         self.gate_up_packed: torch.Tensor | None = None  # set by prepack()
@@ -165,14 +189,15 @@ class SwiGLU(nn.Module):
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names gate/up/down_proj under `prefix` (e.g. 'model.layers.0.mlp.')."""
+        i, i0, tp = self.inter, self.i0, self.tp
         return [
-            (prefix + "gate_proj.weight", self.gate_up[: self.inter]),
-            (prefix + "up_proj.weight", self.gate_up[self.inter :]),
-            (prefix + "down_proj.weight", self.down),
+            sharded(prefix + "gate_proj.weight", self.gate_up[:i], tp, 0, i0, i0 + i),
+            sharded(prefix + "up_proj.weight", self.gate_up[i:], tp, 0, i0, i0 + i),
+            sharded(prefix + "down_proj.weight", self.down, tp, 1, i0, i0 + i),
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]."""
+        """x [T, hidden] -> [T, hidden] (this rank's partial sum under TP)."""
         gu = linear(x, self.gate_up, None, self.gate_up_packed)  # [T, 2I]
         return linear(
             F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.down, None, self.down_packed
@@ -180,11 +205,19 @@ class SwiGLU(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Mixtral sparse MLP: softmax top-k router over E SwiGLU experts (stacked weights)."""
+    """Mixtral sparse MLP: softmax top-k router over E SwiGLU experts (stacked weights).
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    Under TP every expert is split by its intermediate width (router replicated), so each rank
+    runs all experts on its slice and returns a partial sum, exactly as a dense SwiGLU does.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPShard = NO_TP
+    ) -> None:
         super().__init__()
-        e, i, hid = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+        self.tp = tp
+        self.i0, i1 = tp.split(cfg.intermediate_size, "the experts' intermediate size")
+        e, i, hid = cfg.num_local_experts, i1 - self.i0, cfg.hidden_size
         self.inter, self.top_k, self.num_experts = i, cfg.num_experts_per_tok, e
         self.gate = new_param(e, hid, dtype=dtype, device=device)  # router
         self.w_gate_up = new_param(e, 2 * i, hid, dtype=dtype, device=device)
@@ -192,13 +225,18 @@ class SparseMoE(nn.Module):
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names under `prefix` (e.g. 'model.layers.0.block_sparse_moe.')."""
-        specs: WeightSpecs = [(prefix + "gate.weight", self.gate)]
+        return [(prefix + "gate.weight", self.gate), *self.expert_specs(prefix, "w1", "w3", "w2")]
+
+    def expert_specs(self, prefix: str, gate: str, up: str, down: str) -> WeightSpecs:
+        """Every expert's gate/up/down tensors (HF names `gate`, `up`, `down`) under `prefix`."""
+        i, i0, tp = self.inter, self.i0, self.tp
+        specs: WeightSpecs = []
         for e in range(self.num_experts):
             p = f"{prefix}experts.{e}."
             specs += [
-                (p + "w1.weight", self.w_gate_up[e, : self.inter]),
-                (p + "w3.weight", self.w_gate_up[e, self.inter :]),
-                (p + "w2.weight", self.w_down[e]),
+                sharded(f"{p}{gate}.weight", self.w_gate_up[e, :i], tp, 0, i0, i0 + i),
+                sharded(f"{p}{up}.weight", self.w_gate_up[e, i:], tp, 0, i0, i0 + i),
+                sharded(f"{p}{down}.weight", self.w_down[e], tp, 1, i0, i0 + i),
             ]
         return specs
 

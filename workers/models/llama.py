@@ -1,6 +1,8 @@
 """Llama family (Llama 2/3, Mistral, Qwen2): one pre-norm decoder with flags from ModelConfig.
 
 Flags: q/k/v bias (Qwen2), tied embeddings, sliding window (Mistral, Qwen2), rope scaling (Llama 3).
+Tensor parallel (`tp`): the blocks return partial sums, all-reduced here once per block; the
+embedding and LM head are vocab-parallel (padded row slices; logits all-gathered).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from batonserve.kernels.rope import rope_cos_sin, rope_inv_freq
 from batonserve.workers.forward_context import get_forward_context
 from batonserve.workers.models.config import ModelConfig
 from batonserve.workers.models.layers import (
+    NO_TP,
     Attention,
     RMSNorm,
     SwiGLU,
     WeightSpecs,
     attention_decode,
     new_param,
+    sharded,
 )
+from batonserve.workers.tp.shard import TPShard
 
 
 class DecoderLayer(nn.Module):
@@ -31,17 +36,23 @@ class DecoderLayer(nn.Module):
     mlp_prefix = "mlp."
 
     def __init__(
-        self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TPShard = NO_TP,
     ) -> None:
         super().__init__()
+        self.tp = tp  # read by make_mlp
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.attn = Attention(cfg, layer, dtype, device)
+        self.attn = Attention(cfg, layer, dtype, device, tp)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = self.make_mlp(cfg, dtype, device)
 
     def make_mlp(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
         """The feed-forward block (dense SwiGLU here; MoE in Mixtral)."""
-        return SwiGLU(cfg, dtype, device)
+        return SwiGLU(cfg, dtype, device, self.tp)
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names under `prefix` ('model.layers.N.')."""
@@ -61,9 +72,9 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_norm(x)
         else:
             h, residual = self.input_norm.add_forward(x, residual)
-        h = self.attn(h)
+        h = self.tp.all_reduce(self.attn(h))
         h, residual = self.post_norm.add_forward(h, residual)
-        return self.mlp(h), residual
+        return self.tp.all_reduce(self.mlp(h)), residual
 
     def forward_decode(
         self, x: torch.Tensor, residual: torch.Tensor | None, *attn_args: Any
@@ -73,9 +84,9 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_norm(x)
         else:
             h, residual = self.input_norm.add_forward(x, residual)
-        h = attention_decode(self.attn, h, *attn_args)
+        h = self.tp.all_reduce(attention_decode(self.attn, h, *attn_args))
         h, residual = self.post_norm.add_forward(h, residual)
-        return self.mlp(h), residual
+        return self.tp.all_reduce(self.mlp(h)), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -83,18 +94,22 @@ class LlamaForCausalLM(nn.Module):
 
     layer_cls: type[DecoderLayer] = DecoderLayer
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPShard = NO_TP
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.embed = new_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.cfg, self.tp = cfg, tp
+        # Vocab rows [v0, v1) of the checkpoint; `rows` >= v1 - v0 (the last rank's zero padding).
+        self.v0, self.v1, rows = tp.vocab(cfg.vocab_size)
+        self.embed = new_param(rows, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            [self.layer_cls(cfg, i, dtype, device) for i in range(cfg.num_layers)]
+            [self.layer_cls(cfg, i, dtype, device, tp) for i in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = (
             self.embed
             if cfg.tie_word_embeddings
-            else new_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+            else new_param(rows, cfg.hidden_size, dtype=dtype, device=device)
         )
         self.lm_head_packed: torch.Tensor | None = None  # set by prepack()
         inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
@@ -102,12 +117,13 @@ class LlamaForCausalLM(nn.Module):
 
     def weight_specs(self) -> WeightSpecs:
         """Every checkpoint tensor this model needs, by HF name, with its destination."""
+        v0, v1, tp = self.v0, self.v1, self.tp
         specs: WeightSpecs = [
-            ("model.embed_tokens.weight", self.embed),
+            sharded("model.embed_tokens.weight", self.embed, tp, 0, v0, v1),
             ("model.norm.weight", self.norm.weight),
         ]
         if not self.cfg.tie_word_embeddings:
-            specs.append(("lm_head.weight", self.lm_head))
+            specs.append(sharded("lm_head.weight", self.lm_head, tp, 0, v0, v1))
         for i, layer in enumerate(self.layers):
             specs += layer.weight_specs(f"model.layers.{i}.")  # type: ignore[operator]
         return specs
@@ -121,8 +137,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_packed = pack_weight(self.lm_head)
 
     def supports_decode_graph(self) -> bool:
-        """True when forward_decode covers this model (dense SwiGLU MLPs; MoE stays eager)."""
-        return all(type(layer.mlp) is SwiGLU for layer in self.layers)  # type: ignore[union-attr]
+        """True when forward_decode covers this model (dense SwiGLU MLPs; MoE and TP stay eager)."""
+        return self.tp.size == 1 and all(type(layer.mlp) is SwiGLU for layer in self.layers)  # type: ignore[union-attr]
 
     def forward_decode(
         self,
@@ -138,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids/positions/slots [B]; tables [B, W] int32; context_lens [B] int32;
         kv_cache [layers, 2, blocks, bs, Hkv, d]. Returns logits [B, vocab] float32."""
         cos, sin = (t.to(self.embed.dtype) for t in rope_cos_sin(positions, self.inv_freq))
-        h = F.embedding(input_ids, self.embed)
+        h = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             h, residual = layer.forward_decode(  # type: ignore[operator]
@@ -154,7 +170,21 @@ class LlamaForCausalLM(nn.Module):
                 block_size,
             )
         assert residual is not None
-        return linear(self.norm(h + residual), self.lm_head, None, self.lm_head_packed).float()
+        return self.logits(self.norm(h + residual))
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> [T, D]; under TP each rank looks up its rows, zeros the rest, sums."""
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.embed)
+        local = input_ids - self.v0
+        other = (local < 0) | (local >= self.v1 - self.v0)  # ids another rank owns
+        h = F.embedding(local.masked_fill(other, 0), self.embed)
+        return self.tp.all_reduce(h.masked_fill(other[:, None], 0))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden rows [R, D] -> float32 logits [R, vocab] (rank slices gathered, unpadded)."""
+        out = linear(h, self.lm_head, None, self.lm_head_packed)  # [R, rows]
+        return self.tp.all_gather_last(out)[:, : self.cfg.vocab_size].float()
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor
@@ -164,11 +194,11 @@ class LlamaForCausalLM(nn.Module):
         # Shared by all layers, cast once to the model dtype (apply_rope's cast, done per step).
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         ctx.rope_cos, ctx.rope_sin = cos.to(self.embed.dtype), sin.to(self.embed.dtype)
-        h = F.embedding(input_ids, self.embed)  # [T, D]
+        h = self.embed_tokens(input_ids)  # [T, D]
         residual: torch.Tensor | None = None
         for layer in self.layers:
             h, residual = layer(h, residual)
         assert residual is not None
         # Norm is per row: keep only the rows whose logits are wanted before norm and lm_head.
         h = (h + residual)[logits_indices]
-        return linear(self.norm(h), self.lm_head, None, self.lm_head_packed).float()
+        return self.logits(self.norm(h))

@@ -17,7 +17,7 @@ class MixtralDecoderLayer(DecoderLayer):
 
     def make_mlp(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
         """Mixtral's sparse MoE block."""
-        return SparseMoE(cfg, dtype, device)
+        return SparseMoE(cfg, dtype, device, self.tp)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):

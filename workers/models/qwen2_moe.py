@@ -21,17 +21,20 @@ from batonserve.kernels.moe import (
     unpermute_combine,
 )
 from batonserve.workers.models.config import ModelConfig
-from batonserve.workers.models.layers import SparseMoE, SwiGLU, WeightSpecs, new_param
+from batonserve.workers.models.layers import NO_TP, SparseMoE, SwiGLU, WeightSpecs, new_param
 from batonserve.workers.models.llama import DecoderLayer, LlamaForCausalLM
+from batonserve.workers.tp.shard import TPShard
 
 
 class SharedExpert(nn.Module):
     """sigmoid(gate x) * swiglu(x): the expert every token uses (Qwen2-MoE)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPShard = NO_TP
+    ) -> None:
         super().__init__()
         width = cfg.shared_expert_intermediate_size
-        self.mlp = SwiGLU(replace(cfg, intermediate_size=width), dtype, device)
+        self.mlp = SwiGLU(replace(cfg, intermediate_size=width), dtype, device, tp)
         self.gate = new_param(1, cfg.hidden_size, dtype=dtype, device=device)  # [1, D]
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
@@ -42,7 +45,7 @@ class SharedExpert(nn.Module):
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> [T, D]."""
+        """x [T, D] -> [T, D] (a partial sum under TP: the gate is a per-row scale)."""
         return torch.sigmoid(F.linear(x, self.gate)) * self.mlp(x)
 
 
@@ -53,29 +56,28 @@ class Qwen2MoE(SparseMoE):
     handle it as they handle Mixtral; `renormalize` and `shared` tell them what differs.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(replace(cfg, intermediate_size=cfg.moe_intermediate_size), dtype, device)
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPShard = NO_TP
+    ) -> None:
+        moe_cfg = replace(cfg, intermediate_size=cfg.moe_intermediate_size)
+        super().__init__(moe_cfg, dtype, device, tp)
         self.renormalize = cfg.norm_topk_prob
         self.shared = (
-            SharedExpert(cfg, dtype, device) if cfg.shared_expert_intermediate_size else None
+            SharedExpert(cfg, dtype, device, tp) if cfg.shared_expert_intermediate_size else None
         )
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names under `prefix` ('model.layers.N.mlp.')."""
-        specs: WeightSpecs = [(prefix + "gate.weight", self.gate)]
-        for e in range(self.num_experts):
-            p = f"{prefix}experts.{e}."
-            specs += [
-                (p + "gate_proj.weight", self.w_gate_up[e, : self.inter]),
-                (p + "up_proj.weight", self.w_gate_up[e, self.inter :]),
-                (p + "down_proj.weight", self.w_down[e]),
-            ]
+        specs: WeightSpecs = [
+            (prefix + "gate.weight", self.gate),
+            *self.expert_specs(prefix, "gate_proj", "up_proj", "down_proj"),
+        ]
         if self.shared is not None:
             specs += self.shared.weight_specs(prefix)
         return specs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]."""
+        """x [T, hidden] -> [T, hidden] (this rank's partial sum under TP)."""
         weights, ids = topk_routing(
             F.linear(x, self.gate), self.top_k, renormalize=self.renormalize
         )
@@ -91,8 +93,8 @@ class Qwen2MoeDecoderLayer(DecoderLayer):
     def make_mlp(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
         """Experts on MoE layers, a dense SwiGLU of `intermediate_size` on the others."""
         if self.attn.layer in cfg.dense_mlp_layers:
-            return SwiGLU(cfg, dtype, device)
-        return Qwen2MoE(cfg, dtype, device)
+            return SwiGLU(cfg, dtype, device, self.tp)
+        return Qwen2MoE(cfg, dtype, device, self.tp)
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
