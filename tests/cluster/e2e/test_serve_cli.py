@@ -27,13 +27,22 @@ REQUESTS = 6
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The served demo; SIGTERM after the module's tests, which must shut it down cleanly.
+
+    The SIGTERM check lives here rather than in a test, so no test stops the shared server
+    under the ones after it, whatever the order.
+    """
     s = Server(["--config", serve_config(tmp_path_factory.mktemp("serve"))])
     try:
         s.wait_for(r"batonserve: ready", timeout=240)
         yield s
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(90) == 0
+        s._reader.join(10)
+        assert any("stopped" in ln for ln in s.lines), "\n".join(s.lines)
     finally:
         if s.proc.poll() is None:
-            s.proc.kill()  # only if the SIGTERM test did not run or failed
+            s.proc.kill()  # only if startup or the clean shutdown failed
             s.proc.wait(30)
 
 
@@ -45,6 +54,7 @@ def _ports(server: Server) -> tuple[str, str]:
 
 def test_streamed_greedy_output_equals_offline_engine(server: Server) -> None:
     target, metrics_url = _ports(server)
+    before = _ok_count(metrics_url)  # the server is shared: count only this test's request
     remote = cli("generate", "--target", target, "--max-tokens", "12", "--json", PROMPT)
     assert remote.returncode == 0, remote.stderr
     offline = cli(
@@ -59,13 +69,8 @@ def test_streamed_greedy_output_equals_offline_engine(server: Server) -> None:
     assert status.returncode == 0, status.stderr
     assert "prefill-0" in status.stdout and "decode-0" in status.stdout
 
+    assert _ok_count(metrics_url) == before + 1
     body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    ok = [
-        ln
-        for ln in body.splitlines()
-        if ln.startswith("batonserve_requests_total{") and 'code="OK"' in ln
-    ]
-    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in ok) == 1.0, ok
     assert "batonserve_kv_cache_usage_perc{" in body and 'worker="decode-0"' in body
 
 
@@ -79,8 +84,10 @@ def test_prometheus_scrapes_the_served_router(server: Server, tmp_path: Path) ->
     target, metrics_url = _ports(server)
     prom = PrometheusServer(tmp_path, int(metrics_url.rsplit(":", 1)[1].split("/")[0]))
     try:
-        ok = 'sum(batonserve_requests_total{code="OK"})'
-        prom.wait_for(ok, _ok_count(metrics_url))  # Prometheus is up and has scraped once
+        # `or vector(0)`: before any request has finished OK the series does not exist yet (when
+        # this test runs first), and a bare sum() has no result at all.
+        ok = 'sum(batonserve_requests_total{code="OK"}) or vector(0)'
+        prom.wait_for(ok, _ok_count(metrics_url))  # Prometheus is up (and has scraped once)
         before = _ok_count(metrics_url)
         ttfts = []
         with grpc.insecure_channel(target) as channel:
@@ -117,10 +124,3 @@ def _ok_count(metrics_url: str) -> float:
 def _bucket_above(seconds: float) -> float:
     """The TTFT histogram bucket bound a quantile of values up to `seconds` cannot exceed."""
     return min(b for b in (*TTFT_BUCKETS, float("inf")) if b >= seconds)
-
-
-def test_sigterm_shuts_down_cleanly(server: Server) -> None:
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(90) == 0
-    server._reader.join(10)
-    assert any("stopped" in ln for ln in server.lines), "\n".join(server.lines)
