@@ -66,6 +66,14 @@ def build_engine(spec: WorkerSpec) -> WorkerEngine:
             return build_ep_runner(model_dir, config, spec.name, spec.namespace)
 
         return build_core(spec.model, spec.engine, factory, model_name=spec.model)
+    if spec.tensor_parallel_size > 1:
+        from batonserve.workers.tp.serving import build_tp_runner
+
+        def tp_factory(model_dir: Path, config: EngineConfig) -> Runner:
+            size = spec.tensor_parallel_size
+            return build_tp_runner(model_dir, config, size, spec.name, spec.namespace)
+
+        return build_core(spec.model, spec.engine, tp_factory, model_name=spec.model)
     return build_core(spec.model, spec.engine, model_name=spec.model)
 
 

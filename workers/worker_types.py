@@ -29,6 +29,7 @@ class WorkerSpec:
     kv: KVTransferConfig = field(default_factory=KVTransferConfig)
     namespace: str = "batonserve"
     scripted: ScriptedEngineConfig | None = None  # set: a fake engine with scripted tokens
+    tensor_parallel_size: int = 1  # ranks of this worker (workers/tp/serving.py)
 
 
 @dataclass(frozen=True)

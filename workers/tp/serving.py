@@ -1,0 +1,231 @@
+"""Served tensor parallelism, the Ray side: a worker actor is rank 0 of a group of N ranks.
+
+The worker actor's engine core (scheduler, sampler) runs once, on rank 0. `build_tp_runner`
+starts ranks 1..N-1 as follower actors owned by it (Ray kills them when it dies) in the bundles of
+the placement group the controller gang-reserved for the worker (STRICT_PACK by default), hosts
+the group's TCPStore and joins them in one torch.distributed group (NCCL on CUDA, gloo on CPU)
+whose collectives time out after GROUP_TIMEOUT_S. `TPRunner` has ModelRunner's interface: each
+forward is sent to every follower first, run here on rank 0's shard (the all-reduces meet the
+followers'), then the followers' calls are awaited with a bound, so a dead, failed or silent rank
+becomes a TPError that ends the worker; the controller replaces the whole group.
+
+KV: each rank caches its own KV heads. `read_kv`/`write_kv` speak whole heads (the engine's
+KVSpec is the model's), gathering from and scattering to the ranks, so a KV handoff between
+workers of different TP sizes needs nothing from the transports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from batonserve.workers.config import EngineConfig
+from batonserve.workers.forward_batch import ForwardBatch
+from batonserve.workers.model_runner import ModelRunner, resolve_device
+from batonserve.workers.tp.shard import TPShard
+
+GROUP_TIMEOUT_S = 60.0  # rendezvous, and any collective waiting on a dead or silent rank
+STEP_TIMEOUT_S = 60.0  # rank 0's wait for the followers' share of one forward
+READY_TIMEOUT_S = 600.0  # followers load their shards beside rank 0; big checkpoints take time
+
+
+class TPError(RuntimeError):
+    """A rank of the tensor-parallel group died, failed or timed out."""
+
+
+def _cpu_batch(batch: ForwardBatch) -> ForwardBatch:
+    """The batch with CPU tensors (they travel to the followers through Ray)."""
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return ForwardBatch(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in fields.items()})
+
+
+class TPFollower:
+    """Rank >= 1: runs rank 0's forwards on its shard; reads and writes its own KV heads."""
+
+    def __init__(
+        self, model_dir: str, config: EngineConfig, rank: int, size: int, host: str, port: int
+    ) -> None:
+        backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
+        timeout = timedelta(seconds=GROUP_TIMEOUT_S)
+        self._store = dist.TCPStore(host, port, size, False, timeout=timeout)
+        dist.init_process_group(
+            backend, store=self._store, rank=rank, world_size=size, timeout=timeout
+        )
+        self.runner = ModelRunner(model_dir, config, TPShard(rank, size))
+
+    def ready(self) -> tuple[int, int]:
+        """(KV block count, resident parameter bytes) of this rank."""
+        return self.runner.num_blocks, self.runner.parameter_bytes()
+
+    def execute(self, batch: ForwardBatch) -> None:
+        """This rank's share of one forward (the logits are gathered on every rank; dropped)."""
+        self.runner.execute(batch)
+
+    def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's KV heads at `slots`, each [n, local Hkv, d] (may run beside execute)."""
+        k, v = self.runner.read_kv(layer, slots)
+        return k.cpu(), v.cpu()
+
+    def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this rank's KV heads [n, local Hkv, d] at `slots`."""
+        self.runner.write_kv(layer, slots, k, v)
+
+
+class _AfterReduce:
+    """Calls the engine's layer hook for layer i - 1 when rank 0 reaches layer i: by then the
+    all-reduces of layer i - 1 are done, so every rank has written that layer's KV."""
+
+    def __init__(self, hook: Callable[[int], None]) -> None:
+        self.hook = hook
+
+    def __call__(self, layer: int) -> None:
+        if layer > 0:
+            self.hook(layer - 1)
+
+
+class TPRunner:
+    """Rank 0's runner: ModelRunner's interface, every forward run on all ranks of the group."""
+
+    def __init__(
+        self, local: ModelRunner, followers: list[Any], store: Any, follower_bytes: list[int]
+    ) -> None:
+        self.local = local
+        self.followers = followers
+        self.store = store  # the group's TCPStore: it must live as long as the group
+        self.tp_size = 1 + len(followers)
+        self.rank_bytes = [local.parameter_bytes(), *follower_bytes]  # resident, per rank
+        self.model_config = local.model_config
+        self.num_blocks = local.num_blocks
+        self.block_size = local.block_size
+        self.device = local.device
+        self.dtype = local.dtype
+        self.model_dir = local.model_dir
+        self.token_paths = None
+        self.expert_store = None
+        self._heads = [
+            TPShard(r, self.tp_size).kv_heads(local.model_config.num_kv_heads)
+            for r in range(self.tp_size)
+        ]  # [start, stop) of each rank's KV heads
+        self._pending: list[Any] = []  # follower KV writes not yet confirmed
+
+    def execute(
+        self, batch: ForwardBatch, layer_hook: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Send the batch to every follower, run it here, then wait (bounded) for them."""
+        self._wait(self._pending, "KV write")  # a follower actor is threaded: writes land first
+        self._pending = []
+        cpu = _cpu_batch(batch)
+        refs = [f.execute.remote(cpu) for f in self.followers]
+        hook = None if layer_hook is None else _AfterReduce(layer_hook)
+        try:
+            logits = self.local.execute(batch, hook)
+        except RuntimeError as e:  # a collective failed or timed out: a rank died
+            self._wait(refs, "forward")  # names the follower's own error when it has one
+            raise TPError(f"tensor parallel: the group failed during a forward: {e}") from e
+        if layer_hook is not None:  # the logits all-gather is done: every rank is past the end
+            layer_hook(self.model_config.num_layers - 1)
+        self._wait(refs, "forward")
+        return logits
+
+    def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-head (k, v) at `slots`, each [n, Hkv, d], gathered from the ranks."""
+        refs = [f.read_kv.remote(layer, slots.cpu()) for f in self.followers]
+        parts = [self.local.read_kv(layer, slots)]
+        parts += [(k.to(self.device), v.to(self.device)) for k, v in self._get(refs, "KV read")]
+        mc = self.model_config
+        shape = (slots.numel(), mc.num_kv_heads, mc.head_dim)
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        for (a, b), (pk, pv) in zip(self._heads, parts, strict=True):
+            k[:, a:b], v[:, a:b] = pk, pv  # a replicated head is written twice, identically
+        return k, v
+
+    def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write whole-head K/V [n, Hkv, d]: each rank gets its heads (confirmed before the
+        next forward)."""
+        (a, b), s = self._heads[0], slots.cpu()
+        self.local.write_kv(layer, slots, k[:, a:b], v[:, a:b])
+        for (a, b), f in zip(self._heads[1:], self.followers, strict=True):
+            kc, vc = k[:, a:b].cpu().contiguous(), v[:, a:b].cpu().contiguous()
+            self._pending.append(f.write_kv.remote(layer, s, kc, vc))
+
+    def _get(self, refs: list[Any], what: str) -> list[Any]:
+        import ray
+
+        try:
+            return list(ray.get(refs, timeout=STEP_TIMEOUT_S)) if refs else []
+        except ray.exceptions.GetTimeoutError:
+            raise TPError(
+                f"tensor parallel: a rank did not finish its {what} in {STEP_TIMEOUT_S:.0f} s"
+            ) from None
+        except ray.exceptions.RayError as e:
+            raise TPError(f"tensor parallel: a rank failed ({what}): {e}") from e
+
+    def _wait(self, refs: list[Any], what: str) -> None:
+        self._get(refs, what)
+
+
+def build_tp_runner(
+    model_dir: Path, config: EngineConfig, size: int, name: str = "", namespace: str | None = None
+) -> TPRunner:
+    """Inside the worker actor: start ranks 1..size-1, form the group, build rank 0's shard.
+
+    Followers go into bundles 1.. of the actor's placement group (the controller reserved one
+    bundle per rank); without one, onto this node. They are named `<name>-tp<rank>-<random>`.
+    """
+    import ray
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
+
+    if not ray.is_initialized():
+        raise ValueError(
+            f"tensor_parallel_size: {size} needs a Ray worker actor (batonserve serve)"
+        )
+    device = resolve_device(config.device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    ctx = ray.get_runtime_context()
+    host = str(ray.util.get_node_ip_address())
+    timeout = timedelta(seconds=GROUP_TIMEOUT_S)
+    store = dist.TCPStore(host, 0, size, True, timeout=timeout, wait_for_workers=False)
+    assigned = ctx.get_assigned_resources()
+    pg = ray.util.get_current_placement_group()
+    remote: Any = ray.remote(TPFollower)
+    tag = uuid.uuid4().hex[:8]
+    followers = []
+    for r in range(1, size):
+        strategy: Any = (
+            PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
+            if pg is not None
+            else NodeAffinitySchedulingStrategy(node_id=ctx.get_node_id(), soft=False)
+        )
+        opts: dict[str, Any] = {
+            "num_cpus": assigned.get("CPU", 0) if pg is not None else 0,
+            "num_gpus": assigned.get("GPU", 0),
+            "max_restarts": 0,
+            "max_concurrency": 2,  # a KV read of the handoff runs beside a forward
+            "scheduling_strategy": strategy,
+        }
+        if name:
+            opts.update(name=f"{name}-tp{r}-{tag}", namespace=namespace)
+        followers.append(
+            remote.options(**opts).remote(str(model_dir), config, r, size, host, int(store.port))
+        )
+    try:
+        dist.init_process_group(backend, store=store, rank=0, world_size=size, timeout=timeout)
+        local = ModelRunner(model_dir, config, TPShard(0, size))
+        ready = ray.get([f.ready.remote() for f in followers], timeout=READY_TIMEOUT_S)
+    except BaseException:
+        for f in followers:
+            ray.kill(f, no_restart=True)
+        raise
+    assert all(n == local.num_blocks for n, _ in ready), "ranks sized their KV cache differently"
+    return TPRunner(local, followers, store, [b for _, b in ready])
