@@ -69,7 +69,9 @@ def _load_owned_experts(runner: ModelRunner, blocks: list[SlicedEPMoE]) -> None:
     dtype_name = str(runner.dtype).removeprefix("torch.")
     disk = DiskTier(runner.model_dir, dtype_name)
     try:
-        for layer, block in enumerate(blocks):  # Mixtral: every decoder layer is a MoE layer
+        # Checkpoint names count decoder layers; Qwen2-MoE may keep some of them dense.
+        sharded = [i for i, layer in enumerate(runner.model.layers) if layer.mlp in blocks]
+        for layer, block in zip(sharded, blocks, strict=True):
             ep = block.ep
             mine = ep.shape.experts_of(ep.shape.rank)
             gu = torch.empty(ep.w_gate_up.shape, dtype=runner.dtype, device=runner.device)
@@ -193,11 +195,6 @@ def build_ep_runner(
     n = config.expert_parallel_size
     mc = ModelConfig.from_dir(model_dir)
     check_expert_parallel(config, mc, model_dir.name)
-    if mc.architecture != "MixtralForCausalLM":  # SlicedEPMoE has no shared expert, always renorms
-        raise ValueError(
-            f"expert_parallel_size: {n} shards Mixtral experts only; {mc.architecture} "
-            "(shared expert, norm_topk_prob) is served with expert_cache_policy or resident experts"
-        )
     if not ray.is_initialized():
         raise ValueError(
             f"expert_parallel_size: {n} needs a Ray worker actor (run it with `batonserve serve`)"

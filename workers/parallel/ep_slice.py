@@ -16,7 +16,7 @@ from torch import nn
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.models.config import ModelConfig
 from batonserve.workers.parallel.ep_tuner import EPSettings, EPTuner, EPTunerStats
-from batonserve.workers.parallel.expert_parallel import ExpertParallelMoE
+from batonserve.workers.parallel.expert_parallel import ExpertParallelMoE, expert_parallel_of
 
 # Overlap degrees the online tuner tries per token bucket (outputs do not depend on the choice).
 TUNER_CANDIDATES = (EPSettings(1), EPSettings(2), EPSettings(4))
@@ -92,13 +92,11 @@ def shard_experts(
         if not isinstance(moe, SparseMoE):
             continue
         tuner = EPTuner(TUNER_CANDIDATES) if tune else None
-        ep = ExpertParallelMoE(
-            moe.gate.data, moe.w_gate_up.data, moe.w_down.data, moe.top_k, group, tuner
-        )
+        ep = expert_parallel_of(moe, group, tuner)
         layer.mlp = SlicedEPMoE(ep, group)
         blocks.append(layer.mlp)
     if not blocks:
-        raise ValueError("expert_parallel_size: the model has no Mixtral SparseMoE layers to shard")
+        raise ValueError("expert_parallel_size: the model has no sparse MoE layers to shard")
     return blocks
 
 

@@ -37,8 +37,16 @@ class ExpertParallelMoE(nn.Module):
         group: dist.ProcessGroup | None = None,
         tuner: EPTuner | None = None,
         settings: EPSettings | None = None,
+        *,
+        renormalize: bool = True,
+        shared: nn.Module | None = None,
     ) -> None:
-        """gate [E, D]; w_gate_up [E, 2I, D] and w_down [E, D, I] (all experts; this rank keeps its slice)."""
+        """gate [E, D]; w_gate_up [E, 2I, D] and w_down [E, D, I] (all experts; this rank keeps its slice).
+
+        `renormalize`: the top-k weights sum to 1 (Mixtral; Qwen2-MoE's `norm_topk_prob`).
+        `shared`: an always-on expert (Qwen2-MoE's gated shared expert), replicated on every rank
+        and applied to this rank's own tokens, added after the routed experts as the model does.
+        """
         super().__init__()
         self.group = group
         world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -52,6 +60,8 @@ class ExpertParallelMoE(nn.Module):
         )
         self.w_down = nn.Parameter(w_down[mine.start : mine.stop].clone(), requires_grad=False)
         self.top_k = top_k
+        self.renormalize = renormalize
+        self.shared = shared
         self.tuner = tuner
         self.settings = settings or EPSettings()
         self.last_settings = self.settings
@@ -63,7 +73,7 @@ class ExpertParallelMoE(nn.Module):
         t0 = time.perf_counter_ns()
         e_total = self.shape.num_experts
         logits = F.linear(x, self.gate)  # [T, E]
-        weights, ids = topk_routing(logits, self.top_k)  # [T, k]
+        weights, ids = topk_routing(logits, self.top_k, renormalize=self.renormalize)  # [T, k]
         permuted, perm = permute_by_expert(x, ids, e_total)  # [T*k, D] sorted by expert
         counts, prev_ns = self._exchange_counts(perm.counts)  # [W, E], [W]
         tuned = settings is None and self.tuner is not None
@@ -78,6 +88,8 @@ class ExpertParallelMoE(nn.Module):
         rounds = plan_rounds(self.shape, counts, settings.overlap, settings.capacity_factor)
         out = self._run(permuted, rounds)
         result = unpermute_combine(out, perm, weights)
+        if self.shared is not None:
+            result = result + self.shared(x)
         self._prev_ns = time.perf_counter_ns() - t0
         return result
 
@@ -140,6 +152,27 @@ class ExpertParallelMoE(nn.Module):
         return out
 
 
+def expert_parallel_of(
+    moe: nn.Module,
+    group: dist.ProcessGroup | None = None,
+    tuner: EPTuner | None = None,
+    settings: EPSettings | None = None,
+) -> ExpertParallelMoE:
+    """This rank's expert-parallel shard of a loaded SparseMoE block (Mixtral, or Qwen2-MoE with
+    its routing renormalisation flag and shared expert)."""
+    return ExpertParallelMoE(
+        moe.gate.data,
+        moe.w_gate_up.data,
+        moe.w_down.data,
+        moe.top_k,
+        group,
+        tuner,
+        settings,
+        renormalize=getattr(moe, "renormalize", True),  # only Qwen2MoE has these two
+        shared=getattr(moe, "shared", None),
+    )
+
+
 def x_device(module: ExpertParallelMoE) -> torch.device:
     """The device collectives of this module run on (NCCL needs CUDA tensors)."""
     return module.gate.device
@@ -163,11 +196,9 @@ def attach_expert_parallel(
         moe = layer.mlp
         if not isinstance(moe, SparseMoE):
             continue
-        ep = ExpertParallelMoE(
-            moe.gate.data, moe.w_gate_up.data, moe.w_down.data, moe.top_k, group, tuner, settings
-        )
+        ep = expert_parallel_of(moe, group, tuner, settings)
         layer.mlp = ep
         blocks.append(ep)
     if not blocks:
-        raise ValueError("model: no Mixtral SparseMoE layers to shard")
+        raise ValueError("model: no sparse MoE layers to shard")
     return blocks

@@ -46,11 +46,11 @@ def _generate(engine: Engine, prompts: list[list[int]]) -> Result:
 class EPHarness:
     """An EP-leading engine inside a Ray actor, as in a served worker."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: str = MODEL) -> None:
         import torch
 
         torch.set_num_threads(1)
-        self.engine = Engine(MODEL, config, runner_factory=build_ep_runner)
+        self.engine = Engine(model, config, runner_factory=build_ep_runner)
 
     def generate(self, prompts: list[list[int]]) -> Result:
         return _generate(self.engine, prompts)
@@ -66,6 +66,7 @@ class EPHarness:
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     ray.init(
+        address="local",  # a cluster of its own, even when another one runs on this machine
         num_cpus=2,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
@@ -77,13 +78,15 @@ def local_ray() -> Iterator[None]:
         ray.shutdown()
 
 
-def _run_ep(dtype: str) -> tuple[Result, Result, int]:
+def _run_ep(
+    dtype: str, model: str = MODEL, batch_prompts: list[list[int]] = BATCH
+) -> tuple[Result, Result, int]:
     # The harness class travels by value: workers cannot import test modules.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    actor: Any = ray.remote(EPHarness).options(num_cpus=0).remote(_config(dtype, 2))
+    actor: Any = ray.remote(EPHarness).options(num_cpus=0).remote(_config(dtype, 2), model)
     try:
         assert ray.get(actor.followers.remote(), timeout=120) == 1
-        batch = ray.get(actor.generate.remote(BATCH), timeout=120)
+        batch = ray.get(actor.generate.remote(batch_prompts), timeout=120)
         single = ray.get(actor.generate.remote(SINGLE), timeout=120)
         forwards = ray.get(actor.tuner_forwards.remote(), timeout=30)
     finally:
@@ -103,3 +106,16 @@ def test_ep2_engine_matches_plain_engine(local_ray: None, dtype: str) -> None:
             assert len(got[1]) == len(want[1]) == GREEDY.max_tokens
             assert max(abs(a - b) for a, b in zip(got[1], want[1], strict=True)) < 1e-5
     assert forwards > 0  # the overlap tuner chose a setting on every forward of layer 0
+
+
+def test_ep2_engine_serves_qwen2_moe(local_ray: None, tiny_model: Any) -> None:
+    """Qwen2-MoE (shared expert with its gate, top-k weights not renormalised) through the served
+    EP path: same greedy tokens as the single engine, fp32 logprobs within 1e-5."""
+    model = str(tiny_model("qwen2_moe"))
+    prompts = [[0, 17, 301, 42, 9, 100, 77], [0, 5, 6, 7], [0, 222, 33, 44, 55, 6]]
+    plain = Engine(model, _config("float32", 1))
+    want = _generate(plain, prompts) + _generate(plain, SINGLE)
+    got_batch, got_single, _ = _run_ep("float32", model, prompts)
+    for got, exp in zip(got_batch + got_single, want, strict=True):
+        assert got[0] == exp[0]
+        assert max(abs(a - b) for a, b in zip(got[1], exp[1], strict=True)) < 1e-5
