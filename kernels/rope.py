@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from batonserve.kernels.cpu import small_ops
 from batonserve.kernels.rope_scaling import SUPPORTED_ROPE_TYPES, RopeScaling
 
 __all__ = [
@@ -65,6 +66,8 @@ def rope_cos_sin_cache(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, d] by per-token cos/sin [T, d] (already gathered at the positions)."""
+    if x.dim() == 3 and x.shape[-1] % 2 == 0 and small_ops.usable(x, cos, sin):
+        return small_ops.rope(x, cos, sin)  # one C pass, the same roundings as below
     half = x.shape[-1] // 2
     c = cos[:, None, :].to(x.dtype)
     s = sin[:, None, :].to(x.dtype)

@@ -1,0 +1,189 @@
+"""Fused small ops on CPU in C: residual add + RMSNorm, RoPE (built at first use).
+
+Eager torch runs each of these as 3-6 ops, each a pass over memory plus ~5 us of dispatch; at
+decode batch 1-32 that dispatch is most of their time, at prefill the extra passes. One C pass
+each, with the torch references' rounding order kept (half precision: every torch op's result
+rounded to the storage dtype at the same points), so results match them to the last bit except
+where a float32 sum is taken in another order (RMSNorm's mean of squares). Rows split over
+threads for large inputs (ctypes drops the GIL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from batonserve.kernels.cpu.native import load
+
+_THREAD_ELEMS = 1 << 16  # split rows over threads from this many elements
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+static inline float bf2f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {  /* round to nearest even; NaN stays a (quiet) NaN */
+    uint32_t u; memcpy(&u, &f, 4);
+    const uint32_t nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    const uint32_t r = nan ? (u | 0x400000u) : u + 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(r >> 16);
+}
+static inline float f_id(float v) { return v; }
+static inline float f_round_id(float v) { return v; }
+static inline float bf_round(float v) { return bf2f(f2bf(v)); }
+
+/* RMSNorm of rows [r0, r1) of x [rows, n] (row stride ldx); with res: x + res first, the sum
+   stored to sum_out (rounded to T). float32: x * rsqrt(mean(x^2) + eps) * w (F.rms_norm).
+   Half: w * T(x_f32 * rsqrt(...)), each product rounded (the reference's two ops). */
+#define RMS(NAME, T, LOAD, STORE, ROUND, HALF)                                                  \
+void NAME(const T* x, int64_t ldx, const T* res, int64_t ldr, const T* w, T* out, T* sum_out,  \
+          int64_t n, float eps, int64_t r0, int64_t r1) {                                      \
+    float buf[n];                                                                              \
+    for (int64_t r = r0; r < r1; r++) {                                                        \
+        const T* xr = x + r * ldx;                                                             \
+        float ss = 0.0f;                                                                       \
+        if (res) {                                                                             \
+            const T* rr = res + r * ldr;                                                       \
+            T* so = sum_out + r * n;                                                           \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = 0; i < n; i++) { buf[i] = ROUND(LOAD(xr[i]) + LOAD(rr[i])); so[i] = STORE(buf[i]); } \
+        } else {                                                                               \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = 0; i < n; i++) buf[i] = LOAD(xr[i]);                              \
+        }                                                                                      \
+        _Pragma("omp simd reduction(+:ss)")                                                    \
+        for (int64_t i = 0; i < n; i++) ss += buf[i] * buf[i];                                 \
+        const float inv = 1.0f / sqrtf(ss / (float)n + eps);                                   \
+        T* o = out + r * n;                                                                    \
+        _Pragma("omp simd")                                                                    \
+        for (int64_t i = 0; i < n; i++)                                                        \
+            o[i] = HALF ? STORE(ROUND(buf[i] * inv) * LOAD(w[i])) : STORE(buf[i] * inv * LOAD(w[i])); \
+    }                                                                                          \
+}
+
+/* Rotate-half RoPE on rows [r0, r1) of x [T, heads, d] (strides ldt, ldh) into out [T, heads, d]
+   with cos/sin [T, d] in T: x*c + rot(x)*s, rot = cat(-x2, x1), each product and the sum rounded. */
+#define ROPE(NAME, T, LOAD, STORE, ROUND)                                                       \
+void NAME(const T* x, int64_t ldt, int64_t ldh, const T* cs, const T* sn, T* out,              \
+          int64_t heads, int64_t d, int64_t r0, int64_t r1) {                                  \
+    const int64_t h2 = d / 2;                                                                  \
+    for (int64_t t = r0; t < r1; t++) {                                                        \
+        const T* c = cs + t * d;                                                               \
+        const T* s = sn + t * d;                                                               \
+        for (int64_t h = 0; h < heads; h++) {                                                  \
+            const T* xi = x + t * ldt + h * ldh;                                               \
+            T* o = out + (t * heads + h) * d;                                                  \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = 0; i < h2; i++) {                                                 \
+                const float a = LOAD(xi[i]), b = LOAD(xi[i + h2]);                             \
+                o[i] = STORE(ROUND(a * LOAD(c[i])) + ROUND(-b * LOAD(s[i])));                  \
+                o[i + h2] = STORE(ROUND(b * LOAD(c[i + h2])) + ROUND(a * LOAD(s[i + h2])));    \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+RMS(rms_f32, float, f_id, f_id, f_round_id, 0)
+RMS(rms_bf16, uint16_t, bf2f, f2bf, bf_round, 1)
+ROPE(rope_f32, float, f_id, f_id, f_round_id)
+ROPE(rope_bf16, uint16_t, bf2f, f2bf, bf_round)
+"""
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Use the C kernels (default) or the torch references (A/B checks)."""
+    global _enabled
+    _enabled = enabled
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    lib = load("small_ops", SOURCE)
+    if lib is None:
+        return None
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    for sfx in _SUFFIX.values():
+        getattr(lib, f"rms_{sfx}").argtypes = [p, i64, p, i64, p, p, p, i64, f32, i64, i64]
+        getattr(lib, f"rope_{sfx}").argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i64]
+        for name in ("rms", "rope"):
+            getattr(lib, f"{name}_{sfx}").restype = None
+    return lib
+
+
+def usable(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """True when the C kernels take these tensors: CPU, one dtype of float32/bfloat16, eager."""
+    if not _enabled or x.dtype not in _SUFFIX or x.device.type != "cpu":
+        return False
+    for t in others:  # a plain loop: this runs ~20 times per decode step
+        if t.dtype != x.dtype or t.device.type != "cpu":
+            return False
+    return not torch.compiler.is_compiling() and _library() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(2, torch.get_num_threads()), thread_name_prefix="ops")
+
+
+def _over_rows(fn: Callable[..., None], head: tuple[Any, ...], rows: int, elems: int) -> None:
+    """fn(*head, r0, r1) over [0, rows), split over torch's thread count for large inputs."""
+    threads = min(torch.get_num_threads(), rows)
+    if threads <= 1 or elems < _THREAD_ELEMS:
+        fn(*head, 0, rows)
+        return
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    futs = [_pool().submit(fn, *head, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    fn(*head, bounds[0], bounds[1])
+    for f in futs:
+        f.result()
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [T, n] (+ residual) -> (rms_norm(sum) * weight, sum or None); callers check `usable`."""
+    lib = _library()
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype)
+    summed = res = None
+    if residual is not None:
+        res = residual.reshape(-1, n)
+        if res.stride(1) != 1:
+            res = res.contiguous()
+        summed = torch.empty(rows, n, dtype=x.dtype)
+    w = weight.contiguous()
+    fn = getattr(lib, f"rms_{_SUFFIX[x.dtype]}")
+    head = (x2.data_ptr(), x2.stride(0), res.data_ptr() if res is not None else None)
+    head += (res.stride(0) if res is not None else 0, w.data_ptr(), out.data_ptr())
+    head += (summed.data_ptr() if summed is not None else None, n, eps)
+    _over_rows(fn, head, rows, rows * n)
+    shape = x.shape
+    return out.view(shape), summed.view(shape) if summed is not None else None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] rotated by cos/sin [T, d] (x's dtype) -> new [T, heads, d]; check `usable`."""
+    lib = _library()
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    t, heads, d = x.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(t, heads, d, dtype=x.dtype)
+    fn = getattr(lib, f"rope_{_SUFFIX[x.dtype]}")
+    head = (x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr())
+    head += (out.data_ptr(), heads, d)
+    _over_rows(fn, head, t, t * heads * d)
+    return out
