@@ -16,7 +16,6 @@ from batonserve.cluster.metrics_inputs import WorkerSnapshot
 from batonserve.cluster.scheduling.types import Role, WorkerView
 
 if TYPE_CHECKING:
-    from batonserve.workers.scheduler import SchedulerStats
     from batonserve.workers.worker_types import WorkerStats
 
 DEFAULT_BLOCK_SIZE = 16  # what a worker that has not reported yet is assumed to use
@@ -134,27 +133,9 @@ def worker_snapshot(stats: WorkerStats, role: str | None = None) -> WorkerSnapsh
     )
 
 
-def engine_snapshot(worker: str, pool: str, role: str, stats: SchedulerStats) -> WorkerSnapshot:
-    """An engine scheduler's `SchedulerStats` of worker `worker` as a metrics snapshot."""
-    return WorkerSnapshot(
-        worker=worker,
-        pool=pool,
-        role=role,
-        kv_cache_usage=min(max(stats.kv_usage, 0.0), 1.0),
-        running=stats.num_running,
-        waiting=stats.num_waiting,
-        prefix_cache_queries=stats.prefix_queries,
-        prefix_cache_hits=stats.prefix_hits,
-        pending_prefill_tokens=stats.pending_prefill_tokens,
-        preemptions=stats.num_preemptions,
-        regroup_deferred=stats.regroup_deferred,
-    )
-
-
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "LoadFigures",
-    "engine_snapshot",
     "worker_info",
     "worker_snapshot",
     "worker_view",

@@ -8,31 +8,39 @@ from batonserve.cluster.metrics_adapters import (
     rejection_from_scheduler,
 )
 from batonserve.cluster.scheduling.types import Rejection, RejectReason, RoleChange
-from batonserve.cluster.worker_stats import engine_snapshot, worker_snapshot
-from batonserve.workers.scheduler import SchedulerStats
+from batonserve.cluster.worker_stats import worker_snapshot
 from batonserve.workers.worker_types import WorkerStats
 
 W = {"pool": "decode", "worker": "decode-1"}
 
 
-def _engine_stats(queries: int, hits: int, preemptions: int) -> SchedulerStats:
-    return SchedulerStats(
-        num_running=6,
-        num_waiting=2,
-        num_pinned=0,
+def _stats(queries: int, hits: int, preemptions: int) -> WorkerStats:
+    return WorkerStats(
+        name="decode-1",
+        pool="decode",
+        role="decode",
+        healthy=True,
+        running=6,
+        waiting=2,
+        pinned=0,
+        pending_prefill_tokens=300,
+        num_free_blocks=20,
+        num_blocks=40,
+        block_size=16,
         kv_usage=0.5,
         prefix_queries=queries,
         prefix_hits=hits,
-        num_batched_tokens=64,
-        num_preemptions=preemptions,
-        pending_prefill_tokens=300,
+        steps=3,
+        exports=0,
+        imports=0,
+        preemptions=preemptions,
     )
 
 
-def test_engine_stats_become_worker_series(scrape) -> None:
+def test_cumulative_counters_follow_the_latest_stats(scrape) -> None:
     m = Metrics("demo")
-    m.worker_snapshot(engine_snapshot("decode-1", "decode", "decode", _engine_stats(50, 20, 1)))  # fmt: skip
-    m.worker_snapshot(engine_snapshot("decode-1", "decode", "decode", _engine_stats(80, 30, 3)))  # fmt: skip
+    m.worker_snapshot(worker_snapshot(_stats(50, 20, 1)))
+    m.worker_snapshot(worker_snapshot(_stats(80, 30, 3)))
     s = scrape(m)
     assert s.value("batonserve_kv_cache_usage_perc", **W) == 0.5
     assert s.value("batonserve_worker_running_batch_size", **W) == 6
