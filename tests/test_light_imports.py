@@ -29,9 +29,10 @@ MODEL_CODE = ["batonserve.kernels", "batonserve.workers.models"]
 # one, and after each names the watched packages that import pulled in first, with the chain of
 # this repository's frames that asked for them (the first offender is the one to fix).
 CHILD = """
-import importlib, importlib.util, json, pkgutil, sys, traceback
+import importlib, importlib.util, json, os, pkgutil, sys, traceback
 roots, watch, repo = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 chains = {}
+found = {}
 
 class Spy:
     def find_spec(self, name, path=None, target=None):
@@ -40,16 +41,21 @@ class Spy:
             chains[name] = [f"{f.filename}:{f.lineno}" for f in frames if f.filename.startswith(repo)]
         return None
 
-def modules(root):
-    spec = importlib.util.find_spec(root)
-    yield root
-    if spec.submodule_search_locations:
-        for info in pkgutil.walk_packages(spec.submodule_search_locations, root + "."):
-            yield info.name
+def walk(name, paths):
+    # iter_modules reads folders only (walk_packages would import each subpackage first).
+    for info in pkgutil.iter_modules(paths):
+        yield f"{name}.{info.name}"
+        if info.ispkg:
+            yield from walk(f"{name}.{info.name}", [os.path.join(p, info.name) for p in paths])
 
-names = [n for r in roots for n in modules(r)]
 sys.meta_path.insert(0, Spy())
-found = {}
+names = []
+for root in roots:
+    spec = importlib.util.find_spec(root)  # imports the parent packages only
+    names += [root, *walk(root, spec.submodule_search_locations or [])]
+early = sorted(w for w in watch if w in sys.modules)
+if early:
+    found["(parent packages)"] = {w: chains.get(w, []) for w in early}
 for name in names:
     before = {w for w in watch if w in sys.modules}
     importlib.import_module(name)
