@@ -43,8 +43,8 @@ from batonserve.workers.parallel import (
     sp_attention,
 )
 from batonserve.workers.parallel.layout import longest_prompt, max_local_tokens
+from batonserve.workers.parallel.schedules import SCHEDULES  # ring, tokenring, allgather
 
-SCHEDULES = ("ring", "tokenring", "allgather")
 BUDGET_ROWS = 256  # per-rank KV rows for the longest-prompt demonstration
 
 
