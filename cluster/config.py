@@ -78,8 +78,10 @@ class PoolConfig:
     max_replicas: int = 0  # 0 means equal to replicas
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    # GPUs per worker, as `batonserve plan` writes it; only 1 until tensor parallelism is served.
+    # Ranks (devices) per worker: a worker of N is N Ray actors gang-placed by a placement group
+    # (workers/tp/); num_cpus/num_gpus/resources are per rank.
     tensor_parallel_size: int = 1
+    tensor_parallel_spread: bool = False  # PACK instead of STRICT_PACK: a group may span nodes
     accelerator_type: str = ""  # passed to Ray, e.g. "H100"
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     node_labels: dict[str, str] = field(default_factory=dict)  # Ray node label selector
@@ -113,12 +115,12 @@ class ServeConfig:
         for i, p in enumerate(self.pools):
             if p.replicas < 0:
                 raise ConfigError(f"pools[{i}].replicas: must be >= 0, got {p.replicas}")
-            if p.tensor_parallel_size != 1:
+            if p.tensor_parallel_size < 1:
                 raise ConfigError(
-                    f"pools[{i}].tensor_parallel_size: {p.tensor_parallel_size} is not supported "
-                    "yet (each worker runs on one GPU until tensor parallelism lands); use 1"
+                    f"pools[{i}].tensor_parallel_size: must be >= 1, got {p.tensor_parallel_size}"
                 )
         self._check_expert_parallel()
+        self._check_tensor_parallel()
         for key in ("worker_start_timeout_s", "drain_timeout_s"):
             if getattr(self.ray, key) <= 0:
                 raise ConfigError(f"ray.{key}: must be > 0, got {getattr(self.ray, key)}")
@@ -137,6 +139,37 @@ class ServeConfig:
                 f"engine.expert_parallel_size: {n} cannot be combined with "
                 "sequence_parallel.enabled (the prefill pool forms a ring group); turn one off"
             )
+
+    def _check_tensor_parallel(self) -> None:
+        """A TP worker owns its process's default torch.distributed group, as an EP leader and a
+        ring member do; its ranks hold slices of every expert, so no EP or expert store either."""
+        from batonserve.cluster.ring import ring_members
+
+        tp = [p for p in self.pools if p.tensor_parallel_size > 1]
+        if not tp:
+            return
+        p = tp[0]
+        what = f"pools[{self.pools.index(p)}].tensor_parallel_size: {p.tensor_parallel_size}"
+        ring = ring_members(self)  # names "<first prefill pool>-<i>"
+        ring_pool = next((q for q in self.pools if q.role == "prefill"), None)
+        if ring and self.sequence_parallel.enabled and ring_pool in tp:
+            assert ring_pool is not None
+            i, n = self.pools.index(ring_pool), ring_pool.tensor_parallel_size
+            raise ConfigError(
+                f"pools[{i}].tensor_parallel_size: {n} cannot be combined with sequence_parallel.enabled (ring prefill runs one "
+                "rank per ring member); use tensor_parallel_size 1 in the prefill pool or turn "
+                "the ring off"
+            )
+        for key, on in (
+            ("expert_parallel_size", self.engine.expert_parallel_size > 1),
+            ("expert_cache_policy", bool(self.engine.expert_cache_policy)),
+            ("moe_regroup_batch", bool(self.engine.moe_regroup_batch)),
+        ):
+            if on:
+                raise ConfigError(
+                    f"{what} cannot be combined with engine.{key} (under TP every rank holds a "
+                    "slice of every expert); leave it unset"
+                )
 
 
 def load_config(

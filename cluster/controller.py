@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from batonserve.cluster import tp_placement
 from batonserve.cluster.config import PoolConfig, ServeConfig
 from batonserve.cluster.placement import StartupError, describe, worker_demand
 from batonserve.cluster.ring import RingGroup, ring_members
@@ -47,6 +48,7 @@ class WorkerHandle:
     kv_spec: KVSpec | None = None
     incarnation: int = 0  # bumps on every replacement
     draining: bool = False  # being removed: gets no new pairings (see cluster/reconcile.py)
+    placement: Any = None  # a tensor-parallel worker's placement group (one bundle per rank)
 
     @property
     def name(self) -> str:
@@ -154,6 +156,7 @@ class Controller:
             kv=self.kv,
             namespace=self.namespace,
             scripted=self.scripted,
+            tensor_parallel_size=pool.tensor_parallel_size,
         )
         return WorkerHandle(spec, pool.role, None, pool.role)
 
@@ -237,11 +240,18 @@ class Controller:
         if h.actor is not None:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(h.actor, no_restart=True)
+        tp_placement.release(h.placement)  # the follower ranks die with their owner
+        h.placement = None
 
     async def _launch(self, h: WorkerHandle) -> None:
         pool = self._pools[h.spec.pool]
         spec = replace(h.spec, role=h.role)
-        h.actor = self._remote.options(**actor_options(pool, h.name, self.namespace)).remote(spec)
+        opts = actor_options(pool, h.name, self.namespace)
+        if pool.tensor_parallel_size > 1:  # gang-place every rank before starting rank 0
+            limit = None if self.serving else self.config.ray.worker_start_timeout_s
+            h.placement = await tp_placement.reserve(pool, h.name, limit)
+            opts.update(tp_placement.rank0_options(h.placement))
+        h.actor = self._remote.options(**opts).remote(spec)
         h.stats = await self._await_ready(h, pool)
         h.kv_spec = await h.actor.kv_spec_info.remote()
         h.healthy = True
@@ -282,9 +292,7 @@ class Controller:
         self.forget_channels(name)
         if self.ring is not None and name in self.ring.members:
             self.ring.invalidate(f"{name} replaced")
-        if h.actor is not None:
-            with contextlib.suppress(Exception):  # already gone
-                ray.kill(h.actor, no_restart=True)
+        self._kill(h)
         # The name is only free once Ray has marked the old actor dead.
         for _ in range(200):
             try:
@@ -345,6 +353,5 @@ class Controller:
                 continue
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(h.actor.shutdown.remote(), 5)
-            with contextlib.suppress(Exception):
-                ray.kill(h.actor, no_restart=True)
+            self._kill(h)
             h.healthy = False

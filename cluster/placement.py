@@ -20,12 +20,20 @@ class StartupError(RuntimeError):
     """The cluster cannot start as configured; the message names the pool and the shortfall."""
 
 
-def worker_demand(pool: PoolConfig) -> dict[str, float]:
-    """What one worker of `pool` asks Ray for."""
+def rank_demand(pool: PoolConfig) -> dict[str, float]:
+    """What one rank of a worker of `pool` asks Ray for (a worker has tensor_parallel_size)."""
     demand = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
     if pool.accelerator_type:
         demand[f"accelerator_type:{pool.accelerator_type}"] = 0.001  # Ray's own marker amount
     return {k: v for k, v in demand.items() if v > 0}
+
+
+def worker_demand(pool: PoolConfig) -> dict[str, float]:
+    """What one worker of `pool` asks Ray for: every rank's share (gang-placed on one node)."""
+    n = pool.tensor_parallel_size
+    return {
+        k: v if k.startswith("accelerator_type:") else v * n for k, v in rank_demand(pool).items()
+    }
 
 
 def local_num_cpus(pools: Sequence[PoolConfig], cores: int) -> int:
@@ -34,7 +42,7 @@ def local_num_cpus(pools: Sequence[PoolConfig], cores: int) -> int:
     A worker's CPU request is a placement unit, not a core it owns: on a 2-core machine, 1 prefill
     and 2 decode workers must still start (they share the cores) rather than wait forever.
     """
-    asked = sum(p.num_cpus * p.replicas for p in pools)
+    asked = sum(p.num_cpus * p.replicas * p.tensor_parallel_size for p in pools)
     return max(cores, math.ceil(asked - 1e-9))
 
 

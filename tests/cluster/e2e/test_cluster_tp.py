@@ -1,0 +1,147 @@
+"""Tensor parallelism served: the demo model with prefill and decode workers of different TP
+sizes on a two-node local Ray (gloo on CPU).
+
+Each TP worker is gang-placed (one placement group bundle per rank, STRICT_PACK on its node); the
+KV handoff goes between groups of different sizes. Greedy tokens must equal the offline Engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+from testkit.cluster_checks import collect, prompt_of, wait_idle
+from testkit.loop_thread import LoopThread
+from testkit.observer_recorder import Recorder
+
+from batonserve.cluster.config import ConfigError, PoolConfig, RayConfig, ServeConfig
+from batonserve.cluster.runtime import Cluster, start_cluster
+from batonserve.cluster.scheduling import MixedPoolConfig, SchedulerConfig
+from batonserve.workers.config import EngineConfig
+from batonserve.workers.engine import Engine
+from batonserve.workers.kv_transfer.config import KVTransferConfig
+from batonserve.workers.sampling_params import SamplingParams
+from batonserve.workers.sp_serving.config import SequenceParallelConfig
+
+pytestmark = pytest.mark.cluster
+
+MODEL = "demo"
+NAMESPACE = "batonserve-tp"
+ENGINE = EngineConfig(
+    dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_num_batched_tokens=64
+)
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+_SEQ = itertools.count()
+
+
+def _pools(p_tp: int, d_tp: int) -> tuple[PoolConfig, PoolConfig]:
+    return (
+        PoolConfig(
+            "prefill",
+            "prefill",
+            num_cpus=0.5,
+            resources={"prefill_node": 1},
+            tensor_parallel_size=p_tp,
+        ),
+        PoolConfig(
+            "decode",
+            "decode",
+            num_cpus=0.5,
+            resources={"decode_node": 1},
+            tensor_parallel_size=d_tp,
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference() -> Any:
+    engine = Engine(MODEL, ENGINE)
+    cache: dict[tuple[int, ...], list[int]] = {}
+
+    def get(prompt: list[int]) -> list[int]:
+        if tuple(prompt) not in cache:
+            cache[tuple(prompt)] = engine.generate([prompt], GREEDY)[0].token_ids
+        return cache[tuple(prompt)]
+
+    return get
+
+
+def tp_ranks() -> list[str]:
+    """Names of the live follower ranks in this module's namespace."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(a["name"] for a in named if a["namespace"] == NAMESPACE and "-tp" in a["name"])
+
+
+@pytest.fixture
+def serve(ray_cluster: str, loop_thread: LoopThread) -> Iterator[Any]:
+    """serve(p_tp, d_tp, transport) -> a running cluster; shut down after the test."""
+    started: list[Cluster] = []
+
+    def start(p_tp: int, d_tp: int, transport: str = "torch_dist") -> tuple[Cluster, Recorder]:
+        cfg = ServeConfig(
+            model=MODEL,
+            ray=RayConfig(address=ray_cluster, namespace=NAMESPACE),
+            engine=ENGINE,
+            pools=_pools(p_tp, d_tp),
+            kv_transfer=KVTransferConfig(transport=transport),  # type: ignore[arg-type]
+            scheduler=SchedulerConfig(
+                conditional_disaggregation=False, mixed_pool=MixedPoolConfig(enabled=False)
+            ),
+        )
+        rec = Recorder()
+        cluster = loop_thread.run(start_cluster(cfg, lambda _: None, observer=rec))
+        started.append(cluster)
+        return cluster, rec
+
+    yield start
+    for cluster in started:
+        loop_thread.run(cluster.shutdown())
+    assert not tp_ranks(), "a follower rank outlived its cluster"
+
+
+@pytest.mark.parametrize(
+    ("p_tp", "d_tp", "transport"),
+    [(2, 1, "torch_dist"), (1, 2, "torch_dist"), (2, 2, "torch_dist"), (2, 1, "object_store")],
+)
+def test_handoff_between_tp_sizes_matches_offline_engine(
+    serve: Any, loop_thread: LoopThread, reference: Any, p_tp: int, d_tp: int, transport: str
+) -> None:
+    """P(TP=p) -> D(TP=d): concurrent greedy requests, every one through a KV handoff, give the
+    single engine's tokens; each TP worker has its follower ranks."""
+    cluster, rec = serve(p_tp, d_tp, transport)
+    want = {f"prefill-0-tp{r}" for r in range(1, p_tp)} | {
+        f"decode-0-tp{r}" for r in range(1, d_tp)
+    }
+    assert {n.rsplit("-", 1)[0] for n in tp_ranks()} == want
+    for name, tp in (("prefill-0", p_tp), ("decode-0", d_tp)):
+        pg = cluster.controller.workers[name].placement
+        if tp == 1:
+            assert pg is None
+            continue
+        table = ray.util.placement_group_table(pg)  # one bundle per rank, on one node
+        assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == tp
+        assert table["state"] == "CREATED" and len(set(table["bundles_to_node_id"].values())) == 1
+    prompts = [prompt_of(i, 5 + 3 * i) for i in range(5)]
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(
+            *(collect(cluster, f"t{next(_SEQ)}", p, GREEDY) for p in prompts)
+        )
+
+    assert loop_thread.run(run()) == [reference(p) for p in prompts]
+    assert rec.outcomes() == ["ok"] * len(prompts)  # every request went through a handoff
+    wait_idle(cluster)
+
+
+def test_ring_prefill_with_tp_is_refused() -> None:
+    """Ring prefill runs one rank per ring member: a TP prefill pool in a ring is a config error."""
+    pools = (
+        PoolConfig("prefill", "prefill", replicas=2, tensor_parallel_size=2),
+        PoolConfig("decode", "decode"),
+    )
+    with pytest.raises(ConfigError, match=r"pools\[0\].tensor_parallel_size: 2 cannot be combined"):
+        ServeConfig(pools=pools, sequence_parallel=SequenceParallelConfig(enabled=True))
