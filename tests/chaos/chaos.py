@@ -35,7 +35,7 @@ from batonserve.cluster.metrics_inputs import PoolChange
 from batonserve.cluster.observer import NullObserver
 from batonserve.cluster.runtime import Cluster, start_cluster
 from batonserve.cluster.scheduling import MixedPoolConfig, RoleChange, SchedulerConfig
-from batonserve.workers.kv_transfer import KVTransferConfig
+from batonserve.workers.kv_transfer import TRANSPORTS, KVTransferConfig
 from batonserve.workers.kv_transfer.config import TransportName
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--streams", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--transport", choices=("torch_dist", "object_store"), default="torch_dist")
+    ap.add_argument("--transport", choices=TRANSPORTS.names(), default="torch_dist")
     ap.add_argument("--ray-address", default="", help="an existing Ray (default: a local one)")
     ap.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS, help="faults to draw")
     args = ap.parse_args(argv)

@@ -42,6 +42,7 @@ from batonserve.cluster.api import AdmissionRejected, GenerateRequest
 from batonserve.cluster.config import PoolConfig, RayConfig, ServeConfig
 from batonserve.cluster.runtime import Cluster, start_cluster
 from batonserve.cluster.scheduling import (
+    POLICIES,
     AdmissionConfig,
     DecisionLog,
     DecisionRecord,
@@ -212,7 +213,7 @@ def read_by_scheduler(rec: DecisionRecord) -> list[tuple[object, ...]]:
     return out
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "jsq", "splitwise"])
+@pytest.mark.parametrize("policy", POLICIES.names())
 def test_policy_decides_identically_live_and_simulated(
     ray_cluster: str, loop_thread: LoopThread, policy: str
 ) -> None:
@@ -240,5 +241,5 @@ def test_policy_decides_identically_live_and_simulated(
 
 def test_the_arrivals_tell_the_policies_apart() -> None:
     """The bursts are not a case where every policy decides alike (else the test above is weak)."""
-    runs = {p: sim_decisions(p).decisions() for p in ("round_robin", "jsq", "splitwise")}
+    runs = {p: sim_decisions(p).decisions() for p in POLICIES}
     assert runs["round_robin"] != runs["jsq"] != runs["splitwise"] != runs["round_robin"]

@@ -6,12 +6,13 @@ import pytest
 from moe_helpers import PROMPTS, ResidentRun, same_logits, store_run
 
 from batonserve.workers.expert_store import StoreConfig
+from batonserve.workers.expert_store.policies import POLICIES
 
 EXPERT_BYTES = 3 * 256 * 64 * 2  # demo-moe: w1, w3, w2 of [64, 256] in fp16
 TOTAL = 64 * EXPERT_BYTES  # 4 layers x 16 experts
 
 
-@pytest.mark.parametrize("policy", ["lru", "popularity", "predictive", "belady"])
+@pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize(
     ("budget", "prefetch"),
     [(0.0, False), (0.10, False), (0.25, True), (0.50, True), (1.0, False)],
