@@ -131,7 +131,7 @@ class Reconciler:
         finally:
             self.starting.pop(h.name, None)
         log.info("worker %s joined pool %s", h.name, h.spec.pool)
-        self.cluster.spawn(self.cluster._poll_loop(h.name, h.incarnation))
+        self.cluster.monitor.watch(h.name, h.incarnation)
         self.poke()
 
     def _shrink(self, pool: str, extra: int) -> None:
@@ -239,6 +239,6 @@ class Reconciler:
         name, cl = h.name, self.cluster
         h.incarnation += 1  # its poller stops; a late death report is ignored
         h.healthy = False
-        cl.forget_worker(name)
+        cl.events.forget_worker(name)
         await self.controller.remove(name)
         cl.observer.worker_removed(name)  # its gauges stop being exported

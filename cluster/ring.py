@@ -22,13 +22,13 @@ import torch.distributed as dist
 
 from batonserve.cluster.config import ServeConfig
 from batonserve.workers.sp_serving.config import SequenceParallelConfig
+from batonserve.workers.sp_serving.report import SPStepReport
 from batonserve.workers.sp_serving.types import RingJob, RingSetup, last_position_rank
 from batonserve.workers.worker_types import HandoffSpec, WorkerStats
 
 if TYPE_CHECKING:
     from batonserve.cluster.controller import Controller
-    from batonserve.cluster.request_state import Attempt, RequestState
-    from batonserve.cluster.runtime import Cluster
+    from batonserve.cluster.request_state import Attempt
 
 log = logging.getLogger("batonserve.ring")
 
@@ -178,66 +178,47 @@ class RingGroup:
         self._store = None
 
 
-class RingRouting:
-    """Mixin of Cluster: ring attempts, their launch, fan-out of release/abort, SP reports."""
+class RingRoutes:
+    """The cluster's ring attempts (by worker request id) and the SP reports already passed on.
 
-    def ring_init(self: Cluster) -> None:
-        """Per-cluster ring state (called once the controller is up)."""
-        self.ring_attempts: dict[str, RingChoice] = {}  # by worker request id
+    A part of `Cluster`: it owns this state; launching an attempt stays with the cluster's
+    other attempts (cluster/runtime.py).
+    """
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.attempts: dict[str, RingChoice] = {}  # by worker request id, until released
         self._sp_seen: dict[str, int] = {}  # worker -> last report seq passed on
 
-    def ring_choice(self: Cluster, prompt_len: int, decode: str) -> RingChoice | None:
-        """The ring for a new attempt, or None."""
+    def choose(self, prompt_len: int, decode: str) -> RingChoice | None:
+        """The ring for a new attempt, or None (no group, or the normal path)."""
         ring = self.controller.ring
         return ring.choose(prompt_len, decode) if ring is not None else None
 
-    async def launch_ring(self: Cluster, st: RequestState, a: Attempt, choice: RingChoice) -> None:
-        """Start a ring attempt: channels from every member, import on the decode side, jobs."""
-        ring = self.controller.ring
-        assert ring is not None
-        try:
-            spec = await self.open_handoff(st, a, choice.members)
-            if spec is None:
-                return
-            self.ring_attempts[a.worker_request_id] = choice
-            await self.controller.workers[a.decode].actor.begin_import.remote(spec)
-            if st.attempt is not a or st.done or ring.available() < choice.size:
-                raise RuntimeError("the ring group changed before the job was sent")
-            ring.submit(choice, spec)
-        except Exception as e:
-            log.warning("ring attempt %s of %s failed to start: %s", a.number, st.request_id, e)
-            if st.attempt is a:
-                self.restart(st, f"ring launch failed: {e}")
-
-    def ring_targets(self: Cluster, worker: str, worker_request_id: str) -> tuple[str, ...]:
+    def targets(self, worker: str, worker_request_id: str) -> tuple[str, ...]:
         """Where a release/abort for `worker` goes: every member when it is a ring's leader."""
-        choice = self.ring_attempts.get(worker_request_id)
+        choice = self.attempts.get(worker_request_id)
         if choice is None or worker != choice.leader:
             return (worker,)
-        del self.ring_attempts[worker_request_id]  # sent once to all; later ones to the leader
+        del self.attempts[worker_request_id]  # sent once to all; later ones to the leader
         return choice.members
 
-    def ring_failed(self: Cluster, st: RequestState) -> None:
-        """A ring attempt is being abandoned before its commit: rebuild the group."""
-        a = st.attempt
+    def failed(self, a: Attempt) -> bool:
+        """A ring attempt is abandoned before its commit: True when the group must be rebuilt
+        (it is marked invalid here; the caller starts the rebuild)."""
         ring = self.controller.ring
-        if a is None or ring is None or a.phase != "prefill":
-            return
-        if a.worker_request_id in self.ring_attempts:
-            ring.invalidate(f"ring attempt {a.worker_request_id} failed")
-            self.spawn(ring.build())
+        if ring is None or a.phase != "prefill" or a.worker_request_id not in self.attempts:
+            return False
+        ring.invalidate(f"ring attempt {a.worker_request_id} failed")
+        return True
 
-    def ring_reports(self: Cluster, name: str, stats: WorkerStats) -> None:
-        """Pass each new SP report of a worker to the observer (typed, once)."""
+    def fresh_reports(self, name: str, stats: WorkerStats) -> list[SPStepReport]:
+        """A worker's SP reports not yet passed on (each once, in order)."""
         seen = self._sp_seen.get(name, 0)
         fresh = [r for r in stats.sp_reports if r.seq > seen]
         if not fresh:
             if stats.sp_reports and stats.sp_reports[-1].seq < seen:
                 self._sp_seen[name] = 0  # a restarted worker counts from 1 again
-            return
+            return []
         self._sp_seen[name] = fresh[-1].seq
-        for r in fresh:
-            try:
-                self.observer.sequence_parallel(r)
-            except ValueError as e:  # a malformed report must not stop the poll loop
-                log.warning("dropped an SP report of %s: %s", name, e)
+        return fresh

@@ -31,8 +31,10 @@ from batonserve.cluster.env import keep_ray_on_loopback
 from batonserve.cluster.handoff import Handoff, HandoffLedger
 from batonserve.cluster.observer import ClusterObserver, NullObserver, handoff_record
 from batonserve.cluster.placement import StartupError, check_pools_fit, local_num_cpus
+from batonserve.cluster.reconcile import Reconciler
 from batonserve.cluster.request_state import Attempt, RequestState
-from batonserve.cluster.ring import RingRouting
+from batonserve.cluster.request_table import RequestTable
+from batonserve.cluster.ring import RingChoice, RingRoutes
 from batonserve.cluster.scheduling import (
     ClusterScheduler,
     Pairing,
@@ -43,12 +45,13 @@ from batonserve.cluster.scheduling import (
     WorkerView,
     assume_assigned,
 )
-from batonserve.cluster.worker_events import WorkerEvents
+from batonserve.cluster.worker_events import WorkerEvents, quiet
+from batonserve.cluster.worker_monitor import WorkerMonitor
 from batonserve.cluster.worker_stats import worker_info, worker_view
 from batonserve.workers.block_pool import hash_blocks
 from batonserve.workers.output_processor import OutputProcessor
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
-from batonserve.workers.worker_types import HandoffSpec
+from batonserve.workers.worker_types import HandoffEvent, HandoffSpec
 
 log = logging.getLogger("batonserve.cluster")
 
@@ -56,8 +59,13 @@ MAX_ATTEMPTS = 8
 RETRY_S = 20.0  # a request no worker can resume waits this long (longer while one is replaced)
 
 
-class Cluster(WorkerEvents, RingRouting):
-    """ClusterAPI over Ray worker pools (see module docstring)."""
+class Cluster:
+    """ClusterAPI over Ray worker pools (see module docstring).
+
+    Composed of parts that own their state: the request table, the handoff ledger, the worker
+    monitor (poll loops -> typed events), the reactions to those events, the ring routes and
+    the reconciler; the cluster itself pairs requests and starts, restarts and ends attempts.
+    """
 
     def __init__(
         self,
@@ -77,15 +85,32 @@ class Cluster(WorkerEvents, RingRouting):
         self.kv = config.kv_transfer
         self.ledger = HandoffLedger(self.kv.lease_s)
         self.prefix_index = PrefixIndex()
-        self._prefix_epochs: dict[str, int] = {}
         self.cls = ClusterScheduler(config.scheduler, prefix_lookup=self.prefix_index)
-        self.requests: dict[str, RequestState] = {}
-        self.by_worker_rid: dict[str, RequestState] = {}
+        self.requests = RequestTable()
         self._views: dict[str, WorkerView] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._loop = asyncio.get_running_loop()
-        self.ring_init()
+        self.ring_routes = RingRoutes(controller)
+        self.events = WorkerEvents(self)
+        self.monitor = WorkerMonitor(
+            controller, self.events.on_worker_event, self._live_handoffs, self.spawn
+        )
+        self.reconciler = Reconciler(self, config.ray.drain_timeout_s)
+
+    def start_background(self) -> None:
+        """Start one poller per worker, the housekeeping loop and the reconciler."""
+        for h in self.controller.workers.values():
+            self.monitor.watch(h.name, h.incarnation)
+        self.spawn(self.events.housekeeping())
+        self.spawn(self.reconciler.run())
+
+    def _live_handoffs(self, worker: str) -> tuple[int, ...]:
+        return tuple(ho.handoff_id for ho in self.ledger.involving(worker))
+
+    def _on_event(self, name: str, ev: HandoffEvent) -> None:
+        """A worker's handoff event (one seam: the chaos harness hooks moments here)."""
+        self.events.on_event(name, ev)
 
     # ---- ClusterAPI ---------------------------------------------------------------------------
 
@@ -135,7 +160,7 @@ class Cluster(WorkerEvents, RingRouting):
             )
         # Before registering: a stop string without a tokenizer is the caller's error.
         self.processor.add_request(request.request_id, request.prompt_token_ids, request.sampling)
-        self.requests[request.request_id] = st
+        self.requests.add(st)
         self._start_attempt(st, pairing)
         return self._stream(st)
 
@@ -152,7 +177,8 @@ class Cluster(WorkerEvents, RingRouting):
     async def shutdown(self) -> None:
         """Stop pollers and actors, and Ray if this process started it."""
         self._closing = True
-        for st in list(self.requests.values()):
+        self.monitor.closing = True
+        for st in self.requests.values():
             st.fail(ClusterUnavailable("the cluster is shutting down"))
             self._finish(st)
         for t in list(self._tasks):
@@ -226,12 +252,12 @@ class Cluster(WorkerEvents, RingRouting):
 
     def _start_attempt(self, st: RequestState, pairing: Pairing) -> None:
         # A long prompt goes to the ring group (its leader is the attempt's prefill worker).
-        ring = self.ring_choice(len(st.resume_prompt), pairing.decode_worker)
+        ring = self.ring_routes.choose(len(st.resume_prompt), pairing.decode_worker)
         prefill = ring.leader if ring is not None else pairing.prefill_worker
         a = st.next_attempt(prefill, pairing.decode_worker)
-        self.by_worker_rid[a.worker_request_id] = st
+        self.requests.bind(st, a)
         if ring is not None:
-            self.spawn(self.launch_ring(st, a, ring))
+            self.spawn(self._launch_ring(st, a, ring))
         else:
             self.spawn(self._launch(st, a))
 
@@ -267,6 +293,24 @@ class Cluster(WorkerEvents, RingRouting):
             if st.attempt is a:
                 self.restart(st, f"launch failed: {e}")
 
+    async def _launch_ring(self, st: RequestState, a: Attempt, choice: RingChoice) -> None:
+        """Start a ring attempt: channels from every member, import on the decode side, jobs."""
+        ring = self.controller.ring
+        assert ring is not None
+        try:
+            spec = await self.open_handoff(st, a, choice.members)
+            if spec is None:
+                return
+            self.ring_routes.attempts[a.worker_request_id] = choice
+            await self.controller.workers[a.decode].actor.begin_import.remote(spec)
+            if st.attempt is not a or st.done or ring.available() < choice.size:
+                raise RuntimeError("the ring group changed before the job was sent")
+            ring.submit(choice, spec)
+        except Exception as e:
+            log.warning("ring attempt %s of %s failed to start: %s", a.number, st.request_id, e)
+            if st.attempt is a:
+                self.restart(st, f"ring launch failed: {e}")
+
     async def open_handoff(
         self, st: RequestState, a: Attempt, senders: tuple[str, ...]
     ) -> HandoffSpec | None:
@@ -294,7 +338,9 @@ class Cluster(WorkerEvents, RingRouting):
         """Abandon the current attempt and resume from prompt + tokens already sent."""
         if st.done or self._closing:
             return
-        self.ring_failed(st)
+        ring = self.controller.ring
+        if st.attempt is not None and ring is not None and self.ring_routes.failed(st.attempt):
+            self.spawn(ring.build())
         self._drop_attempt(st)
         if st.attempts >= MAX_ATTEMPTS:
             st.fail(ClusterUnavailable(f"request failed after {st.attempts} attempts: {reason}"))
@@ -337,7 +383,7 @@ class Cluster(WorkerEvents, RingRouting):
         if a is None:
             return
         st.attempt = None
-        self.by_worker_rid.pop(a.worker_request_id, None)
+        self.requests.unbind(a)
         if a.handoff_id is not None:
             h = self.ledger.abort(a.handoff_id, "request moved")
             if h is not None:
@@ -347,25 +393,27 @@ class Cluster(WorkerEvents, RingRouting):
 
     def abort_on(self, worker: str, worker_request_id: str) -> None:
         """Fire-and-forget abort on a worker (a dead one is simply skipped)."""
-        for name in self.ring_targets(worker, worker_request_id):
+        for name in self.ring_routes.targets(worker, worker_request_id):
             h = self.controller.workers.get(name)
             if h is not None and h.healthy and h.actor is not None:
-                self.spawn(self._quiet(h.actor.abort.remote(worker_request_id)))
+                self.spawn(quiet(h.actor.abort.remote(worker_request_id)))
 
     def _finish(self, st: RequestState) -> None:
         """Forget a request that ended (its workers are told to drop it)."""
         self._drop_attempt(st)
-        self.requests.pop(st.request_id, None)
-        self.processor.remove(st.request_id)
+        if self.requests.get(st.request_id) is st:
+            self.requests.remove(st)
+            self.processor.remove(st.request_id)
 
     def abort_handoff(self, h: Handoff, outcome: str) -> None:
         """A handoff ended unacknowledged: free both sides and resume its request."""
         self.observer.kv_handoff(handoff_record(self.controller, h, outcome))
         self.abort_on(h.src, h.request_id)
         self.abort_on(h.dst, h.request_id)
-        st = self.by_worker_rid.get(h.request_id)
-        if st is not None and st.attempt is not None and st.attempt.handoff_id == h.handoff_id:
-            st.attempt.handoff_id = None
+        found = self.requests.current(h.request_id)
+        if found is not None and found[1].handoff_id == h.handoff_id:
+            st, a = found
+            a.handoff_id = None
             self.restart(st, f"handoff {h.handoff_id} {outcome}: {h.reason}")
 
 
