@@ -198,6 +198,7 @@ class Row:
     tok_s: dict[str, list[float]] = field(default_factory=dict)
     same_as_hf: str = ""
     same_as_vllm: str = ""
+    load: float = 0.0  # 1-minute load average when the row finished (a shared VM's noise)
 
 
 def _fmt(xs: list[float]) -> str:
@@ -265,6 +266,7 @@ def bench_config(
             row.same_as_hf = _same(toks["batonserve"], toks["hf"])
         if "batonserve" in toks and "vllm" in toks:
             row.same_as_vllm = _same(toks["batonserve"], toks["vllm"])
+        row.load = os.getloadavg()[0]
         rows.append(row)
         print("  " + _line(row), flush=True)
     if vllm is not None:
@@ -303,7 +305,8 @@ def _line(r: Row) -> str:
     line = (
         f"| {r.dtype}, {r.threads} | {r.batch} | {_fmt(r.tok_s.get('hf', []))} "
         f"| {_fmt(r.tok_s.get('vllm', []))} | {_fmt(r.tok_s.get('batonserve', []))} "
-        f"| {ours / hf:.2f} | {ours / vl:.2f} | {r.same_as_hf or '-'} | {r.same_as_vllm or '-'} |"
+        f"| {ours / hf:.2f} | {ours / vl:.2f} | {r.same_as_hf or '-'} | {r.same_as_vllm or '-'} "
+        f"| {r.load:.0f} |"
     )
     if "graphs" in r.tok_s:  # extra columns: batonserve with decode graphs
         g = statistics.median(r.tok_s["graphs"])
@@ -313,8 +316,8 @@ def _line(r: Row) -> str:
 
 HEADER = (
     "| dtype, threads | batch | HF generate tok/s | vLLM CPU tok/s | batonserve tok/s "
-    "| ours / HF | ours / vLLM | same tokens as HF | same as vLLM |\n"
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    "| ours / HF | ours / vLLM | same tokens as HF | same as vLLM | load avg |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 )
 
 
