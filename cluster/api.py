@@ -82,6 +82,8 @@ class WorkerInfo:
     waiting_requests: int
     pending_prefill_tokens: int
     kv_cache_usage: float  # 0..1
+    tensor_parallel_size: int = 1  # ranks (devices) of this worker
+    rank_param_bytes: tuple[int, ...] = ()  # each rank's resident parameter bytes
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,18 @@ def format_status(model: ModelInfo, info: ServerInfo) -> str:
         f"context {model.context_length}, vocab {model.vocab_size})",
         f"pools: {', '.join(info.pools) or '-'}",
     ]
-    header = ("WORKER", "POOL", "ROLE", "HEALTHY", "RUNNING", "WAITING", "PREFILL-TOKENS", "KV-USE")
+    header = (
+        "WORKER",
+        "POOL",
+        "ROLE",
+        "HEALTHY",
+        "RUNNING",
+        "WAITING",
+        "PREFILL-TOKENS",
+        "KV-USE",
+        "TP",
+        "MiB/RANK",
+    )
     rows = [header] + [
         (
             w.name,
@@ -47,6 +58,8 @@ def format_status(model: ModelInfo, info: ServerInfo) -> str:
             str(w.waiting_requests),
             str(w.pending_prefill_tokens),
             f"{100 * w.kv_cache_usage:.1f}%",
+            str(w.tensor_parallel_size),
+            "/".join(f"{b / 2**20:.1f}" for b in w.rank_param_bytes) or "-",
         )
         for w in info.workers
     ]

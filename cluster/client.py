@@ -105,6 +105,8 @@ class RouterClient:
                 w.waiting_requests,
                 w.pending_prefill_tokens,
                 w.kv_cache_usage,
+                w.tensor_parallel_size or 1,  # 0: a router from before the field
+                tuple(w.rank_param_bytes),
             )
             for w in s.workers
         )

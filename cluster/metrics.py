@@ -47,6 +47,7 @@ class _WorkerState:
     pool: str
     role: str
     totals: tuple[int, ...]  # the monotonic totals named in _WORKER_TOTALS, in order
+    ranks: int = 0  # rank_param_bytes series exported (tensor-parallel ranks)
 
 
 @dataclass
@@ -244,7 +245,9 @@ class Metrics:
             last = old.totals if old is not None else (0,) * len(totals)
             # A total smaller than the last one means the engine restarted: all of it is new.
             deltas = [t - lt if t >= lt else t for t, lt in zip(totals, last, strict=True)]
-            self._workers[snap.worker] = _WorkerState(snap.pool, snap.role, totals)
+            self._workers[snap.worker] = _WorkerState(
+                snap.pool, snap.role, totals, len(snap.rank_param_bytes)
+            )
         wl = _wl(snap.pool, snap.worker)
         if old is None:
             # Counters start at 0 when the worker appears, so increase() sees its first restart.
@@ -255,6 +258,10 @@ class Metrics:
         self._set("batonserve_worker_running_batch_size", wl, snap.running)
         self._set("batonserve_worker_waiting_requests", wl, snap.waiting)
         self._set("batonserve_worker_pending_prefill_tokens", wl, snap.pending_prefill_tokens)
+        if snap.rank_param_bytes:
+            self._set("batonserve_worker_tensor_parallel_size", wl, len(snap.rank_param_bytes))
+            for rank, nbytes in enumerate(snap.rank_param_bytes):
+                self._set("batonserve_worker_rank_param_bytes", {**wl, "rank": str(rank)}, nbytes)
         for name, delta in zip(_WORKER_TOTALS, deltas, strict=True):
             self._inc(name, wl, delta)
         if snap.num_blocks > 0:
@@ -450,8 +457,11 @@ class Metrics:
             "batonserve_worker_waiting_requests",
             "batonserve_worker_pending_prefill_tokens",
             "batonserve_moe_resident_bytes",
+            "batonserve_worker_tensor_parallel_size",
         ):
             self._remove(name, wl)
+        for rank in range(old.ranks):
+            self._remove("batonserve_worker_rank_param_bytes", {**wl, "rank": str(rank)})
         self._remove("batonserve_worker_role", {**wl, "role": old.role})
         info = self._cache_info.pop(worker, None)
         if info is not None:

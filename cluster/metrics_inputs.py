@@ -124,6 +124,7 @@ class WorkerSnapshot:
     regroup_deferred: int = 0  # decode tokens token regrouping held back a step (monotonic)
     block_size: int = 0  # KV cache layout, for cache_config_info (0: unknown)
     num_blocks: int = 0
+    rank_param_bytes: tuple[int, ...] = ()  # per tensor-parallel rank (one entry without TP)
 
     def __post_init__(self) -> None:
         for name in ("worker", "pool", "role"):

@@ -205,6 +205,18 @@ def build_series(max_model_len: int) -> tuple[SeriesSpec, ...]:
             _WORKER,
         ),
         s(
+            "batonserve_worker_tensor_parallel_size",
+            "gauge",
+            "Ranks (devices) of the worker: its tensor_parallel_size.",
+            _WORKER,
+        ),
+        s(
+            "batonserve_worker_rank_param_bytes",
+            "gauge",
+            "Resident model parameter bytes of each rank of the worker.",
+            (*_WORKER, "rank"),
+        ),
+        s(
             "batonserve_cache_config_info",
             "gauge",
             "1 per worker, its KV cache layout in the labels (info-style, as vLLM's).",

@@ -108,6 +108,8 @@ def worker_info(
         waiting_requests=stats.waiting if stats else 0,
         pending_prefill_tokens=stats.pending_prefill_tokens if stats else 0,
         kv_cache_usage=stats.kv_usage if stats else 0.0,
+        tensor_parallel_size=stats.tensor_parallel_size if stats else 1,
+        rank_param_bytes=stats.rank_param_bytes if stats else (),
     )
 
 
@@ -121,6 +123,7 @@ def worker_snapshot(stats: WorkerStats, role: str | None = None) -> WorkerSnapsh
         pool=stats.pool,
         role=role or stats.role,
         kv_cache_usage=min(max(stats.kv_usage, 0.0), 1.0),
+        rank_param_bytes=stats.rank_param_bytes,
         running=stats.running,
         waiting=stats.waiting,
         prefix_cache_queries=stats.prefix_queries,

@@ -115,7 +115,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "pool", "role", "healthy", "running_requests", "waiting_requests", "pending_prefill_tokens", "kv_cache_usage")
+    __slots__ = ("name", "pool", "role", "healthy", "running_requests", "waiting_requests", "pending_prefill_tokens", "kv_cache_usage", "tensor_parallel_size", "rank_param_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,8 @@ class WorkerInfo(_message.Message):
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     pool: str
     role: str
@@ -132,7 +134,9 @@ class WorkerInfo(_message.Message):
     waiting_requests: int
     pending_prefill_tokens: int
     kv_cache_usage: float
-    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ...) -> None: ...
+    tensor_parallel_size: int
+    rank_param_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., tensor_parallel_size: _Optional[int] = ..., rank_param_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("pools", "workers", "model", "version")

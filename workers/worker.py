@@ -53,6 +53,15 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
+def rank_param_bytes(engine: object) -> tuple[int, ...]:
+    """Each rank's resident parameter bytes (one entry without TP; none for a scripted engine)."""
+    runner = getattr(engine, "runner", None)
+    per_rank = getattr(runner, "rank_bytes", None)  # a tensor-parallel runner (workers/tp/)
+    if per_rank is not None:
+        return tuple(per_rank)
+    return (runner.parameter_bytes(),) if hasattr(runner, "parameter_bytes") else ()
+
+
 def build_engine(spec: WorkerSpec) -> WorkerEngine:
     """The scripted fake, or the real engine core (leading an EP group if the spec says so)."""
     if spec.scripted is not None:
@@ -458,6 +467,8 @@ class Worker:
             imports=len(self.importer),
             error=self._error[-2000:],
             preemptions=s.num_preemptions,
+            tensor_parallel_size=self.spec.tensor_parallel_size,
+            rank_param_bytes=rank_param_bytes(self.engine),
             regroup_deferred=s.regroup_deferred,
             cached_block_hashes=hashes,
             prefix_epoch=self._prefix_epoch,

@@ -97,6 +97,9 @@ class WorkerStats:
     # Handoffs this worker is still working on: queued or prefilling (prefill side), or complete
     # and waiting for free blocks (decode side). The cluster renews their leases while steps run.
     handoffs_in_progress: tuple[int, ...] = ()
+    # Tensor parallelism: the worker's ranks and each rank's resident parameter bytes.
+    tensor_parallel_size: int = 1
+    rank_param_bytes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -139,5 +139,7 @@ class GenerationService:
                 waiting_requests=w.waiting_requests,
                 pending_prefill_tokens=w.pending_prefill_tokens,
                 kv_cache_usage=w.kv_cache_usage,
+                tensor_parallel_size=w.tensor_parallel_size,
+                rank_param_bytes=w.rank_param_bytes,
             )
         return out

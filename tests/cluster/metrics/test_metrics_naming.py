@@ -33,6 +33,7 @@ ALLOWED_LABELS = {
     "bucket",  # EP tuner: power-of-two token buckets, bounded by log2 of the largest batch
     "finished_reason",  # vLLM's request_success label (stop, length, abort)
     "block_size", "num_gpu_blocks",  # cache_config_info: one value per worker
+    "rank",  # tensor parallelism: bounded by the worker's tensor_parallel_size
 }  # fmt: skip
 # vLLM's v1 names, kept verbatim so its queries carry over, even where they break the house
 # conventions above: "perc" for a 0-1 fraction, a histogram ending in _total, a unitless n.
@@ -55,7 +56,17 @@ def _exercised() -> Metrics:
     m.request_rejected(RequestRejected("queue_full"))
     m.worker_snapshot(
         WorkerSnapshot(
-            "decode-0", "decode", "decode", 0.5, 1, 0, 10, 5, block_size=16, num_blocks=64
+            "decode-0",
+            "decode",
+            "decode",
+            0.5,
+            1,
+            0,
+            10,
+            5,
+            block_size=16,
+            num_blocks=64,
+            rank_param_bytes=(1000, 1000),
         )
     )
     m.iteration_tokens("decode-0", "decode", (1, 40))
