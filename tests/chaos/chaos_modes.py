@@ -1,7 +1,9 @@
-"""Chaos in the other documented modes: ring (sequence-parallel) prefill and expert parallelism.
+"""Chaos in the other documented modes: ring (sequence-parallel) prefill, expert parallelism
+and tensor parallelism.
 
     python tests/chaos/chaos_modes.py --mode ring --seed 1 --runs 10   # a local Ray on 127.0.0.1
     python tests/chaos/chaos_modes.py --mode ep --seed 1 --runs 10
+    python tests/chaos/chaos_modes.py --mode tp --seed 1 --runs 10 --streams 16
 
 Both run real models in float32 (where a resume is exact): `ring` a tiny random Llama with three
 prefill workers joined in a ring group and one decode worker, long prompts prefilled by the
@@ -9,7 +11,8 @@ ring; `ep` the bundled demo-moe with expert_parallel_size 2 (each worker leads a
 follower actor), one prefill and one decode worker. Each run streams a few greedy and seeded
 sampled requests while a seeded schedule kills: a random ring member at a random moment
 (`ring_member`), a member of the ring a job was just sent to, during its ring prefill
-(`ring_job`), or a random EP follower (`ep_follower`). After each run, per stream: the offline
+(`ring_job`), a random EP follower (`ep_follower`), or one rank (not rank 0) of a tensor-parallel
+worker (`tp_rank`; `tp`: the bundled demo, prefill and decode workers of tensor_parallel_size 2). After each run, per stream: the offline
 engine's tokens, or a clear status; then every pool back to its baseline, no handoff open, and
 the ring group whole again (no EP follower left without its leader).
 """
@@ -46,7 +49,7 @@ from testkit.ray_local import two_node_ray
 PAIR_ONLY = SchedulerConfig(  # ring members and EP groups serve prefill; no role flips here
     conditional_disaggregation=False, mixed_pool=MixedPoolConfig(enabled=False)
 )
-KINDS = {"ring": ("ring_member", "ring_job"), "ep": ("ep_follower",)}
+KINDS = {"ring": ("ring_member", "ring_job"), "ep": ("ep_follower",), "tp": ("tp_rank",)}
 
 
 @dataclasses.dataclass
@@ -136,15 +139,47 @@ def ep_mode(address: str, namespace: str) -> Mode:
     return Mode(cfg, ref, prompt, 8, whole)
 
 
+def tp_mode(address: str, namespace: str) -> Mode:
+    """The demo model, one prefill and one decode worker of tensor_parallel_size 2 (gloo)."""
+    engine = EngineConfig(
+        dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_num_batched_tokens=64
+    )
+    pools = tuple(
+        PoolConfig(
+            role, role, 1, num_cpus=0.5, resources=_on(address, role), tensor_parallel_size=2
+        )
+        for role in ("prefill", "decode")
+    )
+    cfg = ServeConfig(
+        model="demo", ray=_ray(address, namespace), engine=engine, pools=pools, scheduler=PAIR_ONLY
+    )
+
+    def prompt(rng: random.Random) -> list[int]:
+        return [rng.randrange(3, 300) for _ in range(rng.choice((5, 12, 30)))]
+
+    def whole(cluster: Cluster) -> bool:
+        # The killed rank is a decode rank (busy under the streams): its group must have been
+        # replaced, follower included, so every worker has its one follower again.
+        ranks = {n.split("-tp")[0] for n in followers(namespace, "-tp")}
+        return ranks == set(cluster.controller.workers) and cluster_healthy(cluster)
+
+    return Mode(cfg, Engine("demo", engine), prompt, 8, whole)
+
+
+def cluster_healthy(cluster: Cluster) -> bool:
+    """Every worker is up (a replaced one is healthy once its new group is ready)."""
+    return all(w.healthy for w in cluster.controller.workers.values())
+
+
 def _on(address: str, pool: str) -> dict[str, float]:
     """A pool's node resource on the harness's two-node Ray (none on a plain local Ray)."""
     return {f"{pool}_node": 1} if address else {}
 
 
-def followers(namespace: str) -> list[str]:
-    """Live EP follower actors of the cluster in `namespace`."""
+def followers(namespace: str, tag: str = "-ep") -> list[str]:
+    """Live EP follower actors (`-tp`: TP follower ranks) of the cluster in `namespace`."""
     named = ray.util.list_named_actors(all_namespaces=True)
-    return sorted(a["name"] for a in named if a["namespace"] == namespace and "-ep" in a["name"])
+    return sorted(a["name"] for a in named if a["namespace"] == namespace and tag in a["name"])
 
 
 def params_for(rng: random.Random, max_tokens: int) -> SamplingParams:
@@ -199,10 +234,12 @@ async def one_run(
             return
         if kind == "ring_member" and ring is not None:
             kill(cluster.controller.workers[rng.choice(ring.members)].actor, "member")
-        elif kind == "ep_follower":
-            names = followers(namespace)
+        elif kind in ("ep_follower", "tp_rank"):
+            names = followers(namespace, "-ep" if kind == "ep_follower" else "-tp")
+            if kind == "tp_rank":  # a decode rank: its group is generating for the streams
+                names = [n for n in names if n.startswith("decode")]
             if names:
-                kill(ray.get_actor(rng.choice(names), namespace=namespace), "follower")
+                kill(ray.get_actor(rng.choice(names), namespace=namespace), kind)
 
     async def stream(i: int) -> list[int] | str:
         nonlocal received
@@ -267,6 +304,8 @@ async def chaos_mode(
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         if mode_name == "ring":
             mode = ring_mode(address, namespace, Path(tmp))
+        elif mode_name == "tp":
+            mode = tp_mode(address, namespace)
         else:
             mode = ep_mode(address, namespace)
         cluster = await start_cluster(mode.config, lambda _: None)

@@ -5,7 +5,8 @@ seeded sampled streams, every stream's tokens checked, pools back to baseline, n
   (every kind of fault), seed 3 with only the exact-moment kinds (an import commit, a role flip,
   a worker lent to the mixed pool);
 - tests/chaos/chaos_modes.py (real models, float32): a ring member killed (at a random moment
-  or during a ring prefill), an expert-parallel follower killed.
+  or during a ring prefill), an expert-parallel follower killed, a tensor-parallel rank killed
+  under 16 streams.
 """
 
 from __future__ import annotations
@@ -43,3 +44,13 @@ def test_chaos_mode(ray_cluster: str, mode: str) -> None:
     print(report.line())
     assert not report.failures, report.failures
     assert report.runs == 2 and sum(report.faults.values()) >= 1
+
+
+def test_chaos_tp_rank_killed_under_16_streams(ray_cluster: str) -> None:
+    """One rank of a TP=2 worker killed while 16 streams run: its worker goes down, the
+    controller replaces the group, every stream completes with the offline engine's tokens."""
+    report = asyncio.run(chaos_mode("tp", 1, 1, ray_cluster, streams=16))
+    print(report.line())
+    assert not report.failures, report.failures
+    assert report.runs == 1 and report.faults["tp_rank"] == 1 and report.streams == 16
+    assert report.clear_errors == 0, report.errors  # none refused: all 16 completed
