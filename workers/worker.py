@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ def _node_ip() -> str:
 
 def rank_param_bytes(engine: object) -> tuple[int, ...]:
     """Each rank's resident parameter bytes (one entry without TP; none for a scripted engine)."""
-    runner = getattr(engine, "runner", None)
+    runner: Any = getattr(engine, "runner", None)
     per_rank = getattr(runner, "rank_bytes", None)  # a tensor-parallel runner (workers/tp/)
     if per_rank is not None:
         return tuple(per_rank)
