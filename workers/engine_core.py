@@ -32,6 +32,7 @@ from batonserve.workers.scheduler import (
 )
 
 if TYPE_CHECKING:
+    from batonserve.workers.parallel import AttentionDims
     from batonserve.workers.sp_serving.forward import SPForward
 
 
@@ -318,6 +319,12 @@ class EngineCore:
         """True when some layer attends over a window (ring prefill refuses such models)."""
         mc = self.runner.model_config
         return any(mc.layer_window(i) is not None for i in range(mc.num_layers))
+
+    def attention_dims(self) -> AttentionDims:
+        """The model's head geometry, for a ring member's sequence-parallel attention plan."""
+        from batonserve.workers.sp_serving.forward import attention_dims
+
+        return attention_dims(self.runner)
 
     def hold_rows(self, hold_id: str, token_ids: Sequence[int]) -> torch.Tensor | None:
         """Reserve blocks, through the scheduler, for KV rows computed outside a step (a ring

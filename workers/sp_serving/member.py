@@ -22,7 +22,7 @@ from batonserve.workers.handoff_io import send_layer
 from batonserve.workers.kv_transfer.base import FINAL_LAYER, KVChunk, KVTransport
 from batonserve.workers.outputs import CoreOutput, aborted_output
 from batonserve.workers.parallel import SPGroup, shard_batch
-from batonserve.workers.sp_serving.forward import SPForward, attention_dims
+from batonserve.workers.sp_serving.forward import SPForward
 from batonserve.workers.sp_serving.report import SPStepReport
 from batonserve.workers.sp_serving.types import RingJob, RingSetup, contiguous_runs
 from batonserve.workers.worker_types import HandoffEvent
@@ -170,7 +170,7 @@ class RingMember:
                 send_error.append(str(e))
 
         schedule = None if self.setup.schedule == "auto" else self.setup.schedule
-        dims = attention_dims(self.engine.runner)
+        dims = self.engine.attention_dims()
         sp = SPForward(self.groups[job.size], shard.spec, dims, schedule)
         last = (pos == h.prompt_len - 1).nonzero()[:, 0]
         t0 = time.perf_counter()
