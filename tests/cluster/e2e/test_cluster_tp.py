@@ -145,3 +145,16 @@ def test_ring_prefill_with_tp_is_refused() -> None:
     )
     with pytest.raises(ConfigError, match=r"pools\[0\].tensor_parallel_size: 2 cannot be combined"):
         ServeConfig(pools=pools, sequence_parallel=SequenceParallelConfig(enabled=True))
+
+
+def test_fit_check_counts_every_rank() -> None:
+    """A TP worker is gang-placed on one node: 2 ranks of 1 CPU fit a 2-CPU node, 4 do not."""
+    from batonserve.cluster.placement import StartupError, check_pools_fit, worker_demand
+
+    nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
+    tp2 = PoolConfig("p", "prefill", num_cpus=1, tensor_parallel_size=2)
+    assert worker_demand(tp2) == {"CPU": 2.0}
+    check_pools_fit([tp2], nodes)
+    tp4 = PoolConfig("p", "prefill", num_cpus=1, tensor_parallel_size=4)
+    with pytest.raises(StartupError, match=r"pool 'p'.*CPU=4"):
+        check_pools_fit([tp4], nodes)
