@@ -47,3 +47,16 @@ def check_model_expert_parallel(config: ServeConfig) -> None:
         check_expert_parallel(config.engine, ModelConfig.from_dir(model_dir), model_dir.name)
     except ValueError as e:
         raise ConfigError(f"engine.{e}") from None
+
+
+def check_model_tensor_parallel(config: ServeConfig) -> None:
+    """ConfigError naming the pool whose tensor_parallel_size cannot shard the model's heads or
+    widths (refused before any worker starts, instead of by every rank at load)."""
+    from batonserve.workers.tp.shard import check_tp
+
+    mc = ModelConfig.from_dir(resolve_model_dir(config.model))
+    for i, pool in enumerate(config.pools):
+        try:
+            check_tp(mc, pool.tensor_parallel_size)
+        except ValueError as e:
+            raise ConfigError(f"pools[{i}].{e}") from None

@@ -429,11 +429,17 @@ async def start_cluster(
     `scripted` swaps the model for the fake engine with scripted tokens (tests); `observer`
     receives worker snapshots, handoff records and pool changes (the router's Metrics).
     """
-    from batonserve.cluster.model_meta import check_model_expert_parallel, load_model_meta
+    from batonserve.cluster.model_meta import (
+        check_model_expert_parallel,
+        check_model_tensor_parallel,
+        load_model_meta,
+    )
 
     model_info, processor = load_model_meta(config, scripted)
     if scripted is None and config.engine.expert_parallel_size > 1:
         check_model_expert_parallel(config)  # refused here, before any worker starts
+    if scripted is None and any(p.tensor_parallel_size > 1 for p in config.pools):
+        check_model_tensor_parallel(config)
     started = False
     if not ray.is_initialized():
         keep_ray_on_loopback()

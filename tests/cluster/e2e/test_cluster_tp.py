@@ -158,3 +158,11 @@ def test_fit_check_counts_every_rank() -> None:
     tp4 = PoolConfig("p", "prefill", num_cpus=1, tensor_parallel_size=4)
     with pytest.raises(StartupError, match=r"pool 'p'.*CPU=4"):
         check_pools_fit([tp4], nodes)
+
+
+def test_unsplittable_model_is_refused_before_workers_start() -> None:
+    """demo has 8 query heads: a pool at TP=3 is a ConfigError naming the pool and the heads."""
+    cfg = ServeConfig(model=MODEL, pools=_pools(3, 1))
+    with pytest.raises(ConfigError, match=r"pools\[0\]\.tensor_parallel_size: 3 does not divide "
+                       r"num_attention_heads \(8\)"):  # fmt: skip
+        asyncio.run(start_cluster(cfg, lambda _: None))
