@@ -131,8 +131,6 @@ class ServeConfig:
 
     def _check_expert_parallel(self) -> None:
         """An EP leader owns its process's default torch.distributed group; so does a ring member."""
-        from batonserve.cluster.ring import ring_members  # ring imports this module
-
         n = self.engine.expert_parallel_size
         if n > 1 and self.sequence_parallel.enabled and ring_members(self):
             raise ConfigError(
@@ -143,8 +141,6 @@ class ServeConfig:
     def _check_tensor_parallel(self) -> None:
         """A TP worker owns its process's default torch.distributed group, as an EP leader and a
         ring member do; its ranks hold slices of every expert, so no EP or expert store either."""
-        from batonserve.cluster.ring import ring_members
-
         tp = [p for p in self.pools if p.tensor_parallel_size > 1]
         if not tp:
             return
@@ -214,3 +210,13 @@ __all__ = [
     "load_config",
     "replace",
 ]
+
+
+def ring_members(config: ServeConfig) -> tuple[str, ...]:
+    """Worker names of the ring group: the first prefill pool, up to max_group_size."""
+    sp = config.sequence_parallel
+    for pool in config.pools:
+        if pool.role == "prefill":
+            n = min(pool.replicas, sp.max_group_size)
+            return tuple(f"{pool.name}-{i}" for i in range(n)) if n >= 2 else ()
+    return ()

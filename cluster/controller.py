@@ -18,9 +18,9 @@ from typing import Any
 import ray
 
 from batonserve.cluster import tp_placement
-from batonserve.cluster.config import PoolConfig, ServeConfig
+from batonserve.cluster.config import PoolConfig, ServeConfig, ring_members
 from batonserve.cluster.placement import StartupError, describe, worker_demand
-from batonserve.cluster.ring import RingGroup, ring_members
+from batonserve.cluster.ring import RingGroup
 from batonserve.workers.config import Role
 from batonserve.workers.kv_transfer.base import KVSpec
 from batonserve.workers.kv_transfer.config import KVTransferConfig

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from batonserve.cluster.config import ServeConfig
+from batonserve.cluster.config import ServeConfig, ring_members
 from batonserve.workers.sp_serving.config import SequenceParallelConfig
 from batonserve.workers.sp_serving.report import SPStepReport
 from batonserve.workers.sp_serving.types import RingJob, RingSetup, last_position_rank
@@ -42,16 +42,6 @@ class RingChoice:
     size: int
     members: tuple[str, ...]
     leader: str
-
-
-def ring_members(config: ServeConfig) -> tuple[str, ...]:
-    """Worker names of the ring group: the first prefill pool, up to max_group_size."""
-    sp = config.sequence_parallel
-    for pool in config.pools:
-        if pool.role == "prefill":
-            n = min(pool.replicas, sp.max_group_size)
-            return tuple(f"{pool.name}-{i}" for i in range(n)) if n >= 2 else ()
-    return ()
 
 
 def ring_backend(config: ServeConfig) -> str:

@@ -92,3 +92,19 @@ def test_model_code_imports_neither_ray_nor_grpc(root: str) -> None:
     checked, found = _pulled_in([root], ["ray", "grpc"])
     assert len(checked) > 5, checked  # the walk found the package's modules
     assert found == {}, json.dumps(found, indent=1)
+
+
+def test_router_checks_a_config_without_torch() -> None:
+    """Loading and checking a config (the ring and TP checks included) stays torch-free."""
+    code = (
+        "import sys\n"
+        "from batonserve.cluster.config import load_config\n"
+        "cfg = load_config(None, {'sequence_parallel.enabled': True})\n"
+        "assert cfg.pools\n"
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=TESTS, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout
