@@ -70,20 +70,21 @@ def prompts_for(batch: int, seed: int) -> list[list[int]]:
     return [[1, *torch.randint(3, 32000, (n - 1,), generator=g).tolist()] for n in lens]
 
 
-Run = Callable[[list[list[int]], int], tuple[float, list[list[int]]]]
+# (wall seconds, CPU seconds of every process and thread the engine ran on, tokens)
+Run = Callable[[list[list[int]], int], tuple[float, float, list[list[int]]]]
 
 
 def hf_runner(model: Any) -> Run:
     """Greedy HF generate over the (left-padded) batch: (seconds, tokens)."""
 
-    def run(prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    def run(prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids,
@@ -92,7 +93,8 @@ def hf_runner(model: Any) -> Run:
                 min_new_tokens=new_tokens,
                 do_sample=False,
             )
-        return time.perf_counter() - t0, out[:, width:].tolist()
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return dt, cpu, out[:, width:].tolist()
 
     return run
 
@@ -100,12 +102,13 @@ def hf_runner(model: Any) -> Run:
 def ours_runner(engine: Engine) -> Run:
     """batonserve `Engine.generate` over the batch, no prefix-cache help: (seconds, tokens)."""
 
-    def run(prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    def run(prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         engine.core.pool.reset_prefix_cache()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outs = engine.generate(prompts, params)
-        return time.perf_counter() - t0, [o.token_ids for o in outs]
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return dt, cpu, [o.token_ids for o in outs]
 
     return run
 
@@ -142,13 +145,15 @@ class VLLMCPU:
                 return msg
         raise RuntimeError(f"vLLM runner exited; its log: {self.log.name}")
 
-    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-        """Greedy LLM.generate over the batch: (seconds, tokens)."""
+    def run(
+        self, prompts: list[list[int]], new_tokens: int
+    ) -> tuple[float, float, list[list[int]]]:
+        """Greedy LLM.generate over the batch: (seconds, CPU seconds of its processes, tokens)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
         self.proc.stdin.flush()
         msg = self._read()
-        return float(msg["seconds"]), msg["tokens"]
+        return float(msg["seconds"]), float(msg["cpu_seconds"]), msg["tokens"]
 
     def close(self) -> None:
         """Stop the subprocess."""
@@ -196,6 +201,9 @@ class Row:
     threads: int
     batch: int
     tok_s: dict[str, list[float]] = field(default_factory=dict)
+    # Output tokens per CPU-second: on a VM shared with other jobs, an engine that spreads over
+    # more processes (vLLM: front end, engine core, worker) gets more of the cores; this does not.
+    tok_cpu_s: dict[str, list[float]] = field(default_factory=dict)
     same_as_hf: str = ""
     same_as_vllm: str = ""
     load: float = 0.0  # 1-minute load average when the row finished (a shared VM's noise)
@@ -260,8 +268,9 @@ def bench_config(
         toks: dict[str, list[list[int]]] = {}
         for _ in range(args.repeats):
             for name, run in runs.items():
-                dt, toks[name] = run(prompts, args.new_tokens)
+                dt, cpu, toks[name] = run(prompts, args.new_tokens)
                 row.tok_s.setdefault(name, []).append(b * args.new_tokens / dt)
+                row.tok_cpu_s.setdefault(name, []).append(b * args.new_tokens / max(cpu, 1e-9))
         if "batonserve" in toks and "hf" in toks:
             row.same_as_hf = _same(toks["batonserve"], toks["hf"])
         if "batonserve" in toks and "vllm" in toks:
@@ -269,6 +278,7 @@ def bench_config(
         row.load = os.getloadavg()[0]
         rows.append(row)
         print("  " + _line(row), flush=True)
+        print("  " + _cpu_line(row), flush=True)
     if vllm is not None:
         vllm.close()
     # Batch-1 decode step vs the weight-read roofline (weights in this dtype; the input
@@ -313,6 +323,19 @@ def _line(r: Row) -> str:
         line += f" {_fmt(r.tok_s['graphs'])} | {g / vl:.2f} |"
     return line
 
+
+def _cpu_line(r: Row) -> str:
+    """tok per CPU-second per engine and ours / vLLM on that measure."""
+    med = {k: statistics.median(v) for k, v in r.tok_cpu_s.items()}
+    ratio = med.get("batonserve", 0.0) / med["vllm"] if med.get("vllm") else float("nan")
+    cells = " | ".join(f"{med[k]:.0f}" if k in med else "-" for k in ("hf", "vllm", "batonserve"))
+    return f"| {r.dtype}, {r.threads} | {r.batch} | {cells} | {ratio:.2f} |"
+
+
+CPU_HEADER = (
+    "| dtype, threads | batch | HF tok/CPU-s | vLLM tok/CPU-s | batonserve tok/CPU-s "
+    "| ours / vLLM |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+)
 
 HEADER = (
     "| dtype, threads | batch | HF generate tok/s | vLLM CPU tok/s | batonserve tok/s "
@@ -392,6 +415,9 @@ def main() -> None:
     print(f"\nmedian tok/s [min-max] over {args.repeats} rounds\n{HEADER}")
     for r in rows:
         print(_line(r))
+    print(f"\noutput tokens per CPU-second (all of an engine's processes), median\n{CPU_HEADER}")
+    for r in rows:
+        print(_cpu_line(r))
     print("\n" + "\n".join(roofs))
     if args.json is not None:
         args.json.write_text(json.dumps([r.__dict__ for r in rows] + [{"roofline": roofs}]))

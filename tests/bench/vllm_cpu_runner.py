@@ -4,7 +4,9 @@
 
 Reads one JSON request per line ({"prompts": [[ids...]...], "new_tokens": N}), answers one JSON
 line ({"seconds": wall time of LLM.generate, "tokens": [[ids...]...]}). Prints {"ready": true}
-once the engine is up. Offline `LLM.generate` on token ids, greedy, no tokenizer.
+once the engine is up. Offline `LLM.generate` on token ids, greedy, no tokenizer. "cpu_seconds":
+user + system CPU time of this process and its children (vLLM's engine core and worker) over
+the call.
 """
 
 from __future__ import annotations
@@ -12,6 +14,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+
+import psutil  # a dependency of vLLM's
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all its descendants so far."""
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # a child that just exited
+            continue
+        total += t.user + t.system
+    return total
 
 
 def main() -> None:
@@ -36,11 +53,11 @@ def main() -> None:
             max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False
         )
         prompts = [{"prompt_token_ids": p} for p in req["prompts"]]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         res = llm.generate(prompts, params, use_tqdm=False)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         toks = [list(r.outputs[0].token_ids) for r in res]
-        print(json.dumps({"seconds": dt, "tokens": toks}), file=out, flush=True)
+        print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "tokens": toks}), file=out, flush=True)
 
 
 if __name__ == "__main__":
