@@ -59,13 +59,13 @@ def _pools(p_tp: int, d_tp: int) -> tuple[PoolConfig, PoolConfig]:
 
 @pytest.fixture(scope="module")
 def reference() -> Any:
-    engine = Engine(MODEL, ENGINE)
-    cache: dict[tuple[int, ...], list[int]] = {}
+    """reference(model, prompt) -> the offline single engine's greedy tokens."""
+    engines: dict[str, Engine] = {}
 
-    def get(prompt: list[int]) -> list[int]:
-        if tuple(prompt) not in cache:
-            cache[tuple(prompt)] = engine.generate([prompt], GREEDY)[0].token_ids
-        return cache[tuple(prompt)]
+    def get(model: str, prompt: list[int]) -> list[int]:
+        if model not in engines:
+            engines[model] = Engine(model, ENGINE)
+        return list(engines[model].generate([prompt], GREEDY)[0].token_ids)
 
     return get
 
@@ -81,9 +81,11 @@ def serve(ray_cluster: str, loop_thread: LoopThread) -> Iterator[Any]:
     """serve(p_tp, d_tp, transport) -> a running cluster; shut down after the test."""
     started: list[Cluster] = []
 
-    def start(p_tp: int, d_tp: int, transport: str = "torch_dist") -> tuple[Cluster, Recorder]:
+    def start(
+        p_tp: int, d_tp: int, transport: str = "torch_dist", model: str = MODEL
+    ) -> tuple[Cluster, Recorder]:
         cfg = ServeConfig(
-            model=MODEL,
+            model=model,
             ray=RayConfig(address=ray_cluster, namespace=NAMESPACE),
             engine=ENGINE,
             pools=_pools(p_tp, d_tp),
@@ -104,15 +106,27 @@ def serve(ray_cluster: str, loop_thread: LoopThread) -> Iterator[Any]:
 
 
 @pytest.mark.parametrize(
-    ("p_tp", "d_tp", "transport"),
-    [(2, 1, "torch_dist"), (1, 2, "torch_dist"), (2, 2, "torch_dist"), (2, 1, "object_store")],
+    ("p_tp", "d_tp", "transport", "model"),
+    [
+        (2, 1, "torch_dist", MODEL),
+        (1, 2, "torch_dist", MODEL),
+        (2, 2, "torch_dist", MODEL),
+        (2, 1, "object_store", MODEL),
+        (1, 2, "torch_dist", "demo-moe"),  # experts split by intermediate width
+    ],
 )
 def test_handoff_between_tp_sizes_matches_offline_engine(
-    serve: Any, loop_thread: LoopThread, reference: Any, p_tp: int, d_tp: int, transport: str
+    serve: Any,
+    loop_thread: LoopThread,
+    reference: Any,
+    p_tp: int,
+    d_tp: int,
+    transport: str,
+    model: str,
 ) -> None:
     """P(TP=p) -> D(TP=d): concurrent greedy requests, every one through a KV handoff, give the
     single engine's tokens; each TP worker has its follower ranks."""
-    cluster, rec = serve(p_tp, d_tp, transport)
+    cluster, rec = serve(p_tp, d_tp, transport, model)
     want = {f"prefill-0-tp{r}" for r in range(1, p_tp)} | {
         f"decode-0-tp{r}" for r in range(1, d_tp)
     }
@@ -132,7 +146,7 @@ def test_handoff_between_tp_sizes_matches_offline_engine(
             *(collect(cluster, f"t{next(_SEQ)}", p, GREEDY) for p in prompts)
         )
 
-    assert loop_thread.run(run()) == [reference(p) for p in prompts]
+    assert loop_thread.run(run()) == [reference(model, p) for p in prompts]
     assert rec.outcomes() == ["ok"] * len(prompts)  # every request went through a handoff
     wait_idle(cluster)
 
