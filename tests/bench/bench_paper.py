@@ -147,6 +147,16 @@ NOTEBOOK_DESIGNS = {
         ("Splitwise-HA", 25, 26),
         ("Splitwise-HHcap", 25, 21),
     ),
+    # The paper's iso-cost designs (Fig. 18b legend; its summary figures are the conversation
+    # trace's), to be run with `--trace conv`.
+    "isocost-conv": (
+        ("Baseline-A", 86, 0),
+        ("Baseline-H", 40, 0),
+        ("Splitwise-AA", 51, 35),
+        ("Splitwise-HH", 25, 15),
+        ("Splitwise-HA", 30, 21),
+        ("Splitwise-HHcap", 30, 10),
+    ),
 }
 
 

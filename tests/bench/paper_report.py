@@ -10,8 +10,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-# The paper's figures (Splitwise §6, code trace): (experiment, family, baseline, quantity, value).
-# quantity "throughput": family / baseline; "cost", "power": family / baseline at equal rate.
+# The paper's figures (Splitwise §6): (experiment, family, baseline, quantity, value). Its text
+# puts Fig. 18a (iso-power: AA 2.15x, HA 1.18x) on the conversation trace; the bars show both
+# traces. quantity "throughput": family / baseline; "cost", "power": family / baseline at equal
+# rate.
 PAPER = (
     ("isopower", "Splitwise-AA", "Baseline-A", "throughput", 2.15),
     # The abstract's "1.4x at 20% lower cost": 70 DGX-A100s cost 0.81 of 40 DGX-H100s.
