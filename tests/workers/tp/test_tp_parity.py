@@ -18,7 +18,7 @@ from batonserve.workers.models.config import ModelConfig
 from batonserve.workers.tp import TPShard, check_tp
 
 TOL = 1e-5  # TP vs TP=1, float32: only the all-reduce's summation order differs
-HF_TOL = 1e-4  # vs transformers: the repo's parity tolerance (tests/workers/models)
+HF_TOL = 1e-5  # vs transformers (eager attention, float32)
 PROMPTS = ([5, 17, 33, 9, 120, 7, 64], [200, 3, 44])
 DECODE_STEPS = 4
 
