@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -234,17 +234,25 @@ def format_table(rows: Sequence[PlanRow], top: int) -> str:
     return "\n".join(lines)
 
 
-def design_yaml(design: Design, row: PlanRow | None = None, default_tp: int = 8) -> str:
-    """The pools file `batonserve scale` reads (one flow-style line per pool), plus a report."""
-    pools = {
-        p.name: {
-            "replicas": p.replicas,
-            "machine": p.machine,
-            # GPUs per worker, as the serving config names it (0 in a design: the model's TP).
-            "tensor_parallel_size": p.tensor_parallel or default_tp,
-        }
-        for p in design.pools
-    }
+def design_yaml(
+    design: Design,
+    row: PlanRow | None = None,
+    default_tp: int = 8,
+    machines: Mapping[str, MachineSpec] | None = None,
+) -> str:
+    """The pools file `batonserve scale` reads (one flow-style line per pool), plus a report.
+
+    A pool's `replicas` counts workers, as the serving config does: a machine of 8 GPUs at
+    tensor_parallel_size 4 runs two (the design counts machines; the report keeps that count).
+    """
+    pools = {}
+    for p in design.pools:
+        tp = p.tensor_parallel or default_tp
+        spec = (machines or {}).get(p.machine)
+        per = spec.num_gpus // tp if spec is not None and tp < spec.num_gpus else 1
+        # GPUs per worker, as the serving config names it (0 in a design: the model's TP).
+        pools[p.name] = {"replicas": p.replicas * per, "machine": p.machine}
+        pools[p.name]["tensor_parallel_size"] = tp
     text = yaml.safe_dump({"pools": pools}, sort_keys=False, default_flow_style=None)
     if row is not None:
         report = {
@@ -253,6 +261,7 @@ def design_yaml(design: Design, row: PlanRow | None = None, default_tp: int = 8)
                 "cost_per_hour": round(row.cost_per_hour, 3),
                 "power_w": round(row.power_w, 1),
                 "rate_within_slo": round(row.max_rate, 4),
+                "machines": {p.name: p.replicas for p in design.pools},
             }
         }
         text += yaml.safe_dump(report, sort_keys=False)
@@ -298,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         if not rows or rows[0].max_rate <= 0:
             raise ValueError("--output: no design met the SLOs; nothing to write")
         Path(args.output).write_text(
-            design_yaml(rows[0].design, rows[0], setup.model.tensor_parallel)
+            design_yaml(rows[0].design, rows[0], setup.model.tensor_parallel, setup.machines)
         )
         print(f"chosen design written to {args.output}", file=sys.stderr)
     return 0

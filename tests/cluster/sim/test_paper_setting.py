@@ -9,6 +9,7 @@ import yaml
 from sim_helpers import LLAMA, splitwise_perf
 
 from batonserve.cluster.cli import main
+from batonserve.cluster.cli_plan import design_yaml
 from batonserve.cluster.cli_scale import PlanPool, load_plan
 from batonserve.cluster.config import ConfigError, PoolConfig, load_config
 from batonserve.cluster.sim.design import make_design
@@ -108,6 +109,14 @@ def test_tensor_parallel_splits_a_machine_into_workers(tmp_path) -> None:  # typ
     assert {p["tensor_parallel_size"] for p in pools.values()} <= {4, 8}
     plan = load_plan(out)
     assert {p.tensor_parallel_size for p in plan.pools.values()} <= {4, 8}
+    report = yaml.safe_load(out.read_text())["report"]["machines"]
+    for name, pool in pools.items():  # replicas count workers: 8 / TP of them per DGX
+        assert pool["replicas"] == report[name] * 8 // pool["tensor_parallel_size"]
+    text = design_yaml(design, None, 8, DEFAULT_MACHINES)
+    assert yaml.safe_load(text)["pools"] == {
+        "prefill": {"replicas": 1, "machine": "a100-80gb", "tensor_parallel_size": 8},
+        "decode": {"replicas": 4, "machine": "a100-80gb", "tensor_parallel_size": 4},
+    }
     assert main(["plan", "--budget", "60", "--tp", "3"]) == 2
 
 
