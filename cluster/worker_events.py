@@ -206,10 +206,15 @@ class WorkerEvents:
         c = self.cluster
         while not c._closing:
             await asyncio.sleep(HOUSEKEEPING_S)
-            for h in c.ledger.expired():
-                log.warning("handoff %s of %s: lease expired", h.handoff_id, h.request_id)
-                c.abort_handoff(h, "lease_expired")
+            self.end_expired_leases()
             self._rebalance()
+
+    def end_expired_leases(self) -> None:
+        """Abort every unacknowledged handoff whose lease is over and resume its request."""
+        c = self.cluster
+        for h in c.ledger.expired():
+            log.warning("handoff %s of %s: lease expired", h.handoff_id, h.request_id)
+            c.abort_handoff(h, "lease_expired")
 
     def _rebalance(self) -> None:
         """Apply the mixed pool's role changes (the role is a label: nothing reloads)."""
