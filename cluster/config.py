@@ -140,7 +140,8 @@ class ServeConfig:
 
     def _check_tensor_parallel(self) -> None:
         """A TP worker owns its process's default torch.distributed group, as an EP leader and a
-        ring member do; its ranks hold slices of every expert, so no EP or expert store either."""
+        ring member do; its ranks hold slices of every expert, so no EP either (the expert store
+        works per rank), and no token regrouping (it reads the embedding, which TP splits)."""
         tp = [p for p in self.pools if p.tensor_parallel_size > 1]
         if not tp:
             return
@@ -158,7 +159,6 @@ class ServeConfig:
             )
         for key, on in (
             ("expert_parallel_size", self.engine.expert_parallel_size > 1),
-            ("expert_cache_policy", bool(self.engine.expert_cache_policy)),
             ("moe_regroup_batch", bool(self.engine.moe_regroup_batch)),
         ):
             if on:

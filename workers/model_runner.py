@@ -99,7 +99,7 @@ class ModelRunner:
 
                 model_cls = get_model_class(mc.architecture)
                 self.model = load_without_experts(
-                    model_cls, mc, self.dtype, self.device, self.model_dir
+                    model_cls, mc, self.dtype, self.device, self.model_dir, tp
                 )
             else:
                 self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device, tp)
@@ -190,10 +190,12 @@ class ModelRunner:
         )
         from batonserve.workers.expert_store.loader import ram_budget_bytes, warm_order
         from batonserve.workers.expert_store.moe_block import sparse_moe_layers
+        from batonserve.workers.tp.expert_store import prefetch_under_tp, rank_expert_slice
 
         cfg = self.config
         layers = sparse_moe_layers(self.model)
-        # Budget: a fraction of every expert's bytes (stacked w_gate_up [E, 2I, D] + w_down [E, D, I]).
+        # Budget: a fraction of every expert's bytes (stacked w_gate_up [E, 2I, D] + w_down [E, D, I]);
+        # under TP, of this rank's slices (I is its share), so the budget is per rank.
         total = sum(
             t.numel() * t.element_size() for _, m in layers for t in (m.w_gate_up, m.w_down)
         )
@@ -205,13 +207,15 @@ class ModelRunner:
         store_cfg = StoreConfig(
             fast_budget_bytes=int(cfg.expert_cache_fraction * total),
             policy=cfg.expert_cache_policy,
-            prefetch=cfg.expert_prefetch and predictor is not None,
+            prefetch=prefetch_under_tp(self.tp, cfg.expert_prefetch and predictor is not None),
             ram_budget_bytes=ram_budget_bytes(cfg.expert_cache_ram_fraction, total, self.device),
             device=str(self.device),
             dtype=dtype_name,
+            expert_slice=rank_expert_slice(self.model, self.tp),
         )
         self.expert_store = ExpertStore(self.model_dir, store_cfg, ctx)
         self.moe_controller = attach_store(self.model, self.expert_store, predictor)
+        self.moe_controller.forecast_from_embed = self.tp.size == 1  # a TP embedding is a shard
         mc = self.model_config
         self.expert_store.warm(warm_order(mc.num_layers, mc.num_local_experts, ctx.popularity))
 
@@ -306,8 +310,9 @@ class ModelRunner:
 def _check_tp_engine(config: EngineConfig, mc: ModelConfig, size: int) -> None:
     """ValueError for what tensor parallelism cannot run with (the model's shapes, other modes)."""
     check_tp(mc, size)
+    # The expert store works per rank (workers/tp/expert_store.py). EP would split the experts a
+    # second way, and regrouping reads the embedding table, which TP splits by vocab.
     for name, on in (
-        ("expert_cache_policy", config.expert_cache_policy),
         ("expert_parallel_size", config.expert_parallel_size > 1),
         ("moe_regroup_batch", config.moe_regroup_batch),
     ):

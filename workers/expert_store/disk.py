@@ -6,6 +6,10 @@ safetensors' `safe_open(...).get_slice`, opened per read so no mapping pins the 
 ms per tensor here (open + map), which would dominate every miss, hence not the default. With
 `drop_page_cache`, each tensor's range is dropped from the OS page cache (`posix_fadvise(DONTNEED)`)
 right after it is read, so every disk-tier read goes to the device, not the page cache.
+
+With `inter` (a tensor-parallel rank's [start, stop) of the intermediate width), each read is that
+rank's slice only: rows of gate and up, columns of down, through `get_slice` (columns of down are
+not one byte range), so no rank ever reads a whole expert.
 """
 
 from __future__ import annotations
@@ -81,7 +85,12 @@ class DiskTier:
     """Reads one expert's weights from the checkpoint; counts bytes and can keep reads cold."""
 
     def __init__(
-        self, model_dir: Path, dtype: str, drop_page_cache: bool = False, reader: str = "pread"
+        self,
+        model_dir: Path,
+        dtype: str,
+        drop_page_cache: bool = False,
+        reader: str = "pread",
+        inter: tuple[int, int] | None = None,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: must be one of {list(_DTYPES)}, got {dtype!r}")
@@ -92,6 +101,7 @@ class DiskTier:
         self.dtype = _DTYPES[dtype]
         self.drop_page_cache = drop_page_cache
         self.reader = reader
+        self.inter = inter  # this TP rank's slice of the intermediate width; None = whole experts
         self._locs: dict[str, TensorLoc] = {}
         self._fds: dict[Path, int] = {}
         for path in sorted(set(self.files.values())):
@@ -111,6 +121,8 @@ class DiskTier:
         missing = [n for n in names if n not in self.files]
         if missing:
             raise KeyError(f"expert {tuple(key)}: checkpoint has no tensor {missing[0]!r}")
+        if self.inter is not None:
+            return self._read_slice(names)
         locs = [self._locs[n] for n in names]
         paths = {self.files[n] for n in names}
         nbytes = sum(loc.end - loc.start for loc in locs)
@@ -141,6 +153,37 @@ class DiskTier:
             self.reads += 1
         w1, w3, w2 = parts
         # cat and clone copy out of the read buffer, so it is freed (budgets count these bytes)
+        return ExpertWeights(
+            torch.cat([w1, w3], dim=0), w2.clone(memory_format=torch.contiguous_format)
+        )
+
+    def _read_slice(self, names: tuple[str, str, str]) -> ExpertWeights:
+        """Rows [i0, i1) of gate and up, columns [i0, i1) of down: one rank's share."""
+        assert self.inter is not None
+        i0, i1 = self.inter
+        parts = []
+        nbytes = 0
+        for name, cols in zip(names, (False, False, True), strict=True):
+            path = self.files[name]
+            with safe_open(str(path), framework="pt") as f:
+                part = f.get_slice(name)
+                n = part.get_shape()[1 if cols else 0]
+                if not 0 <= i0 < i1 <= n:
+                    raise ValueError(
+                        f"tensor {name!r}: intermediate width {n} has no slice [{i0}, {i1})"
+                    )
+                raw = part[:, i0:i1] if cols else part[i0:i1]
+            nbytes += raw.numel() * raw.element_size()
+            parts.append(raw.to(self.dtype))
+            if self.drop_page_cache:
+                loc = self._locs[name]
+                os.posix_fadvise(
+                    self._fds[path], loc.start, loc.end - loc.start, os.POSIX_FADV_DONTNEED
+                )
+        with self._lock:
+            self.bytes_read += nbytes
+            self.reads += 1
+        w1, w3, w2 = parts
         return ExpertWeights(
             torch.cat([w1, w3], dim=0), w2.clone(memory_format=torch.contiguous_format)
         )

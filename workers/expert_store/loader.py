@@ -21,6 +21,7 @@ from batonserve.workers.expert_store.types import ExpertKey
 from batonserve.workers.models.config import ModelConfig
 from batonserve.workers.models.layers import SparseMoE
 from batonserve.workers.models.loader import load_weights
+from batonserve.workers.tp.shard import TPShard
 
 RAM_SHARE_OF_AVAILABLE = 0.5  # the RAM tier never takes more than this share of free host memory
 
@@ -55,9 +56,13 @@ def load_without_experts(
     dtype: torch.dtype,
     device: torch.device,
     model_dir: Path,
+    tp: TPShard | None = None,
 ) -> nn.Module:
-    """The model with every non-expert weight loaded on `device`; expert tensors stay on meta."""
-    model = model_cls(cfg, dtype, torch.device("meta"))
+    """The model with every non-expert weight loaded on `device`; expert tensors stay on meta.
+
+    With `tp`, the model is that rank's shard (its non-expert slices; the store reads its experts').
+    """
+    model = model_cls(cfg, dtype, torch.device("meta"), tp or TPShard())
     skip = _expert_params(model)
     if not skip:
         raise ValueError("model: no sparse MoE layers; nothing to stream into the expert store")

@@ -84,6 +84,8 @@ class MoEController:
         self.record = record or record_features
         self.record_features = record_features
         self.records: list[RoutingRecord] = []
+        # False under TP: the model's embedding is a vocab shard, so layer 0 gets no forecast
+        self.forecast_from_embed = True
 
     def begin_forward(self, input_ids: torch.Tensor, embed: torch.Tensor) -> None:
         """Forward start: forecast every layer from the token embeddings."""
@@ -95,7 +97,7 @@ class MoEController:
         if self.store is None:
             return
         self.store.begin_forward(int(input_ids.shape[0]))
-        if self.predictor is not None:
+        if self.predictor is not None and self.forecast_from_embed:
             self._forecast(-1, F.embedding(input_ids, embed))
 
     def after_routing(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:

@@ -39,7 +39,9 @@ class ExpertStore:
         self.config = config
         self.ctx = ctx
         self.device = torch.device(config.device)
-        self.disk = DiskTier(model_dir, config.dtype, config.drop_page_cache, config.disk_reader)
+        self.disk = DiskTier(
+            model_dir, config.dtype, config.drop_page_cache, config.disk_reader, config.expert_slice
+        )
         self.stats = ExpertStoreStats(ctx.num_layers, ctx.num_experts)
         self.expert_bytes = self.disk.read(ExpertKey(0, 0)).nbytes  # equal-size experts
         self.disk.bytes_read = self.disk.reads = 0

@@ -50,6 +50,9 @@ class StoreConfig:
     disk_reader: str = "pread"  # "pread" (byte ranges) or "safe_open" (safetensors slices)
     device: str = "cpu"
     dtype: str = "float16"
+    # [start, stop) of every expert's intermediate width this store holds: a tensor-parallel
+    # rank's share (gate/up rows, down columns); None = whole experts
+    expert_slice: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.fast_budget_bytes < 0:
@@ -62,6 +65,10 @@ class StoreConfig:
             raise ValueError(
                 "prefetch_bandwidth_bytes_per_s: must be >= 0, got "
                 f"{self.prefetch_bandwidth_bytes_per_s}"
+            )
+        if self.expert_slice is not None and not 0 <= self.expert_slice[0] < self.expert_slice[1]:
+            raise ValueError(
+                f"expert_slice: must be [start, stop) with start < stop, got {self.expert_slice}"
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {list(DTYPES)}, got {self.dtype!r}")
