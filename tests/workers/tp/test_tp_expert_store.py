@@ -98,6 +98,10 @@ def test_tp2_store_matches_tp1(models: dict[str, str], tp1: dict[str, Any], tmp_
         if POLICIES[name] == "lru":
             assert r0["residency"] == one["residency"], name
         hits, misses = sum(r0["residency"][1]), sum(r0["residency"][2])
+        print(
+            f"{name}: TP=1 store {one['resident']} B resident, TP=2 ranks "
+            f"{r0['resident']} / {r1['resident']} B; hits {hits}, misses {misses} on each rank"
+        )
         assert hits > 0 and misses > 0, (name, hits, misses)  # both paths exercised
 
 
