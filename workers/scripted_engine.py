@@ -17,7 +17,7 @@ import torch
 from batonserve.workers.block_pool import BlockPool
 from batonserve.workers.engine_protocol import LayerHook
 from batonserve.workers.kv_transfer.base import KVSpec
-from batonserve.workers.outputs import CoreOutput
+from batonserve.workers.outputs import CoreOutput, TokenLogprobs
 from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.request import Request
 from batonserve.workers.sampler import Sampler
@@ -155,18 +155,21 @@ class ScriptedEngine:
             if layer_hook is not None:
                 layer_hook(layer, plan)
         sampled = []
+        lps: dict[str, TokenLogprobs | None] = {}
         for seq in plan.seqs:
             if seq.sample:
                 end = seq.start_pos + len(seq.token_ids)
                 params = self.scheduler.requests[seq.request_id].params
-                token = self._next_token(self.slots(seq.block_ids, 0, end), params)
+                token, lp = self._next_token(self.slots(seq.block_ids, 0, end), params)
                 sampled.append(SampledToken(seq.request_id, token))
+                lps[seq.request_id] = lp
         updates = self.scheduler.update(plan, StepResult(tuple(sampled)))
         return [
             CoreOutput(
                 request_id=u.request_id,
                 new_token_ids=u.new_token_ids,
-                logprobs=tuple(None for _ in u.new_token_ids),
+                # As the real engine: one per new token when asked for, none otherwise.
+                logprobs=(lp,) if u.new_token_ids and (lp := lps.get(u.request_id)) else (),
                 finished=u.finished,
                 finish_reason=u.finish_reason,
                 prefilled=u.prefilled,
@@ -177,17 +180,24 @@ class ScriptedEngine:
             for u in updates
         ]
 
-    def _next_token(self, slots: list[int], params: SamplingParams) -> int:
+    def _next_token(
+        self, slots: list[int], params: SamplingParams
+    ) -> tuple[int, TokenLogprobs | None]:
         """A deterministic hash of every layer's cached KV for the sequence (greedy), or a draw
-        by the real sampler from logits that are a function of that hash (temperature > 0)."""
+        by the real sampler from logits that are a function of that hash (temperature > 0); with
+        its logprobs when asked for (greedy: a scripted value, also a function of the hash)."""
         kv = self.cache[:, torch.tensor(slots, dtype=torch.long)].double()  # [L, n, 2, H, D]
         weights = torch.arange(1, len(slots) + 1, dtype=torch.float64)[None, :, None, None, None]
         h = int((kv * weights).sum().item()) * 7 + 13 * len(slots)
         if params.greedy:
-            return h % self.cfg.vocab_size
+            token = h % self.cfg.vocab_size
+            if params.logprobs is None:
+                return token, None
+            return token, TokenLogprobs(token, -((h // self.cfg.vocab_size) % 997) / 100.0, ())
         gen = torch.Generator().manual_seed(h % (1 << 63))
         logits = 2.0 * torch.randn(1, self.cfg.vocab_size, generator=gen)  # [1, vocab]
-        return self.sampler.sample(logits, [params], [len(slots)]).token_ids[0]
+        out = self.sampler.sample(logits, [params], [len(slots)])
+        return out.token_ids[0], out.logprobs[0]
 
     def _request(
         self, request_id: str, prompt: list[int], params: SamplingParams, prefill_only: bool

@@ -8,9 +8,12 @@ with two prefill and two decode workers, the shipped scheduler (conditional disa
 mixed pool with thresholds scaled to the scripted load so roles do flip) serves streams of mixed
 prompt lengths, half of them greedy and half seeded samples (temperature > 0), while a seeded
 schedule kills workers, some at random moments and some at exact ones (an import commit, a role
-flip, a first token). After each run, per stream: the tokens
-equal an undisturbed run's (none missing, none repeated) or the stream ended with a clear
-status; then every block pool is back to its baseline and no handoff is left open.
+flip, a first token). Some streams ask for logprobs, and some are aborted by their client
+after a random number of tokens. After each run, per stream: the tokens equal an undisturbed
+run's (none missing, none repeated: the first token exactly once), or their prefix for an
+aborted stream, or the stream ended with a clear status; a stream that asked for logprobs got
+one per token, for that token, equal to the undisturbed run's; then every block pool is back to
+its baseline and no handoff is left open.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import random
 import sys
 import time
@@ -37,13 +41,13 @@ from batonserve.cluster.runtime import Cluster, start_cluster
 from batonserve.cluster.scheduling import MixedPoolConfig, RoleChange, SchedulerConfig
 from batonserve.workers.kv_transfer import TRANSPORTS, KVTransferConfig
 from batonserve.workers.kv_transfer.config import TransportName
+from batonserve.workers.outputs import TokenLogprobs
 from batonserve.workers.sampling_params import SamplingParams
-from batonserve.workers.scripted_engine import ScriptedEngineConfig
+from batonserve.workers.scripted_engine import ScriptedEngine, ScriptedEngineConfig
 from batonserve.workers.worker_types import HandoffEvent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the testkit package
 from testkit.cluster_checks import idle
-from testkit.scripted_reference import scripted_reference
 
 # Kinds of fault: a random worker of a pool; the sending or receiving side of a handoff in
 # flight; two workers at once. Armed ones fire at the next exact moment after their token count:
@@ -67,6 +71,8 @@ ARMED = ("first_token", "import_commit", "role_flip", "mixed")
 START_S = 120.0
 RUN_S = 300.0
 SAMPLED_SHARE = 0.5  # streams with temperature > 0 and a seed (the rest greedy)
+LOGPROBS_SHARE = 0.5  # streams that ask for logprobs (checked per token against the reference)
+ABORT_SHARE = 0.25  # streams whose client aborts them after a random number of tokens
 SCRIPTED = ScriptedEngineConfig(
     num_blocks=1024, block_size=4, max_num_batched_tokens=64, layer_delay_s=0.002
 )
@@ -96,6 +102,8 @@ class Report:
     clear_errors: int = 0
     missed: int = 0  # armed faults whose moment did not come before the run ended (not counted)
     sampled: int = 0  # streams checked that were seeded samples (temperature > 0)
+    with_logprobs: int = 0  # streams checked that asked for logprobs
+    aborted: int = 0  # streams their client aborted (their prefix checked)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)  # clear ones
     failures: list[str] = field(default_factory=list)
@@ -114,7 +122,8 @@ class Report:
         return (
             f"{self.runs} runs, {sum(self.faults.values())} faults ({kinds}; {self.killed} "
             f"workers killed), {self.streams} "
-            f"streams checked ({self.sampled} sampled), {self.clear_errors} ended with a clear status, "
+            f"streams checked ({self.sampled} sampled, {self.with_logprobs} with logprobs, "
+            f"{self.aborted} aborted by the client), {self.clear_errors} ended with a clear status, "
             f"{self.role_changes} role changes, {self.missed} armed faults missed their moment, "
             f"{len(self.failures)} failures"
         )
@@ -156,6 +165,59 @@ def params_for(rng: random.Random, max_tokens: int) -> SamplingParams:
         seed = rng.randrange(1 << 31)
         return SamplingParams(max_tokens=n, temperature=0.8, top_p=0.95, seed=seed, ignore_eos=True)
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def with_extras(
+    rng: random.Random, params: list[SamplingParams]
+) -> tuple[list[SamplingParams], list[int]]:
+    """Logprobs asked for on some streams; per stream, the token count after which its client
+    aborts it (0: never). From their own generator, so a seed's fault schedule stays the same."""
+    out, aborts = [], []
+    for p in params:
+        if rng.random() < LOGPROBS_SHARE:
+            p = dataclasses.replace(p, logprobs=rng.choice((0, 2)))
+        out.append(p)
+        aborts.append(rng.randint(1, p.max_tokens - 1) if rng.random() < ABORT_SHARE else 0)
+    return out, aborts
+
+
+Expected = tuple[list[int], list[TokenLogprobs | None]]
+
+
+def reference(prompt: list[int], params: SamplingParams) -> Expected:
+    """One stream's tokens and logprobs, run alone on an in-process scripted engine."""
+    engine = ScriptedEngine(SCRIPTED)
+    engine.add_request("ref", list(prompt), params)
+    toks: list[int] = []
+    lps: list[TokenLogprobs | None] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            toks += o.new_token_ids
+            lps += o.logprobs
+    return toks, lps
+
+
+def check_stream(
+    i: int, got: Expected, expected: Expected, params: SamplingParams, abort_at: int
+) -> str:
+    """Empty when stream i got what it should (a prefix if its client aborted it), else why not."""
+    toks, lps = got
+    want_toks, want_lps = expected
+    if abort_at:
+        want_toks, want_lps = want_toks[: len(toks)], want_lps[: len(toks)]
+        if len(toks) < min(abort_at, len(expected[0])):
+            return f"stream {i}: aborted after {abort_at} tokens but got only {len(toks)}"
+    if toks != want_toks:
+        return f"stream {i}: got {toks}, expected {want_toks}"
+    if params.logprobs is None:
+        return "" if not any(lps) else f"stream {i}: logprobs nobody asked for"
+    if len(lps) != len(toks):
+        return f"stream {i}: {len(lps)} logprobs for {len(toks)} tokens"
+    if any(lp is None or lp.token_id != t for lp, t in zip(lps, toks, strict=True)):
+        return f"stream {i}: logprobs {lps} do not match tokens {toks}"
+    if lps != want_lps:
+        return f"stream {i}: logprobs {lps}, expected {want_lps}"
+    return ""
 
 
 def prompts_for(rng: random.Random, streams: int) -> list[list[int]]:
@@ -224,14 +286,16 @@ async def one_run(
     streams: int,
     max_tokens: int,
     kinds: Sequence[str] = KINDS,
+    extras: random.Random | None = None,
 ) -> None:
     """Streams under a fault schedule; checks every stream, then the pools and the ledger."""
     prompts = prompts_for(rng, streams)
     params = [params_for(rng, max_tokens) for _ in prompts]
     faults = collections.deque(schedule(rng, streams, max_tokens, kinds))
-    expected = [
-        scripted_reference(SCRIPTED, [p], sp)[0] for p, sp in zip(prompts, params, strict=True)
-    ]
+    aborts = [0] * streams
+    if extras is not None:
+        params, aborts = with_extras(extras, params)
+    expected = [reference(p, sp) for p, sp in zip(prompts, params, strict=True)]
     received = 0
     armed: collections.Counter[str] = collections.Counter()  # exact-moment faults waiting
 
@@ -270,21 +334,27 @@ async def one_run(
 
     moments.on_commit, moments.on_role_change = on_commit, on_role_change
 
-    async def stream(i: int) -> list[int] | str:
+    async def stream(i: int) -> Expected | str:
         nonlocal received
         toks: list[int] = []
+        lps: list[TokenLogprobs | None] = []
         req = GenerateRequest(f"c{run}-{i}", tuple(prompts[i]), params[i])
         try:
-            async for d in cluster.generate(req):
+            gen = cluster.generate(req)
+            async for d in gen:
                 toks += d.token_ids
+                lps += d.logprobs
                 received += len(d.token_ids)
                 if len(toks) == len(d.token_ids) and d.token_ids and armed["first_token"]:
                     armed["first_token"] -= 1
                     kill("first_token")
                 inject()
+                if aborts[i] and len(toks) >= aborts[i]:
+                    await gen.aclose()  # the client goes away: the cluster aborts the request
+                    break
         except (ClusterUnavailable, AdmissionRejected) as e:
             return f"{type(e).__name__}: {e}"
-        return toks
+        return toks, lps
 
     inject()  # arms a first-token fault
     try:
@@ -299,11 +369,13 @@ async def one_run(
     for i, out in enumerate(outs):
         report.streams += 1
         report.sampled += not params[i].greedy
+        report.with_logprobs += params[i].logprobs is not None
+        report.aborted += aborts[i] > 0
         if isinstance(out, str):
             report.clear_errors += 1
             report.errors[out[:160]] += 1
-        elif out != expected[i]:
-            report.failures.append(f"run {run} stream {i}: got {out}, expected {expected[i]}")
+        elif problem := check_stream(i, out, expected[i], params[i], aborts[i]):
+            report.failures.append(f"run {run} {problem}")
     problem = await settle(cluster)
     if problem:
         report.failures.append(f"run {run}: {problem}")
@@ -355,6 +427,7 @@ async def chaos(
 ) -> Report:
     """Run `runs` seeded runs on one cluster (workers are replaced as they die)."""
     rng = random.Random(seed)
+    extras = random.Random(seed + 1_000_003)  # logprobs and client aborts, apart from faults
     report = Report()
     cfg = serve_config(address, namespace, transport)
     observer = RoleChanges(report)
@@ -365,7 +438,9 @@ async def chaos(
         assert not problem, problem
         for run in range(runs):
             try:
-                await one_run(cluster, moments, rng, run, report, streams, max_tokens, kinds)
+                await one_run(
+                    cluster, moments, rng, run, report, streams, max_tokens, kinds, extras
+                )
             except TimeoutError:
                 break  # recorded as a failure; the cluster is in no state for another run
             if progress:

@@ -3,12 +3,15 @@ check seeded sampling across a resume: prompt + tokens so far continue the same 
 
 from __future__ import annotations
 
+import dataclasses
+
+from chaos import check_stream, reference
 from testkit.scripted_reference import scripted_reference
 
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scripted_engine import ScriptedEngineConfig
 
-CFG = ScriptedEngineConfig(block_size=4)
+CFG = ScriptedEngineConfig(block_size=4)  # the chaos harness's reference uses its own config
 PROMPT = [5, 17, 60, 91, 12, 40, 41]
 N = 24
 
@@ -24,3 +27,30 @@ def test_seeded_stream_is_sampled_and_exact_across_a_resume() -> None:
     assert scripted_reference(CFG, [PROMPT], _params(N, seed=100))[0] != full
     for k in (1, 7, 20):
         assert scripted_reference(CFG, [PROMPT + full[:k]], _params(N - k))[0] == full[k:], k
+
+
+def test_logprobs_one_per_token_and_exact_across_a_resume() -> None:
+    """Asked for, the scripted engine gives one logprob per token (greedy and seeded alike),
+    and the same ones after a resume: the chaos harness checks them against an undisturbed run."""
+    for params in (
+        SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logprobs=0),
+        dataclasses.replace(_params(N), logprobs=2),
+    ):
+        toks, lps = reference(PROMPT, params)
+        assert len(toks) == N and [lp.token_id for lp in lps if lp is not None] == toks
+        assert all(lp is not None and len(lp.top) == params.logprobs for lp in lps)
+        for k in (1, 7):
+            rest = dataclasses.replace(params, max_tokens=N - k)
+            assert reference(PROMPT + toks[:k], rest) == (toks[k:], lps[k:]), k
+    assert reference(PROMPT, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[1] == []
+
+
+def test_stream_check_catches_a_repeated_first_token_and_a_missing_logprob() -> None:
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    toks, lps = reference(PROMPT, params)
+    assert check_stream(0, (toks, lps), (toks, lps), params, 0) == ""
+    assert check_stream(0, (toks[:3], lps[:3]), (toks, lps), params, 2) == ""  # aborted
+    assert check_stream(0, ([toks[0], *toks], [lps[0], *lps]), (toks, lps), params, 0)
+    assert check_stream(0, (toks, [None, *lps[1:]]), (toks, lps), params, 0)
+    assert check_stream(0, (toks, lps[1:]), (toks, lps), params, 0)
+    assert check_stream(0, (toks[:1], lps[:1]), (toks, lps), params, 4)  # stopped short
