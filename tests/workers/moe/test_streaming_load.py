@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from testkit.big_mixtral import CONFIG, expert_bytes, write_big_mixtral
 
 from batonserve.workers.config import EngineConfig
@@ -127,3 +128,32 @@ def test_streamed_model_decodes_like_resident(tmp_path: Path) -> None:
     finally:
         r.close()
     assert got.tokens == ref.tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_peak_device_memory_is_nonexpert_plus_fast_budget(big_model: Path) -> None:
+    """On a GPU the device's peak over load + decode (misses uploaded through the RAM tier) stays
+    within the non-expert weights + fast-tier budget + slack (KV cache and activations included)."""
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    cfg = EngineConfig(
+        device="cuda",
+        dtype="float16",
+        expert_cache_policy="lru",
+        expert_cache_fraction=0.25,
+        expert_prefetch=False,
+        num_kv_blocks=4,
+        block_size=16,
+    )
+    r = ModelRunner(big_model, cfg)
+    try:
+        greedy_decode(r, [list(range(2, 34))], 8)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        assert r.expert_store is not None
+        budget = r.expert_store.fast.budget
+        nonexpert = sum(p.numel() * p.element_size() for p in r.model.parameters())
+    finally:
+        r.close()
+    assert budget == int(0.25 * expert_bytes(CONFIG))
+    assert peak <= nonexpert + budget + SLACK, (peak, nonexpert, budget)
