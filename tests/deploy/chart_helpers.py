@@ -27,22 +27,6 @@ SCENARIOS: dict[str, list[Path]] = {
 Docs = list[dict[str, Any]]
 
 
-def load_values(path: Path) -> Any:
-    """`load_config` of a values file; xfail while serving still refuses tensor_parallel_size > 1.
-
-    The chart and the planner carry TP before the workers serve it (issue 19); once the serving
-    config accepts it, this loads the file like any other.
-    """
-    from batonserve.cluster.config import ConfigError, load_config
-
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        if "tensor_parallel_size" in str(e) and "not supported" in str(e):
-            pytest.xfail(f"{path.name}: the serving config refuses TP > 1 for now ({e})")
-        raise
-
-
 def helm_path() -> Path:
     """The helm binary installed by tests/install-tools.sh; a clear failure when it is missing."""
     if not HELM.exists():

@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema  # installed with kubernetes-validate
 import pytest
 import yaml
-from chart_helpers import CHART, SCENARIOS, load_values, template
+from chart_helpers import CHART, SCENARIOS, template
 
 from batonserve.cluster.config import ConfigError, load_config
 from batonserve.cluster.kube_config import KubernetesConfig
@@ -34,7 +34,7 @@ def test_committed_schema_is_generated_from_the_dataclasses() -> None:
 def test_values_files_load_as_serve_config(scenario: str) -> None:
     load_config(CHART / "values.yaml")
     for f in SCENARIOS[scenario]:
-        cfg = load_values(f)
+        cfg = load_config(f)
         assert cfg.pools  # a ServeConfig, pools and all
 
 
