@@ -1,10 +1,11 @@
-"""Fused small ops on CPU in C: residual add + RMSNorm, RoPE (built at first use).
+"""Fused small ops on CPU in C: residual add + RMSNorm, RoPE, SiLU * up (built at first use).
 
 Eager torch runs each of these as 3-6 ops, each a pass over memory plus ~5 us of dispatch; at
 decode batch 1-32 that dispatch is most of their time, at prefill the extra passes. One C pass
 each, with the torch references' rounding order kept (half precision: every torch op's result
 rounded to the storage dtype at the same points), so results match them to the last bit except
-where a float32 sum is taken in another order (RMSNorm's mean of squares). Rows split over
+where a float32 sum is taken in another order (RMSNorm's mean of squares) or exp differs in
+its last bits (SiLU: a polynomial, relative error ~1e-7). Rows split over
 threads for large inputs (ctypes drops the GIL).
 """
 
@@ -89,6 +90,74 @@ void NAME(const T* x, int64_t ldt, int64_t ldh, const T* cs, const T* sn, T* out
     }                                                                                          \
 }
 
+/* silu(gate) * up over rows [r0, r1) of gu [rows, 2n] (gate | up, row stride ld) into out [rows, n]:
+   T(silu(g)) * u as F.silu(g) * u rounds it. AVX-512 only (a vector exp); elsewhere torch runs. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+static inline __m512 exp16_nonpos(__m512 x) {  /* e^x, x <= 0: the polynomial of exp_nonpos in
+                                                   paged_attention_src.py, 16 lanes */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, fi);
+    __m512 p = _mm512_set1_ps(0.000218712622881867f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.001238241558894515f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009686185978353024f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055478911846876144f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023109674453735f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693146824836731f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(fi), _mm512_set1_epi32(127));
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+}
+static inline __m512 silu16(__m512 v) {  /* v * sigmoid(v), with e^-|v| so nothing overflows */
+    const __m512 e = exp16_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
+    const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 num = _mm512_mask_blend_ps(pos, e, _mm512_set1_ps(1.0f));
+    return _mm512_mul_ps(v, _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+}
+static inline __m512i bf16_bits16(__m512 v) {  /* round to nearest even; NaN stays NaN */
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_srli_epi32(r, 16);
+}
+static inline __m512 bf16_round16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16));
+}
+static inline __mmask16 tail16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+void silu_mul_f32(const float* gu, int64_t ld, float* out, int64_t n, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 m = tail16(n - i);
+            const __m512 g = _mm512_maskz_loadu_ps(m, gu + r * ld + i);
+            const __m512 u = _mm512_maskz_loadu_ps(m, gu + r * ld + n + i);
+            _mm512_mask_storeu_ps(out + r * n + i, m, _mm512_mul_ps(silu16(g), u));
+        }
+}
+static inline __m512 ld16_bf16(__mmask16 m, const uint16_t* p) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+void silu_mul_bf16(const uint16_t* gu, int64_t ld, uint16_t* out, int64_t n, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 m = tail16(n - i);
+            const __m512 g = ld16_bf16(m, gu + r * ld + i);
+            const __m512 u = ld16_bf16(m, gu + r * ld + n + i);
+            const __m512 y = _mm512_mul_ps(bf16_round16(silu16(g)), u);
+            _mm256_mask_storeu_epi16(out + r * n + i, m, _mm512_cvtepi32_epi16(bf16_bits16(y)));
+        }
+}
+int64_t has_silu_mul(void) { return 1; }
+#else
+int64_t has_silu_mul(void) { return 0; }
+#endif
+
 RMS(rms_f32, float, f_id, f_id, f_round_id, 0)
 RMS(rms_bf16, uint16_t, bf2f, f2bf, bf_round, 1)
 ROPE(rope_f32, float, f_id, f_id, f_round_id)
@@ -116,6 +185,11 @@ def _library() -> ctypes.CDLL | None:
         getattr(lib, f"rope_{sfx}").argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i64]
         for name in ("rms", "rope"):
             getattr(lib, f"{name}_{sfx}").restype = None
+    lib.has_silu_mul.restype = i64
+    if lib.has_silu_mul():
+        for sfx in _SUFFIX.values():
+            getattr(lib, f"silu_mul_{sfx}").argtypes = [p, i64, p, i64, i64, i64]
+            getattr(lib, f"silu_mul_{sfx}").restype = None
     return lib
 
 
@@ -172,6 +246,24 @@ def rms_norm(
     _over_rows(fn, head, rows, rows * n)
     shape = x.shape
     return out.view(shape), summed.view(shape) if summed is not None else None
+
+
+def has_silu_mul() -> bool:
+    """True when `silu_mul` is built here (it needs AVX-512: a vector exp)."""
+    lib = _library()
+    return lib is not None and bool(lib.has_silu_mul())
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu [T, 2n] (gate | up) -> silu(gate) * up [T, n]; check `usable` and `has_silu_mul`."""
+    lib = _library()
+    if gu.stride(1) != 1:
+        gu = gu.contiguous()
+    rows, n = gu.shape[0], gu.shape[1] // 2
+    out = torch.empty(rows, n, dtype=gu.dtype)
+    fn = getattr(lib, f"silu_mul_{_SUFFIX[gu.dtype]}")
+    _over_rows(fn, (gu.data_ptr(), gu.stride(0), out.data_ptr(), n), rows, rows * n)
+    return out
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

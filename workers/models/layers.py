@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batonserve.kernels.activation import silu_and_mul
 from batonserve.kernels.linear import linear, pack_weight
 from batonserve.kernels.moe import moe_swiglu
 from batonserve.kernels.norm import fused_add_rms_norm, rms_norm
@@ -199,9 +200,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden] (this rank's partial sum under TP)."""
         gu = linear(x, self.gate_up, None, self.gate_up_packed)  # [T, 2I]
-        return linear(
-            F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.down, None, self.down_packed
-        )
+        return linear(silu_and_mul(gu), self.down, None, self.down_packed)
 
 
 class SparseMoE(nn.Module):
