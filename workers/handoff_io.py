@@ -8,6 +8,10 @@ the request imported into the engine, so a partial or aborted handoff is never d
 A complete handoff that does not fit the engine's free KV blocks waits (first come, first
 served) until decoding frees room, instead of failing and being prefilled again; its blocks
 count as reserved from `begin` on, as the simulator models it.
+
+Between tensor-parallel groups each rank moves its own KV heads (`workers/tp/kv_lanes.py`): the
+exporter sends through `KVLanes`, and the importer stages rank 0's heads and waits until every
+follower rank reports its share complete.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +29,8 @@ from batonserve.workers.engine_protocol import WorkerEngine
 from batonserve.workers.kv_transfer.base import FINAL_LAYER, KVChunk, KVSpec, KVTransport
 from batonserve.workers.outputs import CoreOutput
 from batonserve.workers.scheduler import StepPlan
+from batonserve.workers.tp.kv_lanes import KVLanes, peer_size, send_heads
+from batonserve.workers.tp.kv_routes import head_routes
 from batonserve.workers.worker_types import HandoffEvent, HandoffSpec
 
 
@@ -44,19 +51,11 @@ def send_layer(
     slots: torch.Tensor,
     runs: Sequence[tuple[int, int, int]],
 ) -> int:
-    """Read one layer's KV at `slots` [n] and queue it to `dst`, one chunk per run
-    (row_start, row_end, first_position) of consecutive positions; returns the bytes queued.
-
-    Both the exporter (one run per request and step) and a ring member (one per run of its
-    shard) hand KV over through this; it raises whatever the transport raises.
-    """
-    k, v = engine.read_kv(layer, slots)  # each [n, num_kv_heads, head_dim]
-    nbytes = 0
-    for a, b, start in runs:
-        kv = torch.stack((k[a:b], v[a:b])).contiguous()  # [2, b - a, num_kv_heads, head_dim]
-        transport.send(dst, KVChunk(handoff_id, layer, start, kv))
-        nbytes += kv.numel() * kv.element_size()
-    return nbytes
+    """A TP=1 sender (a ring member): read one layer's KV at `slots` [n] and queue each rank of
+    `dst` its heads, one chunk per run (row_start, row_end, first_position) of consecutive
+    positions; returns the bytes queued. It raises whatever the transport raises."""
+    routes = head_routes(transport.spec.num_kv_heads, 1, peer_size(transport, dst))
+    return send_heads(engine.read_kv, transport, routes, 0, dst, handoff_id, layer, slots, runs)
 
 
 @dataclass
@@ -70,10 +69,13 @@ class _Export:
 class KVExporter:
     """Prefill side: streams the KV of prefill-only requests to their decode workers."""
 
-    def __init__(self, engine: WorkerEngine, transport: KVTransport, spec: KVSpec) -> None:
+    def __init__(
+        self, engine: WorkerEngine, transport: KVTransport, spec: KVSpec, lanes: KVLanes
+    ) -> None:
         self.engine = engine
         self.transport = transport
         self.spec = spec
+        self.lanes = lanes
         self.exports: dict[str, _Export] = {}
         self.failed: list[str] = []  # see take_failed
 
@@ -97,9 +99,7 @@ class KVExporter:
             run = (0, end - ex.sent_upto, ex.sent_upto)
             sp = ex.spec
             try:
-                ex.nbytes += send_layer(
-                    self.engine, self.transport, sp.dst, sp.handoff_id, layer, slots, [run]
-                )
+                ex.nbytes += self.lanes.send(sp.dst, sp.handoff_id, layer, slots, [run])
             except Exception as e:
                 failed.append(self._fail(ex, str(e)))
                 continue
@@ -169,39 +169,71 @@ class KVExporter:
         return failed
 
 
+class StagedKV:
+    """One rank's heads [first, stop) of one handoff, staged as chunks land (any order)."""
+
+    def __init__(self, spec: KVSpec, prompt_len: int, heads: tuple[int, int], device: Any) -> None:
+        self.first, n = heads[0], heads[1] - heads[0]
+        shape = (spec.num_layers, 2, prompt_len, n, spec.head_dim)
+        self.buf = torch.empty(shape, dtype=spec.torch_dtype, device=device)
+        self.got = [0] * spec.num_layers  # (position, head) pairs received per layer
+        self.want = prompt_len * n
+        self.nbytes = 0
+
+    def add(self, chunk: KVChunk) -> None:
+        """Stage a chunk of KV (some of this rank's heads at some positions of one layer)."""
+        assert chunk.kv is not None
+        n, h = chunk.num_tokens, chunk.head - self.first
+        self.buf[chunk.layer, :, chunk.start : chunk.start + n, h : h + chunk.num_heads] = chunk.kv
+        self.got[chunk.layer] += n * chunk.num_heads
+        self.nbytes += chunk.kv.numel() * chunk.kv.element_size()
+
+    @property
+    def full(self) -> bool:
+        """Every layer of every position of every head here."""
+        return all(g == self.want for g in self.got)
+
+
 @dataclass
 class _Import:
     spec: HandoffSpec
-    buf: torch.Tensor  # [num_layers, 2, prompt_len, num_kv_heads, head_dim]
-    got: list[int] = field(default_factory=list)  # positions received per layer
+    staged: StagedKV  # rank 0's heads
+    ranks: int = 1  # of this TP group; every rank stages as many heads
+    ranks_left: set[int] = field(default_factory=set)  # follower ranks whose share is not in
     first_token: int = -1
-    nbytes: int = 0
     queued: bool = False
     created: float = field(default_factory=time.monotonic)
 
     @property
+    def nbytes(self) -> int:
+        return self.staged.nbytes * self.ranks  # rank 0's progress stands for every rank's
+
+    @property
     def complete(self) -> bool:
-        return self.first_token >= 0 and all(g == self.spec.prompt_len for g in self.got)
+        return self.first_token >= 0 and not self.ranks_left and self.staged.full
 
 
 class KVImporter:
     """Decode side: stages incoming chunks and imports a request once all of it has arrived."""
 
-    def __init__(self, engine: WorkerEngine, spec: KVSpec, device: torch.device) -> None:
+    def __init__(
+        self, engine: WorkerEngine, spec: KVSpec, device: torch.device, lanes: KVLanes
+    ) -> None:
         self.engine = engine
         self.spec = spec
         self.device = device
+        self.lanes = lanes
         self.imports: dict[int, _Import] = {}
         self.waiting: deque[int] = deque()  # complete handoffs waiting for free blocks, FCFS
         self._lock = threading.Lock()  # chunks arrive on transport threads
 
     def begin(self, spec: HandoffSpec) -> None:
-        """Expect a handoff: allocate its staging buffer."""
-        s = self.spec
-        shape = (s.num_layers, 2, spec.prompt_len, s.num_kv_heads, s.head_dim)
-        buf = torch.empty(shape, dtype=s.torch_dtype, device=self.device)
+        """Expect a handoff: allocate rank 0's staging buffer (`KVLanes.begin` did the
+        followers')."""
+        staged = StagedKV(self.spec, spec.prompt_len, self.lanes.heads, self.device)
+        left = set(range(1, self.lanes.size))
         with self._lock:
-            self.imports[spec.handoff_id] = _Import(spec, buf, [0] * s.num_layers)
+            self.imports[spec.handoff_id] = _Import(spec, staged, self.lanes.size, left)
 
     def on_chunk(self, chunk: KVChunk) -> bool:
         """Stage a chunk; True when its handoff just became complete (commit it on the loop)."""
@@ -212,15 +244,23 @@ class KVImporter:
             if chunk.layer == FINAL_LAYER:
                 imp.first_token = chunk.first_token
             else:
-                assert chunk.kv is not None
-                n = chunk.num_tokens
-                imp.buf[chunk.layer, :, chunk.start : chunk.start + n] = chunk.kv
-                imp.got[chunk.layer] += n
-                imp.nbytes += chunk.kv.numel() * chunk.kv.element_size()
-            if imp.complete and not imp.queued:
-                imp.queued = True
-                return True
-            return False
+                imp.staged.add(chunk)
+            return self._became_complete(imp)
+
+    def rank_done(self, handoff_id: int, rank: int) -> bool:
+        """A follower rank staged its whole share; True when the handoff just became complete."""
+        with self._lock:
+            imp = self.imports.get(handoff_id)
+            if imp is None:
+                return False
+            imp.ranks_left.discard(rank)
+            return self._became_complete(imp)
+
+    def _became_complete(self, imp: _Import) -> bool:
+        if imp.complete and not imp.queued:
+            imp.queued = True
+            return True
+        return False
 
     def commit(self, handoff_id: int) -> list[HandoffEvent]:
         """A handoff became complete (loop thread): import it, or queue it until it fits."""
@@ -270,12 +310,13 @@ class KVImporter:
             slots = self.engine.import_request(
                 sp.request_id, list(sp.prompt_token_ids), imp.first_token, sp.params
             )
-            for layer in range(self.spec.num_layers):
-                self.engine.write_kv(
-                    layer, slots[: sp.prompt_len], imp.buf[layer, 0], imp.buf[layer, 1]
-                )
+            buf, at = imp.staged.buf, slots[: sp.prompt_len]
+            for layer in range(self.spec.num_layers):  # rank 0's heads
+                self.engine.write_kv(layer, at, buf[layer, 0], buf[layer, 1])
+            self.lanes.commit(handoff_id, at)  # every follower writes its own
             self.engine.commit_import(sp.request_id)
         except Exception as e:
+            self.lanes.drop(handoff_id)
             self.engine.abort_request(sp.request_id)
             return HandoffEvent(handoff_id, sp.request_id, "failed", imp.nbytes, f"import: {e}")
         return HandoffEvent(handoff_id, sp.request_id, "committed", imp.nbytes)
@@ -283,8 +324,11 @@ class KVImporter:
     def drop_request(self, request_id: str) -> None:
         """Forget every staged handoff of a request (aborted)."""
         with self._lock:
-            for hid in [h for h, i in self.imports.items() if i.spec.request_id == request_id]:
+            gone = [h for h, i in self.imports.items() if i.spec.request_id == request_id]
+            for hid in gone:
                 del self.imports[hid]
+        for hid in gone:
+            self.lanes.drop(hid)
 
     def fail_peer(self, peer: str, detail: str) -> list[HandoffEvent]:
         """Every import from `peer` has failed."""
@@ -292,6 +336,8 @@ class KVImporter:
             dead = [i for i in self.imports.values() if i.spec.src == peer]
             for i in dead:
                 del self.imports[i.spec.handoff_id]
+        for i in dead:
+            self.lanes.drop(i.spec.handoff_id)
         return [
             HandoffEvent(i.spec.handoff_id, i.spec.request_id, "failed", i.nbytes, detail)
             for i in dead
@@ -308,6 +354,8 @@ class KVImporter:
             ]
             for i in old:
                 del self.imports[i.spec.handoff_id]
+        for i in old:
+            self.lanes.drop(i.spec.handoff_id)
         return [
             HandoffEvent(i.spec.handoff_id, i.spec.request_id, "failed", i.nbytes, "lease backstop")
             for i in old

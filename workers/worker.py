@@ -23,6 +23,7 @@ from batonserve.workers.engine_core import EngineCore, Runner
 from batonserve.workers.engine_protocol import WorkerEngine
 from batonserve.workers.handoff_io import KVExporter, KVImporter
 from batonserve.workers.kv_transfer import ChannelAddress, KVChunk, KVSpec, make_transport
+from batonserve.workers.kv_transfer.base import split_peer
 from batonserve.workers.outputs import CoreOutput, aborted_output
 from batonserve.workers.request import RequestStatus
 from batonserve.workers.sampling_params import SamplingParams
@@ -31,6 +32,7 @@ from batonserve.workers.scripted_engine import ScriptedEngine
 from batonserve.workers.sp_serving.member import RingMember
 from batonserve.workers.sp_serving.types import RingJob, RingSetup
 from batonserve.workers.step_clock import MAX_STEP_RECORDS, StepClock
+from batonserve.workers.tp.kv_lanes import KVLanes
 from batonserve.workers.worker_types import (
     HandoffEvent,
     HandoffSpec,
@@ -108,8 +110,12 @@ class Worker:
             namespace=spec.namespace,
             device=str(device),
         )
-        self.exporter = KVExporter(self.engine, self.transport, self.kv_spec)
-        self.importer = KVImporter(self.engine, self.kv_spec, device)
+        runner: Any = getattr(self.engine, "runner", None)
+        if hasattr(runner, "start_kv"):  # a TP group: each follower rank has its own transport
+            runner.start_kv(spec.name, self.kv_spec, spec.kv, _node_ip(), spec.namespace)
+        self.lanes = KVLanes(self.engine, self.transport, self.kv_spec)
+        self.exporter = KVExporter(self.engine, self.transport, self.kv_spec, self.lanes)
+        self.importer = KVImporter(self.engine, self.kv_spec, device, self.lanes)
         self.ring: RingMember | None = None  # set when the controller makes this a ring member
         # Ring jobs sent here and not yet run (queued behind other jobs): reported as handoffs
         # in progress, so the cluster renews their leases while the ring works through the queue.
@@ -221,8 +227,10 @@ class Worker:
 
     def begin_import(self, handoff: HandoffSpec) -> None:
         """Expect a handoff's KV (called before the prefill side starts sending)."""
+        self.lanes.begin(handoff.handoff_id, handoff.prompt_len)  # TP followers stage theirs
         with self._cv:
             if handoff.request_id in self._aborted:
+                self.lanes.drop(handoff.handoff_id)
                 return
             self.importer.begin(handoff)
         self._enqueue(lambda: None)  # refresh stats
@@ -284,11 +292,12 @@ class Worker:
         return self._thread.is_alive() and not self._error
 
     def shutdown(self) -> None:
-        """Stop the loop and the transport."""
+        """Stop the loop and the transport (and a TP group's follower ranks)."""
         with self._cv:
             self._stopped = True
             self._cv.notify_all()
         self.transport.close()
+        self.lanes.close()
 
     # ---- KV channels -------------------------------------------------------------------------
 
@@ -297,18 +306,35 @@ class Worker:
         return self.transport.listen(peer)
 
     def kv_connect(self, peer: str, addr: ChannelAddress, sender: bool) -> None:
-        """Join a channel (both sides call this concurrently)."""
-        self.transport.connect(peer, addr, sender)
+        """Join a channel: every lane between this group's ranks and the peer's (both sides
+        call this concurrently)."""
+        self.lanes.connect(peer, addr, sender)
 
     def kv_close_peer(self, peer: str) -> None:
-        """Drop channels with a dead or replaced peer."""
-        self.transport.close_peer(peer)
+        """Drop channels with a dead or replaced peer (every rank's)."""
+        self.lanes.close_peer(peer)
 
     def kv_push(self, peer: str, meta: KVChunk, kv: torch.Tensor | None) -> None:
         """Object-store transport: a chunk whose tensor Ray already fetched."""
-        self.transport.push(
-            peer, KVChunk(meta.handoff_id, meta.layer, meta.start, kv, meta.first_token)
-        )
+        self.transport.push(peer, dataclasses.replace(meta, kv=kv))
+
+    def kv_push_lane(self, rank: int, peer: str, meta: KVChunk, refs: list[Any]) -> None:
+        """Object-store transport: a chunk for follower `rank`; its reference is passed on
+        unresolved, so the tensor goes from the sending rank's node straight to that rank's."""
+        self.lanes.followers[rank - 1].kv_push.remote(peer, meta, refs[0])
+
+    def kv_tp_size(self) -> int:
+        """This worker's tensor-parallel size (a sender's routes depend on it)."""
+        return self.lanes.size
+
+    def kv_rank_done(self, handoff_id: int, rank: int) -> None:
+        """Follower `rank` staged its whole share of an import."""
+        if self.importer.rank_done(handoff_id, rank):
+            self._enqueue(lambda: self._commit(handoff_id))
+
+    def kv_rank_error(self, peer: str, detail: str) -> None:
+        """A follower's lane with worker `peer` failed: every handoff with it has failed."""
+        self._on_transport_error(peer, RuntimeError(detail))
 
     # ---- step loop ---------------------------------------------------------------------------
 
@@ -414,6 +440,8 @@ class Worker:
                 self._events.extend(events)
 
     def _on_transport_error(self, peer: str, err: Exception) -> None:
+        peer = split_peer(peer)[0]  # a lane of a TP peer: the peer worker
+
         def run() -> None:
             events = self.exporter.fail_peer(peer, str(err)) + self.importer.fail_peer(
                 peer, str(err)

@@ -49,13 +49,19 @@ class KVChunk:
     handoff_id: int
     layer: int  # FINAL_LAYER for the marker that carries the first token
     start: int
-    kv: torch.Tensor | None  # [2, n, num_kv_heads, head_dim] contiguous (k then v); None on marker
+    kv: torch.Tensor | None  # [2, n, heads, head_dim] contiguous (k then v); None on marker
     first_token: int = -1
+    head: int = 0  # the model's number of kv's first KV head (a TP rank sends a range of heads)
 
     @property
     def num_tokens(self) -> int:
         """Token positions covered."""
         return 0 if self.kv is None else int(self.kv.shape[1])
+
+    @property
+    def num_heads(self) -> int:
+        """KV heads covered."""
+        return 0 if self.kv is None else int(self.kv.shape[2])
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,18 @@ class ChannelAddress:
     host: str
     port: int
     generation: int  # bumps on every rebuild so stale rendezvous keys never match
+    lane: str = ""  # "i-j": the channel of sender rank i to receiver rank j ("": rank 0 to 0)
+
+
+def rank_peer(worker: str, rank: int) -> str:
+    """The transport's name for rank `rank` of worker `worker` (rank 0: the worker itself)."""
+    return worker if rank == 0 else f"{worker}/tp{rank}"
+
+
+def split_peer(peer: str) -> tuple[str, int]:
+    """(worker, rank) of a name made by rank_peer."""
+    worker, sep, rank = peer.rpartition("/tp")
+    return (worker, int(rank)) if sep and rank.isdigit() else (peer, 0)
 
 
 Deliver = Callable[[str, KVChunk], None]  # (peer, chunk), called on a transport thread
@@ -91,6 +109,7 @@ class KVTransport(ABC):
         self.on_error = on_error
         self.host = host
         self.namespace = namespace
+        self.peer_sizes: dict[str, int] = {}  # peer worker -> its TP size (workers/tp/kv_lanes)
         self._lock = threading.Lock()
 
     @abstractmethod

@@ -1,13 +1,16 @@
 """Ray object store transport: each layer's KV is put in the object store and its reference
-pushed to the decode actor's `kv_push` method, which Ray resolves (copying across nodes)."""
+pushed to the decode actor's `kv_push` method, which Ray resolves (copying across nodes). A chunk
+for a follower rank of a TP worker goes through that worker's `kv_push_lane`, which hands the
+reference on unresolved: the tensor moves from the sending rank's node to the receiving rank's."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from typing import Any
 
-from batonserve.workers.kv_transfer.base import KVChunk, KVTransferError, KVTransport
+from batonserve.workers.kv_transfer.base import KVChunk, KVTransferError, KVTransport, split_peer
 
 
 class ObjectStoreTransport(KVTransport):
@@ -35,21 +38,25 @@ class ObjectStoreTransport(KVTransport):
             if item is None:
                 return
             peer, chunk = item
+            worker, rank = split_peer(peer)
             try:
-                handle = self._handles.get(peer)
+                handle = self._handles.get(worker)
                 if handle is None:
-                    handle = ray.get_actor(peer, namespace=self.namespace)
-                    self._handles[peer] = handle
+                    handle = ray.get_actor(worker, namespace=self.namespace)
+                    self._handles[worker] = handle
                 ref = None if chunk.kv is None else ray.put(chunk.kv.cpu())
-                meta = KVChunk(chunk.handoff_id, chunk.layer, chunk.start, None, chunk.first_token)
-                handle.kv_push.remote(self.local, meta, ref)
+                meta = dataclasses.replace(chunk, kv=None)
+                if rank == 0:
+                    handle.kv_push.remote(self.local, meta, ref)
+                else:  # nested in a list: rank 0 passes the reference on without fetching it
+                    handle.kv_push_lane.remote(rank, self.local, meta, [ref])
             except Exception as e:
-                self._handles.pop(peer, None)
+                self._handles.pop(worker, None)
                 self.on_error(peer, KVTransferError(f"KV push {self.local} -> {peer} failed: {e}"))
 
     def close_peer(self, peer: str) -> None:
         """Forget the peer's (possibly dead) actor handle."""
-        self._handles.pop(peer, None)
+        self._handles.pop(split_peer(peer)[0], None)
 
     def close(self) -> None:
         """Stop the sender thread."""

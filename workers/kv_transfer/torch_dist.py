@@ -3,8 +3,10 @@
 A channel src -> dst is its own process group (rank 0 sends, rank 1 receives), so concurrent
 handoffs between other pairs never share a stream, and a blocked receive never stalls a send the
 other way (NCCL serializes all ops of one communicator). Every message is a small int64 header
-[handoff_id, layer, start, n_tokens, first_token] followed, when n_tokens > 0, by one contiguous
-[2, n_tokens, num_kv_heads, head_dim] tensor, so chunks of concurrent handoffs can't be confused.
+[handoff_id, layer, start, n_tokens, first_token, head, n_heads] followed, when n_tokens > 0, by
+one contiguous [2, n_tokens, n_heads, head_dim] tensor, so chunks of concurrent handoffs can't be
+confused. A worker of TP size N has one transport per rank; a lane (ChannelAddress.lane) is the
+channel of one sender rank to one receiver rank, all lanes of a pair meeting on one rendezvous.
 Gloo on CPU, NCCL on CUDA.
 """
 
@@ -24,10 +26,11 @@ from batonserve.workers.kv_transfer.base import (
     KVChunk,
     KVTransferError,
     KVTransport,
+    split_peer,
 )
 
 _TAG = 0
-_HEADER = 5
+_HEADER = 7
 _IDLE = datetime.timedelta(days=7)  # a receiver waits this long for the next header
 
 
@@ -76,6 +79,8 @@ class _Channel:
                         chunk.start,
                         chunk.num_tokens,
                         chunk.first_token,
+                        chunk.head,
+                        chunk.num_heads,
                     ],
                     dtype=torch.int64,
                     device=dev,
@@ -93,17 +98,17 @@ class _Channel:
         while not self.closed:
             try:
                 self.pg.recv([header], 0, _TAG).wait(_IDLE)
-                hid, layer, start, n, first = (int(x) for x in header.tolist())
+                hid, layer, start, n, first, head, heads = (int(x) for x in header.tolist())
                 kv = None
                 if n > 0:
-                    # [2, n, num_kv_heads, head_dim], fresh per chunk: the consumer keeps it.
-                    shape = (2, n, spec.num_kv_heads, spec.head_dim)
+                    # [2, n, heads, head_dim], fresh per chunk: the consumer keeps it.
+                    shape = (2, n, heads, spec.head_dim)
                     kv = torch.empty(shape, dtype=spec.torch_dtype, device=dev)
                     self.pg.recv([kv], 0, _TAG).wait(self.timeout)
             except Exception as e:
                 self._fail(e)
                 return
-            self.t.deliver(self.peer, KVChunk(hid, layer, start, kv, first))
+            self.t.deliver(self.peer, KVChunk(hid, layer, start, kv, first, head))
 
     def _fail(self, e: Exception) -> None:
         if self.closed:
@@ -145,14 +150,16 @@ class TorchDistTransport(KVTransport):
     def connect(self, peer: str, addr: ChannelAddress, sender: bool) -> None:
         """Build the process group; both sides call this at the same time."""
         timeout = datetime.timedelta(seconds=self.cfg.connect_timeout_s)
-        if sender:
+        store = None
+        if sender and not addr.lane:  # rank 0 to rank 0: the store `listen` opened
             with self._lock:
                 store = self._stores.pop(peer, None)
             if store is None:  # close_peer ran between listen and connect: the peer is gone
                 raise KVTransferError(f"{self.local}: no rendezvous open with {peer} (closed)")
-        else:
+        if store is None:  # the receiver, or another lane: a client of the sender's store
             store = dist.TCPStore(addr.host, addr.port, 2, False, timeout=timeout)
-        prefix = dist.PrefixStore(f"kv/{addr.generation}/", store)
+        lane = f"{addr.lane}/" if addr.lane else ""
+        prefix = dist.PrefixStore(f"kv/{addr.generation}/{lane}", store)
         pg = _make_pg(prefix, 0 if sender else 1, self.device, self.host)
         chan = _Channel(self, peer, pg, sender)
         chan.store = store  # type: ignore[attr-defined]  # keep the master alive
@@ -184,9 +191,12 @@ class TorchDistTransport(KVTransport):
                 del table[chan.peer]
 
     def close_peer(self, peer: str) -> None:
-        """Tear down both directions with `peer`."""
+        """Tear down both directions with `peer` (a worker: every rank's lane of it)."""
         with self._lock:
-            chans = [c for c in (self._send.pop(peer, None), self._recv.pop(peer, None)) if c]
+            keys = {k for k in (*self._send, *self._recv) if peer in (k, split_peer(k)[0])}
+            chans = [
+                c for k in keys for c in (self._send.pop(k, None), self._recv.pop(k, None)) if c
+            ]
             self._stores.pop(peer, None)
         for c in chans:
             c.close()

@@ -9,14 +9,16 @@ forward is sent to every follower first, run here on rank 0's shard (the all-red
 followers'), then the followers' calls are awaited with a bound, so a dead, failed or silent rank
 becomes a TPError that ends the worker; the controller replaces the whole group.
 
-KV: each rank caches its own KV heads. `read_kv`/`write_kv` speak whole heads (the engine's
-KVSpec is the model's), gathering from and scattering to the ranks, so a KV handoff between
-workers of different TP sizes needs nothing from the transports.
+KV: each rank caches its own KV heads; `read_kv`/`write_kv` are rank 0's heads. A KV handoff
+moves each rank's heads over that rank's own transport (`workers/tp/kv_lanes.py`): a follower
+has a transport of its own, sends the heads rank 0 tells it to, stages what it receives and
+writes it when rank 0 commits the import.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -28,7 +30,12 @@ import torch.distributed as dist
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.forward_batch import ForwardBatch
+from batonserve.workers.handoff_io import StagedKV
+from batonserve.workers.kv_transfer import ChannelAddress, KVChunk, KVSpec, make_transport
+from batonserve.workers.kv_transfer.config import KVTransferConfig
 from batonserve.workers.model_runner import ModelRunner, resolve_device
+from batonserve.workers.tp.kv_lanes import send_heads
+from batonserve.workers.tp.kv_routes import HeadRoute
 from batonserve.workers.tp.shard import TPShard
 
 GROUP_TIMEOUT_S = 60.0  # rendezvous, and any collective waiting on a dead or silent rank
@@ -59,6 +66,119 @@ class TPFollower:
             backend, store=self._store, rank=rank, world_size=size, timeout=timeout
         )
         self.runner = ModelRunner(model_dir, config, TPShard(rank, size))
+        self.rank = rank
+        self.heads = self.runner.tp.kv_heads(self.runner.model_config.num_kv_heads)
+        self.transport: Any = None  # set by start_kv
+        self.worker = ""  # rank 0's actor name: shares and errors are reported to it
+        self.namespace = ""
+        self._handle: Any = None  # rank 0's actor, found by name on first use
+        self.staged: dict[int, StagedKV] = {}  # this rank's heads of imports in progress
+        self.lock = threading.Lock()  # chunks land on transport threads
+        self.sent = self.received = 0  # bytes this rank's own transport moved
+
+    def start_kv(
+        self, worker: str, spec: KVSpec, cfg: KVTransferConfig, host: str, namespace: str
+    ) -> None:
+        """Open this rank's transport, named rank_peer(worker, rank)."""
+        from batonserve.workers.kv_transfer.base import rank_peer
+
+        self.worker, self.namespace, self.spec = worker, namespace, spec
+        self.transport = make_transport(
+            cfg.transport,
+            rank_peer(worker, self.rank),
+            spec,
+            cfg,
+            self._on_chunk,
+            self._on_error,
+            host=host,
+            namespace=namespace,
+            device=str(self.runner.device),
+        )
+
+    def kv_connect(self, peer: str, addr: ChannelAddress, sender: bool) -> None:
+        """Join one lane (rank 0 calls this while the peer's rank joins the other end)."""
+        self.transport.connect(peer, addr, sender)
+
+    def kv_close_peer(self, peer: str) -> None:
+        """Drop this rank's lanes with worker `peer`."""
+        self.transport.close_peer(peer)
+
+    def kv_push(self, peer: str, meta: KVChunk, kv: torch.Tensor | None) -> None:
+        """Object-store transport: a chunk for this rank (Ray fetched its tensor here)."""
+        self.transport.push(peer, dataclasses.replace(meta, kv=kv))
+
+    def send_share(
+        self,
+        routes: list[HeadRoute],
+        dst: str,
+        handoff_id: int,
+        layer: int,
+        slots: torch.Tensor,
+        runs: list[tuple[int, int, int]],
+    ) -> None:
+        """Queue this rank's `routes` of one layer (rank 0 calls this from its layer hook)."""
+        try:
+            nbytes = send_heads(
+                self.runner.read_kv,
+                self.transport,
+                routes,
+                self.heads[0],
+                dst,
+                handoff_id,
+                layer,
+                slots,
+                runs,
+            )
+        except Exception as e:
+            self._on_error(dst, e)
+            return
+        with self.lock:
+            self.sent += nbytes
+
+    def begin_share(self, handoff_id: int, prompt_len: int) -> None:
+        """Stage this rank's heads of a new import."""
+        staged = StagedKV(self.spec, prompt_len, self.heads, self.runner.device)
+        with self.lock:
+            self.staged[handoff_id] = staged
+
+    def write_share(self, handoff_id: int, slots: torch.Tensor) -> None:
+        """Rank 0 imported the request at `slots`: write this rank's staged heads there."""
+        with self.lock:
+            staged = self.staged.pop(handoff_id)
+        for layer in range(staged.buf.shape[0]):
+            self.runner.write_kv(layer, slots, staged.buf[layer, 0], staged.buf[layer, 1])
+
+    def drop_share(self, handoff_id: int) -> None:
+        """Forget a staged import (aborted or failed)."""
+        with self.lock:
+            self.staged.pop(handoff_id, None)
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """(sent, received) bytes of KV this rank's transport moved."""
+        return self.sent, self.received
+
+    def _on_chunk(self, peer: str, chunk: KVChunk) -> None:
+        with self.lock:
+            staged = self.staged.get(chunk.handoff_id)
+            if staged is None or chunk.kv is None:
+                return  # an aborted attempt: dropped
+            staged.add(chunk)
+            self.received += chunk.kv.numel() * chunk.kv.element_size()
+            if not staged.full:
+                return
+        self._rank0().kv_rank_done.remote(chunk.handoff_id, self.rank)
+
+    def _on_error(self, peer: str, err: Exception) -> None:
+        from batonserve.workers.kv_transfer.base import split_peer
+
+        self._rank0().kv_rank_error.remote(split_peer(peer)[0], str(err))
+
+    def _rank0(self) -> Any:
+        import ray
+
+        if self._handle is None:
+            self._handle = ray.get_actor(self.worker, namespace=self.namespace)
+        return self._handle
 
     def ready(self) -> tuple[int, int]:
         """(KV block count, resident parameter bytes) of this rank."""
@@ -67,15 +187,6 @@ class TPFollower:
     def execute(self, batch: ForwardBatch) -> None:
         """This rank's share of one forward (the logits are gathered on every rank; dropped)."""
         self.runner.execute(batch)
-
-    def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's KV heads at `slots`, each [n, local Hkv, d] (may run beside execute)."""
-        k, v = self.runner.read_kv(layer, slots)
-        return k.cpu(), v.cpu()
-
-    def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this rank's KV heads [n, local Hkv, d] at `slots`."""
-        self.runner.write_kv(layer, slots, k, v)
 
 
 class _AfterReduce:
@@ -109,10 +220,6 @@ class TPRunner:
         self.model_dir = local.model_dir
         self.token_paths = None
         self.expert_store = None
-        self._heads = [
-            TPShard(r, self.tp_size).kv_heads(local.model_config.num_kv_heads)
-            for r in range(self.tp_size)
-        ]  # [start, stop) of each rank's KV heads
         self._pending: list[Any] = []  # follower KV writes not yet confirmed
 
     def execute(
@@ -135,26 +242,32 @@ class TPRunner:
         return logits
 
     def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole-head (k, v) at `slots`, each [n, Hkv, d], gathered from the ranks."""
-        refs = [f.read_kv.remote(layer, slots.cpu()) for f in self.followers]
-        parts = [self.local.read_kv(layer, slots)]
-        parts += [(k.to(self.device), v.to(self.device)) for k, v in self._get(refs, "KV read")]
-        mc = self.model_config
-        shape = (slots.numel(), mc.num_kv_heads, mc.head_dim)
-        k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        v = torch.empty_like(k)
-        for (a, b), (pk, pv) in zip(self._heads, parts, strict=True):
-            k[:, a:b], v[:, a:b] = pk, pv  # a replicated head is written twice, identically
-        return k, v
+        """Rank 0's KV heads at `slots`, each [n, its heads, d] (each rank sends its own)."""
+        return self.local.read_kv(layer, slots)
 
     def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write whole-head K/V [n, Hkv, d]: each rank gets its heads (confirmed before the
+        """Write rank 0's KV heads [n, its heads, d] at `slots`."""
+        self.local.write_kv(layer, slots, k, v)
+
+    def start_kv(
+        self, worker: str, spec: KVSpec, cfg: KVTransferConfig, host: str, namespace: str
+    ) -> None:
+        """Open every follower's own KV transport (the worker's is rank 0's)."""
+        refs = [f.start_kv.remote(worker, spec, cfg, host, namespace) for f in self.followers]
+        self._wait(refs, "KV transport start")
+
+    def commit_shares(self, handoff_id: int, slots: torch.Tensor) -> None:
+        """Every follower writes its staged heads of an import at `slots` (confirmed before the
         next forward)."""
-        (a, b), s = self._heads[0], slots.cpu()
-        self.local.write_kv(layer, slots, k[:, a:b], v[:, a:b])
-        for (a, b), f in zip(self._heads[1:], self.followers, strict=True):
-            kc, vc = k[:, a:b].cpu().contiguous(), v[:, a:b].cpu().contiguous()
-            self._pending.append(f.write_kv.remote(layer, s, kc, vc))
+        s = slots.cpu()
+        self._pending += [f.write_share.remote(handoff_id, s) for f in self.followers]
+
+    def close(self) -> None:
+        """Stop the follower ranks now (they would die with this actor, a moment later)."""
+        import ray
+
+        for f in self.followers:
+            ray.kill(f, no_restart=True)
 
     def _get(self, refs: list[Any], what: str) -> list[Any]:
         import ray
@@ -211,7 +324,8 @@ def build_tp_runner(
             "num_cpus": assigned.get("CPU", 0) if pg is not None else 0,
             "num_gpus": assigned.get("GPU", 0),
             "max_restarts": 0,
-            "max_concurrency": 2,  # a KV read of the handoff runs beside a forward
+            # A handoff's sends, lane rendezvous and writes run beside a forward.
+            "max_concurrency": 4,
             "scheduling_strategy": strategy,
         }
         if name:

@@ -149,6 +149,18 @@ def test_handoff_between_tp_sizes_matches_offline_engine(
     assert loop_thread.run(run()) == [reference(model, p) for p in prompts]
     assert rec.outcomes() == ["ok"] * len(prompts)  # every request went through a handoff
     wait_idle(cluster)
+    # Each follower rank sent (prefill) or received (decode) its own KV heads over its own
+    # transport: they never passed through rank 0.
+    moved = {
+        n.rsplit("-", 1)[0]: ray.get(
+            ray.get_actor(n, namespace=NAMESPACE).kv_bytes.remote(), timeout=30
+        )
+        for n in tp_ranks()
+    }
+    for n, (sent, received) in moved.items():
+        assert (sent > 0, received > 0) == (n.startswith("prefill"), n.startswith("decode")), n
+    if p_tp == d_tp:  # equal layouts: rank i sends to rank i only
+        assert moved["prefill-0-tp1"][0] == moved["decode-0-tp1"][1]
 
 
 def test_ring_prefill_with_tp_is_refused() -> None:
