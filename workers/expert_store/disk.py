@@ -108,6 +108,7 @@ class DiskTier:
             self._locs.update(_tensor_locs(path))
             self._fds[path] = os.open(path, os.O_RDONLY)
         self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread read buffer (demand and prefetch threads)
         self.bytes_read = 0
         self.reads = 0
 
@@ -130,10 +131,20 @@ class DiskTier:
         if self.reader == "pread" and len(paths) == 1 and span[1] - span[0] == nbytes:
             # the expert's three tensors are adjacent (safetensors sorts names): one read, one drop
             path = paths.pop()
-            whole = self._pread(path, span[0], span[1])
-            parts = [self._view(path, whole, loc, span[0]).to(self.dtype) for loc in locs]
+            whole = self._pread_reused(path, span[0], span[1])
+            w1, w3, w2 = (self._view(path, whole, loc, span[0]) for loc in locs)
             if self.drop_page_cache:
                 os.posix_fadvise(self._fds[path], span[0], nbytes, os.POSIX_FADV_DONTNEED)
+            with self._lock:
+                self.bytes_read += nbytes
+                self.reads += 1
+            # Straight from the reused read buffer into the expert's own tensors (dtype converted
+            # on the copy): one allocation per read, of the sizes the fast tier frees on eviction,
+            # so the heap reuses them instead of fragmenting (freed memory stays with the process).
+            gu = torch.empty((w1.shape[0] + w3.shape[0], w1.shape[1]), dtype=self.dtype)
+            gu[: w1.shape[0]].copy_(w1)
+            gu[w1.shape[0] :].copy_(w3)
+            return ExpertWeights(gu, torch.empty(w2.shape, dtype=self.dtype).copy_(w2))
         else:
             parts = []
             for name, loc in zip(names, locs, strict=True):
@@ -187,6 +198,17 @@ class DiskTier:
         return ExpertWeights(
             torch.cat([w1, w3], dim=0), w2.clone(memory_format=torch.contiguous_format)
         )
+
+    def _pread_reused(self, path: Path, start: int, end: int) -> bytearray:
+        """Bytes [start, end) of a checkpoint file in this thread's read buffer (valid until the
+        thread's next read; the buffer only grows)."""
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < end - start:
+            buf = self._local.buf = bytearray(end - start)
+        n = os.preadv(self._fds[path], [memoryview(buf)[: end - start]], start)
+        if n != end - start:
+            raise ValueError(f"checkpoint {str(path)!r}: short read (file truncated?)")
+        return buf
 
     def _pread(self, path: Path, start: int, end: int) -> bytearray:
         """Bytes [start, end) of a checkpoint file."""

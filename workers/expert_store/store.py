@@ -19,7 +19,6 @@ import torch
 
 from batonserve.workers.expert_store.cache import CacheTier
 from batonserve.workers.expert_store.disk import DiskTier
-from batonserve.workers.expert_store.host_memory import fix_mmap_threshold
 from batonserve.workers.expert_store.policies import PolicyContext, make_policy
 from batonserve.workers.expert_store.policies.lru import LRUPolicy
 from batonserve.workers.expert_store.prefetch import Prefetcher
@@ -35,7 +34,6 @@ class ExpertStore:
     """Tiered expert weights for one model: `experts(layer, ids)` returns their weights."""
 
     def __init__(self, model_dir: Path, config: StoreConfig, ctx: PolicyContext) -> None:
-        fix_mmap_threshold()  # evicted experts' memory must return to the OS, not fragment
         self.config = config
         self.ctx = ctx
         self.device = torch.device(config.device)
