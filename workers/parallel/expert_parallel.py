@@ -13,6 +13,7 @@ to change. No token copy is ever dropped: capacity overflow runs in extra rounds
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -160,16 +161,17 @@ def expert_parallel_of(
 ) -> ExpertParallelMoE:
     """This rank's expert-parallel shard of a loaded SparseMoE block (Mixtral, or Qwen2-MoE with
     its routing renormalisation flag and shared expert)."""
+    block: Any = moe  # either block class: the same attribute names, no common base
     return ExpertParallelMoE(
-        moe.gate.data,
-        moe.w_gate_up.data,
-        moe.w_down.data,
-        moe.top_k,
+        block.gate.data,
+        block.w_gate_up.data,
+        block.w_down.data,
+        block.top_k,
         group,
         tuner,
         settings,
-        renormalize=getattr(moe, "renormalize", True),  # only Qwen2MoE has these two
-        shared=getattr(moe, "shared", None),
+        renormalize=getattr(block, "renormalize", True),  # only Qwen2MoE has these two
+        shared=getattr(block, "shared", None),
     )
 
 

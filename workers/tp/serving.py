@@ -219,7 +219,7 @@ class TPRunner:
         self.dtype = local.dtype
         self.model_dir = local.model_dir
         self.token_paths = None
-        self.expert_store = None
+        self.expert_store = local.expert_store  # rank 0's slice store: its stats are the group's
         self._pending: list[Any] = []  # follower KV writes not yet confirmed
 
     def execute(
