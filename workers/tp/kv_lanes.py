@@ -90,7 +90,10 @@ class KVLanes:
     def __init__(self, engine: Any, transport: KVTransport, spec: KVSpec) -> None:
         runner: Any = getattr(engine, "runner", None)
         self.runner = runner
-        self.followers: list[Any] = list(getattr(runner, "followers", []))
+        # Only a TP group's follower ranks hold KV heads: an expert-parallel runner has followers
+        # too, but its KV lives on rank 0 alone (taking them as lanes failed every EP handoff).
+        tp = getattr(runner, "tp_size", 1) > 1
+        self.followers: list[Any] = list(runner.followers) if tp else []
         self.size = 1 + len(self.followers)
         self.transport = transport
         self.spec = spec

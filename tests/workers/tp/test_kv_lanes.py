@@ -12,7 +12,7 @@ import torch
 
 from batonserve.workers.handoff_io import StagedKV
 from batonserve.workers.kv_transfer.base import KVChunk, KVSpec, split_peer
-from batonserve.workers.tp.kv_lanes import send_heads
+from batonserve.workers.tp.kv_lanes import KVLanes, send_heads
 from batonserve.workers.tp.kv_routes import head_routes
 from batonserve.workers.tp.shard import TPShard
 
@@ -74,3 +74,28 @@ def test_rank_peer_names_round_trip() -> None:
     for name in ("decode-0", "a/tp", "x/tpy"):
         for rank in range(4):
             assert split_peer(rank_peer(name, rank)) == (name, rank)
+
+
+def test_an_expert_parallel_runner_is_one_lane() -> None:
+    """An EP runner has followers too (expert-parallel ones), but its KV lives on rank 0 alone:
+    its worker is one lane, never a TP group (taking them as ranks failed every EP handoff)."""
+
+    class Engine:
+        def __init__(self, runner: Any) -> None:
+            self.runner = runner
+
+        def read_kv(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            raise AssertionError("not read here")
+
+    class EPRunner:
+        followers = ("ep-follower",)
+
+    class TPRunner:
+        followers = ("rank-1",)
+        tp_size = 2
+
+    spec = KVSpec("m", "float32", 2, 2, 4, 4)
+    ep = KVLanes(Engine(EPRunner()), None, spec)  # type: ignore[arg-type]
+    assert (ep.size, ep.followers) == (1, [])
+    tp = KVLanes(Engine(TPRunner()), None, spec)  # type: ignore[arg-type]
+    assert (tp.size, tp.followers) == (2, ["rank-1"])
