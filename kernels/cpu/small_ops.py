@@ -240,7 +240,11 @@ def rms_norm(
         summed = torch.empty(rows, n, dtype=x.dtype)
     w = weight.contiguous()
     fn = getattr(lib, f"rms_{_SUFFIX[x.dtype]}")
-    head = (x2.data_ptr(), x2.stride(0), res.data_ptr() if res is not None else None)
+    head: tuple[Any, ...] = (
+        x2.data_ptr(),
+        x2.stride(0),
+        res.data_ptr() if res is not None else None,
+    )
     head += (res.stride(0) if res is not None else 0, w.data_ptr(), out.data_ptr())
     head += (summed.data_ptr() if summed is not None else None, n, eps)
     _over_rows(fn, head, rows, rows * n)
@@ -275,7 +279,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(t, heads, d, dtype=x.dtype)
     fn = getattr(lib, f"rope_{_SUFFIX[x.dtype]}")
-    head = (x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr())
+    head: tuple[Any, ...] = (x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr())
     head += (out.data_ptr(), heads, d)
     _over_rows(fn, head, t, t * heads * d)
     return out

@@ -413,11 +413,11 @@ def main() -> None:
                 rows += r
                 roofs.append(roof)
     print(f"\nmedian tok/s [min-max] over {args.repeats} rounds\n{HEADER}")
-    for r in rows:
-        print(_line(r))
+    for row in rows:
+        print(_line(row))
     print(f"\noutput tokens per CPU-second (all of an engine's processes), median\n{CPU_HEADER}")
-    for r in rows:
-        print(_cpu_line(r))
+    for row in rows:
+        print(_cpu_line(row))
     print("\n" + "\n".join(roofs))
     if args.json is not None:
         args.json.write_text(json.dumps([r.__dict__ for r in rows] + [{"roofline": roofs}]))
