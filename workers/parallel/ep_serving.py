@@ -13,15 +13,12 @@ replaces it, with fresh followers). KV written by a handoff import is written on
 from __future__ import annotations
 
 import copy
-import dataclasses
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.expert_store.disk import DiskTier
@@ -36,22 +33,18 @@ from batonserve.workers.parallel.ep_slice import (
     tuner_stats,
 )
 from batonserve.workers.parallel.ep_tuner import EPTunerStats
-
-GROUP_TIMEOUT_S = 60.0  # group rendezvous, and any collective waiting on a silent rank
-STEP_TIMEOUT_S = 60.0  # the leader's wait for the followers' share of one forward
-READY_TIMEOUT_S = 600.0  # followers load the model beside the leader; big checkpoints take time
+from batonserve.workers.rank_group import (
+    backend_for,
+    cpu_batch,
+    host_store,
+    join_group,
+    lead_group,
+    wait_followers,
+)
 
 
 class ExpertParallelError(RuntimeError):
     """A follower of the expert-parallel group died, failed or timed out."""
-
-
-def _join_group(host: str, port: int, rank: int, world: int, backend: str) -> Any:
-    """A follower joins the group as its process's default group (the leader hosts the store)."""
-    timeout = timedelta(seconds=GROUP_TIMEOUT_S)
-    store = dist.TCPStore(host, port, world, False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    return store
 
 
 def _build_rank(model_dir: Path, config: EngineConfig) -> tuple[ModelRunner, list[SlicedEPMoE]]:
@@ -86,20 +79,14 @@ def _load_owned_experts(runner: ModelRunner, blocks: list[SlicedEPMoE]) -> None:
         disk.close()
 
 
-def _cpu_batch(batch: ForwardBatch) -> ForwardBatch:
-    """The batch with CPU tensors (they travel to followers through Ray)."""
-    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return ForwardBatch(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in fields.items()})
-
-
 class EPFollower:
     """Rank >= 1 of an expert-parallel group: replays the leader's forwards and KV writes."""
 
     def __init__(
         self, model_dir: str, config: EngineConfig, rank: int, world: int, host: str, port: int
     ) -> None:
-        backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
-        self._store = _join_group(host, port, rank, world, backend)
+        backend = backend_for(resolve_device(config.device))
+        self._store = join_group(backend, host, port, rank, world)
         self.runner, self.blocks = _build_rank(Path(model_dir), config)
 
     def ready(self) -> int:
@@ -139,7 +126,7 @@ class EPRunner:
         self, batch: ForwardBatch, layer_hook: Callable[[int], None] | None = None
     ) -> torch.Tensor:
         """Send the batch to every follower, run it here, then wait (bounded) for them."""
-        cpu = _cpu_batch(batch)
+        cpu = cpu_batch(batch)
         refs = [f.execute.remote(cpu) for f in self.followers]
         try:
             logits = self.local.execute(batch, layer_hook)
@@ -167,18 +154,7 @@ class EPRunner:
         return copy.deepcopy(tuner_stats(self.blocks))
 
     def _wait(self, refs: list[Any], what: str) -> None:
-        import ray
-
-        if not refs:
-            return
-        try:
-            ray.get(refs, timeout=STEP_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise ExpertParallelError(
-                f"expert parallel: a follower did not finish its {what} in {STEP_TIMEOUT_S:.0f} s"
-            ) from None
-        except ray.exceptions.RayError as e:
-            raise ExpertParallelError(f"expert parallel: a follower failed ({what}): {e}") from e
+        wait_followers(refs, what, ExpertParallelError, "expert parallel")
 
 
 def build_ep_runner(
@@ -200,13 +176,9 @@ def build_ep_runner(
             f"expert_parallel_size: {n} needs a Ray worker actor (run it with `batonserve serve`)"
         )
     device = resolve_device(config.device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device)
     ctx = ray.get_runtime_context()
-    host = str(ray.util.get_node_ip_address())
-    # The store listens on a free port; the followers learn it before they join.
-    store = dist.TCPStore(
-        host, 0, n, True, timeout=timedelta(seconds=GROUP_TIMEOUT_S), wait_for_workers=False
-    )
+    store = host_store(n)
     gpus = len(ray.get_gpu_ids()) if device.type == "cuda" else 0
     base: dict[str, Any] = {
         "num_cpus": 0,
@@ -222,21 +194,10 @@ def build_ep_runner(
     for r in range(1, n):
         opts = dict(base, name=f"{name}-ep{r}-{tag}", namespace=namespace) if name else base
         followers.append(
-            remote.options(**opts).remote(str(model_dir), config, r, n, host, int(store.port))
+            remote.options(**opts).remote(str(model_dir), config, r, n, store.host, store.port)
         )
-    try:
-        dist.init_process_group(
-            backend,
-            store=store,
-            rank=0,
-            world_size=n,
-            timeout=timedelta(seconds=GROUP_TIMEOUT_S),
-        )
-        local, blocks = _build_rank(model_dir, config)
-        sizes = ray.get([f.ready.remote() for f in followers], timeout=READY_TIMEOUT_S)
-    except BaseException:
-        for f in followers:
-            ray.kill(f, no_restart=True)
-        raise
+    (local, blocks), sizes = lead_group(
+        backend, store, followers, lambda: _build_rank(model_dir, config)
+    )
     assert all(s == local.num_blocks for s in sizes), "followers sized their KV cache differently"
     return EPRunner(local, blocks, followers, store)

@@ -4,7 +4,7 @@ The worker actor's engine core (scheduler, sampler) runs once, on rank 0. `build
 starts ranks 1..N-1 as follower actors owned by it (Ray kills them when it dies) in the bundles of
 the placement group the controller gang-reserved for the worker (STRICT_PACK by default), hosts
 the group's TCPStore and joins them in one torch.distributed group (NCCL on CUDA, gloo on CPU)
-whose collectives time out after GROUP_TIMEOUT_S. `TPRunner` has ModelRunner's interface: each
+whose collectives time out after rank_group.GROUP_TIMEOUT_S. `TPRunner` has ModelRunner's interface: each
 forward is sent to every follower first, run here on rank 0's shard (the all-reduces meet the
 followers'), then the followers' calls are awaited with a bound, so a dead, failed or silent rank
 becomes a TPError that ends the worker; the controller replaces the whole group.
@@ -21,12 +21,10 @@ import dataclasses
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.forward_batch import ForwardBatch
@@ -34,23 +32,21 @@ from batonserve.workers.handoff_io import StagedKV
 from batonserve.workers.kv_transfer import ChannelAddress, KVChunk, KVSpec, make_transport
 from batonserve.workers.kv_transfer.config import KVTransferConfig
 from batonserve.workers.model_runner import ModelRunner, resolve_device
+from batonserve.workers.rank_group import (
+    backend_for,
+    cpu_batch,
+    host_store,
+    join_group,
+    lead_group,
+    wait_followers,
+)
 from batonserve.workers.tp.kv_lanes import send_heads
 from batonserve.workers.tp.kv_routes import HeadRoute
 from batonserve.workers.tp.shard import TPShard
 
-GROUP_TIMEOUT_S = 60.0  # rendezvous, and any collective waiting on a dead or silent rank
-STEP_TIMEOUT_S = 60.0  # rank 0's wait for the followers' share of one forward
-READY_TIMEOUT_S = 600.0  # followers load their shards beside rank 0; big checkpoints take time
-
 
 class TPError(RuntimeError):
     """A rank of the tensor-parallel group died, failed or timed out."""
-
-
-def _cpu_batch(batch: ForwardBatch) -> ForwardBatch:
-    """The batch with CPU tensors (they travel to the followers through Ray)."""
-    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return ForwardBatch(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in fields.items()})
 
 
 class TPFollower:
@@ -59,12 +55,7 @@ class TPFollower:
     def __init__(
         self, model_dir: str, config: EngineConfig, rank: int, size: int, host: str, port: int
     ) -> None:
-        backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
-        timeout = timedelta(seconds=GROUP_TIMEOUT_S)
-        self._store = dist.TCPStore(host, port, size, False, timeout=timeout)
-        dist.init_process_group(
-            backend, store=self._store, rank=rank, world_size=size, timeout=timeout
-        )
+        self._store = join_group(backend_for(resolve_device(config.device)), host, port, rank, size)
         self.runner = ModelRunner(model_dir, config, TPShard(rank, size))
         self.rank = rank
         self.heads = self.runner.tp.kv_heads(self.runner.model_config.num_kv_heads)
@@ -228,7 +219,7 @@ class TPRunner:
         """Send the batch to every follower, run it here, then wait (bounded) for them."""
         self._wait(self._pending, "KV write")  # a follower actor is threaded: writes land first
         self._pending = []
-        cpu = _cpu_batch(batch)
+        cpu = cpu_batch(batch)
         refs = [f.execute.remote(cpu) for f in self.followers]
         hook = None if layer_hook is None else _AfterReduce(layer_hook)
         try:
@@ -270,16 +261,7 @@ class TPRunner:
             ray.kill(f, no_restart=True)
 
     def _get(self, refs: list[Any], what: str) -> list[Any]:
-        import ray
-
-        try:
-            return list(ray.get(refs, timeout=STEP_TIMEOUT_S)) if refs else []
-        except ray.exceptions.GetTimeoutError:
-            raise TPError(
-                f"tensor parallel: a rank did not finish its {what} in {STEP_TIMEOUT_S:.0f} s"
-            ) from None
-        except ray.exceptions.RayError as e:
-            raise TPError(f"tensor parallel: a rank failed ({what}): {e}") from e
+        return wait_followers(refs, what, TPError, "tensor parallel")
 
     def _wait(self, refs: list[Any], what: str) -> None:
         self._get(refs, what)
@@ -304,11 +286,9 @@ def build_tp_runner(
             f"tensor_parallel_size: {size} needs a Ray worker actor (batonserve serve)"
         )
     device = resolve_device(config.device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device)
     ctx = ray.get_runtime_context()
-    host = str(ray.util.get_node_ip_address())
-    timeout = timedelta(seconds=GROUP_TIMEOUT_S)
-    store = dist.TCPStore(host, 0, size, True, timeout=timeout, wait_for_workers=False)
+    store = host_store(size)
     assigned = ctx.get_assigned_resources()
     pg = ray.util.get_current_placement_group()
     remote: Any = ray.remote(TPFollower)
@@ -331,15 +311,10 @@ def build_tp_runner(
         if name:
             opts.update(name=f"{name}-tp{r}-{tag}", namespace=namespace)
         followers.append(
-            remote.options(**opts).remote(str(model_dir), config, r, size, host, int(store.port))
+            remote.options(**opts).remote(str(model_dir), config, r, size, store.host, store.port)
         )
-    try:
-        dist.init_process_group(backend, store=store, rank=0, world_size=size, timeout=timeout)
-        local = ModelRunner(model_dir, config, TPShard(0, size))
-        ready = ray.get([f.ready.remote() for f in followers], timeout=READY_TIMEOUT_S)
-    except BaseException:
-        for f in followers:
-            ray.kill(f, no_restart=True)
-        raise
+    local, ready = lead_group(
+        backend, store, followers, lambda: ModelRunner(model_dir, config, TPShard(0, size))
+    )
     assert all(n == local.num_blocks for n, _ in ready), "ranks sized their KV cache differently"
     return TPRunner(local, followers, store, [b for _, b in ready])
