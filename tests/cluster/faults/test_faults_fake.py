@@ -11,7 +11,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from testkit import TESTS
+from testkit.ports import free_port
 from testkit.router_harness import RouterHarness, fakes, reply_script
 
 from batonserve.cluster.bench.drivers import Connection
@@ -193,12 +193,6 @@ def test_overload_at_ten_times_capacity(fault_router: Make, fault_tokenizer: Tok
     assert max(rss[1:]) - rss[1] < 32, rss
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Server:
     """testkit.fault_server in a subprocess on a fixed port."""
 
@@ -234,7 +228,7 @@ class _Server:
 
 
 def test_router_killed_mid_stream_then_restarted(fault_model_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     server = _Server(fault_model_dir, port, interval=0.05)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -7,7 +7,6 @@ file the test then asserts on.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from testkit.ports import free_port
 
 from batonserve.kernels.moe import moe_swiglu
 from batonserve.workers.parallel.ep_tuner import EPSettings, EPTuner
@@ -22,12 +22,6 @@ from batonserve.workers.parallel.expert_parallel import ExpertParallelMoE, attac
 
 SETTINGS = [EPSettings(o, cf) for o in (1, 2, 4) for cf in (0.0, 0.5, 1.25)]
 TOKENS = [(7, 0), (13, 3), (1, 9), (0, 0), (16, 16)]  # (rank 0, rank 1) tokens; empty ranks too
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _weights(e: int = 8, d: int = 32, i: int = 16):  # type: ignore[no-untyped-def]
@@ -107,7 +101,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def ep2(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object]]:
     """Findings of both ranks of a 2-process gloo group."""
     out = tmp_path_factory.mktemp("ep2")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -9,7 +9,6 @@ Two tiny models cover both routing modes and a dense layer between MoE layers: t
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from testkit.hf_tiny import make_tiny_model
+from testkit.ports import free_port
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.expert_store.decode import greedy_decode
@@ -27,12 +27,6 @@ from batonserve.workers.parallel.ep_slice import SlicedEPMoE
 PROMPTS = [[5, 17, 301, 42, 9, 100, 77], [3, 5, 6, 7], [8, 222, 33, 44, 55]]  # 16 rows: uneven
 KW = dict(device="cpu", dtype="float32", num_kv_blocks=32, block_size=4)
 VARIANTS = {"shared": {}, "norm_dense": {"norm_topk_prob": True, "mlp_only_layers": [0]}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _worker(rank: int, world: int, port: int, models: dict[str, str], out_dir: str) -> None:
@@ -69,7 +63,7 @@ def ep2(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict]]:
     """Both ranks' findings, per model variant."""
     root = tmp_path_factory.mktemp("qwen2-moe-ep")
     models = {n: str(make_tiny_model("qwen2_moe", root / n, **o)) for n, o in VARIANTS.items()}
-    mp.spawn(_worker, args=(2, _free_port(), models, str(root)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), models, str(root)), nprocs=2, join=True)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 

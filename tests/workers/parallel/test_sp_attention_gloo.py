@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from sp_cases import SCHEDULE_NAMES, TOL, cases, rank_all_cases, rank_killed_peer
-from sp_harness import run_ranks
+from testkit.gloo_ranks import spawn_ranks
 
 
 def _by_case(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -24,7 +24,7 @@ def _by_case(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[s
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_matches_reference_all_schedules_and_layouts(world: int, tmp_path: Path) -> None:
     """Every case x schedule: within tolerance of float64, no NaN, formula bytes, schedules agree."""
-    records = run_ranks(rank_all_cases, world, tmp_path, deadline_s=300)
+    records = spawn_ranks(rank_all_cases, world, tmp_path, tmp_path, deadline_s=300)
     results = _by_case(records)
     # schedule=None: the cost model picks, the same on every rank; bad shapes name the tensor.
     picks = {rec["result"]["picked"] for rec in records}
@@ -67,7 +67,7 @@ def test_matches_reference_all_schedules_and_layouts(world: int, tmp_path: Path)
 def test_killed_peer_gives_bounded_error(schedule: str, tmp_path: Path) -> None:
     """A rank that dies mid-request: survivors raise SPCommError naming the step, well before a hang."""
     (tmp_path / schedule).touch()
-    recs = run_ranks(rank_killed_peer, 3, tmp_path, timeout_s=5.0, deadline_s=90)
+    recs = spawn_ranks(rank_killed_peer, 3, tmp_path, tmp_path, timeout_s=5.0, deadline_s=90)
     survivors = recs[:2]
     for rec in survivors:
         assert rec["ok"], rec.get("error")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from test_tp_parity import TOL, _run
-from tp_ranks import run_ranks
+from testkit.gloo_ranks import run_ranks
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.model_runner import ModelRunner

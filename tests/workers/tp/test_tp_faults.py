@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from tp_ranks import free_port
+from testkit.ports import free_port
 
 from batonserve.workers.tp import TPShard
 

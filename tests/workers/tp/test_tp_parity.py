@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from testkit.gloo_ranks import run_ranks
 from testkit.hf_tiny import load_hf_model
 from testkit.paged_batch import PagedSeqs
-from tp_ranks import run_ranks
 
 from batonserve.workers.config import EngineConfig
 from batonserve.workers.model_runner import ModelRunner

@@ -1,4 +1,5 @@
-"""Spawn N gloo ranks on 127.0.0.1 that run one function each; bounded in time, results returned.
+"""Spawn N gloo ranks on 127.0.0.1 that run one function each; bounded in time, results returned
+(the sequence-, expert- and tensor-parallel tests share it).
 
 Each rank's return value (any torch.save-able object) or its error comes back through a file.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -19,12 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from testkit.ports import free_port
 
 
 def _entry(
@@ -32,6 +27,7 @@ def _entry(
     world: int,
     port: int,
     timeout_s: float,
+    threads: int,
     fn: Callable[[int, int, Any], Any],
     arg: Any,
     out_dir: str,
@@ -40,7 +36,7 @@ def _entry(
     """Child: join the gloo group, run fn(rank, world, arg), save {'ok', 'result' | 'error'}."""
     sys.path[:0] = [p for p in path if p not in sys.path]
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     out = Path(out_dir) / f"rank{rank}.pt"
     try:
         dist.init_process_group(
@@ -60,7 +56,7 @@ def _entry(
                 dist.destroy_process_group()
 
 
-def run_ranks(
+def spawn_ranks(
     fn: Callable[[int, int, Any], Any],
     world: int,
     arg: Any,
@@ -68,14 +64,16 @@ def run_ranks(
     *,
     timeout_s: float = 30.0,
     deadline_s: float = 300.0,
-) -> list[Any]:
-    """fn(rank, world, arg) on `world` spawned ranks; each rank's result, or AssertionError."""
+    threads: int = 1,
+) -> list[dict[str, Any]]:
+    """fn(rank, world, arg) on `world` spawned ranks; each rank's record: {'ok', 'result' | 'error'}
+    (a rank that died without one reads {'ok': False, 'error': 'none'})."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
         ctx.Process(
             target=_entry,
-            args=(r, world, port, timeout_s, fn, arg, str(tmp), list(sys.path)),
+            args=(r, world, port, timeout_s, threads, fn, arg, str(tmp), list(sys.path)),
             daemon=True,
         )
         for r in range(world)
@@ -90,10 +88,20 @@ def run_ranks(
         p.kill()
         p.join(5)
     assert not hung, f"{len(hung)} rank(s) still running after {deadline_s}s"
-    results = []
+    records = []
     for r in range(world):
         f = tmp / f"rank{r}.pt"
-        rec = torch.load(f, weights_only=False) if f.exists() else {"ok": False, "error": "none"}
+        records.append(
+            torch.load(f, weights_only=False) if f.exists() else {"ok": False, "error": "none"}
+        )
+    return records
+
+
+def run_ranks(
+    fn: Callable[[int, int, Any], Any], world: int, arg: Any, tmp: Path, **kw: Any
+) -> list[Any]:
+    """spawn_ranks, asserting every rank succeeded; each rank's result."""
+    records = spawn_ranks(fn, world, arg, tmp, **kw)
+    for r, rec in enumerate(records):
         assert rec["ok"], f"rank {r}: {rec['error']}"
-        results.append(rec["result"])
-    return results
+    return [rec["result"] for rec in records]
