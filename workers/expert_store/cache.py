@@ -5,8 +5,10 @@ Not thread-safe by itself: the store calls it under its lock.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+
+import torch
 
 from batonserve.workers.expert_store.policies.base import CachePolicy
 from batonserve.workers.expert_store.types import ExpertKey, ExpertWeights, TierStats
@@ -24,8 +26,15 @@ class Entry:
 class CacheTier:
     """Resident experts under a byte budget."""
 
-    def __init__(self, budget_bytes: int, policy: CachePolicy, stats: TierStats) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        policy: CachePolicy,
+        stats: TierStats,
+        on_evict: Callable[[ExpertKey], None] | None = None,
+    ) -> None:
         self.budget = budget_bytes
+        self.on_evict = on_evict  # told after each eviction (the store frees the expert's slot)
         self.policy = policy
         self.stats = stats
         self.entries: dict[ExpertKey, Entry] = {}
@@ -96,3 +105,36 @@ class CacheTier:
         if entry.prefetched and not entry.used:
             self.evicted_unused_prefetch += 1
         self.policy.on_evict(key)
+        if self.on_evict is not None:
+            self.on_evict(key)
+
+
+class Slab:
+    """The compute tier's memory on CPU, allocated once: `slots` experts' tensors in two stacked
+    tensors ([slots, 2I, D] and [slots, D, I]). Reads copy into a free slot and eviction frees it,
+    so the tier's memory is exactly the slots it was given and the allocator never sees an expert
+    come or go (no heap growth from freed experts, no page faults on reuse).
+
+    A slot is reused in place: an evicted expert's tensors must not be in use, which the store
+    guarantees by never evicting the experts of the layer being computed (`protect`).
+    """
+
+    def __init__(
+        self,
+        slots: int,
+        gate_up_shape: tuple[int, ...],
+        down_shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> None:
+        self.gate_up = torch.empty((slots, *gate_up_shape), dtype=dtype)
+        self.down = torch.empty((slots, *down_shape), dtype=dtype)
+        self.free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @property
+    def slots(self) -> int:
+        """How many experts the slab holds."""
+        return int(self.gate_up.shape[0])
+
+    def weights(self, slot: int) -> ExpertWeights:
+        """The tensors of `slot` (views into the slab)."""
+        return ExpertWeights(self.gate_up[slot], self.down[slot])

@@ -81,6 +81,15 @@ def _tensor_locs(path: Path) -> dict[str, TensorLoc]:
     }
 
 
+def _into(weights: ExpertWeights, out: ExpertWeights | None) -> ExpertWeights:
+    """`weights` copied into `out`'s tensors when given (the slower readers' path), else as is."""
+    if out is None:
+        return weights
+    out.w_gate_up.copy_(weights.w_gate_up)
+    out.w_down.copy_(weights.w_down)
+    return out
+
+
 class DiskTier:
     """Reads one expert's weights from the checkpoint; counts bytes and can keep reads cold."""
 
@@ -116,14 +125,15 @@ class DiskTier:
         """Whether the checkpoint holds this expert."""
         return all(name in self.files for name in expert_tensor_names(key, self.architecture))
 
-    def read(self, key: ExpertKey) -> ExpertWeights:
-        """Load one expert from disk: (w1|w3 stacked [2I, D], w2 [D, I]) in the store's dtype."""
+    def read(self, key: ExpertKey, out: ExpertWeights | None = None) -> ExpertWeights:
+        """Load one expert from disk: (w1|w3 stacked [2I, D], w2 [D, I]) in the store's dtype;
+        into `out`'s tensors (a slot of the store's slab) when given, else new ones."""
         names = expert_tensor_names(key, self.architecture)
         missing = [n for n in names if n not in self.files]
         if missing:
             raise KeyError(f"expert {tuple(key)}: checkpoint has no tensor {missing[0]!r}")
         if self.inter is not None:
-            return self._read_slice(names)
+            return _into(self._read_slice(names), out)
         locs = [self._locs[n] for n in names]
         paths = {self.files[n] for n in names}
         nbytes = sum(loc.end - loc.start for loc in locs)
@@ -138,13 +148,16 @@ class DiskTier:
             with self._lock:
                 self.bytes_read += nbytes
                 self.reads += 1
-            # Straight from the reused read buffer into the expert's own tensors (dtype converted
-            # on the copy): one allocation per read, of the sizes the fast tier frees on eviction,
-            # so the heap reuses them instead of fragmenting (freed memory stays with the process).
-            gu = torch.empty((w1.shape[0] + w3.shape[0], w1.shape[1]), dtype=self.dtype)
+            # Straight from the reused read buffer into the expert's tensors (dtype converted on
+            # the copy): with `out`, no allocation at all; else one, of the expert's size.
+            if out is None:
+                gu = torch.empty((w1.shape[0] + w3.shape[0], w1.shape[1]), dtype=self.dtype)
+                down = torch.empty(w2.shape, dtype=self.dtype)
+            else:
+                gu, down = out.w_gate_up, out.w_down
             gu[: w1.shape[0]].copy_(w1)
             gu[w1.shape[0] :].copy_(w3)
-            return ExpertWeights(gu, torch.empty(w2.shape, dtype=self.dtype).copy_(w2))
+            return ExpertWeights(gu, down.copy_(w2))
         else:
             parts = []
             for name, loc in zip(names, locs, strict=True):
@@ -164,8 +177,11 @@ class DiskTier:
             self.reads += 1
         w1, w3, w2 = parts
         # cat and clone copy out of the read buffer, so it is freed (budgets count these bytes)
-        return ExpertWeights(
-            torch.cat([w1, w3], dim=0), w2.clone(memory_format=torch.contiguous_format)
+        return _into(
+            ExpertWeights(
+                torch.cat([w1, w3], dim=0), w2.clone(memory_format=torch.contiguous_format)
+            ),
+            out,
         )
 
     def _read_slice(self, names: tuple[str, str, str]) -> ExpertWeights:

@@ -22,10 +22,10 @@ class SlowDisk(DiskTier):
         super().__init__(*args, **kw)
         self.started: list[ExpertKey] = []
 
-    def read(self, key: ExpertKey):  # type: ignore[no-untyped-def]
+    def read(self, key: ExpertKey, out: Any = None):  # type: ignore[no-untyped-def]
         self.started.append(key)
         time.sleep(READ_S)
-        return super().read(key)
+        return super().read(key, out)
 
 
 def slow_store(reference: ResidentRun, bandwidth: float) -> ExpertStore:
