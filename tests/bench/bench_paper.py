@@ -14,6 +14,7 @@ design's rate bisected to 2%. Results go to docs/img/simulator/paper/<experiment
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -204,14 +205,28 @@ def designs(args: argparse.Namespace) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Whether each design (FAMILY:N or FAMILY:P+D) meets the SLOs at one rate, and its slowdowns."""
+    """Whether each design (FAMILY:N or FAMILY:P+D) meets the SLOs at one rate, and its slowdowns;
+    or, with --max-rate, the highest rate at which it does (bisected to 2%)."""
     from batonserve.cluster.sim.planner import evaluate
 
     setup = plan_setup(args.setting, _trace(args), model=args.model, reference=args.reference)
+    if args.prompt_budget:  # a variant: the engine's per-step token budget on every machine
+        limits = dataclasses.replace(setup.sim.limits, max_num_batched_tokens=args.prompt_budget)
+        setup = dataclasses.replace(setup, sim=dataclasses.replace(setup.sim, limits=limits))
     for text in args.designs:
         fam, _, counts = text.partition(":")
         design = make_design(fam, *(int(x) for x in counts.split("+")))
         t0 = time.time()
+        if args.max_rate:
+            row = max_rate(setup, design, iters=12, rel_tol=0.02)
+            ms = row.summary
+            slow = (
+                f"; TTFT p99 {ms.ttft_slowdown.p99:.2f}x, TBT p90 {ms.tbt_slowdown.p90:.2f}x"
+                if ms
+                else ""
+            )
+            print(f"{design.label}: {row.max_rate:.1f} req/s{slow} ({time.time() - t0:.0f} s)")
+            continue
         s, _ = evaluate(setup, design, args.rate)
         print(
             f"{design.label} at {args.rate} req/s ({args.requests} requests"
@@ -262,6 +277,8 @@ def main() -> None:
     c.add_argument(
         "--reference", default="a100-80gb", help="machine of the slowdown reference (variant)"
     )
+    c.add_argument("--max-rate", action="store_true", help="bisect each design's highest rate")
+    c.add_argument("--prompt-budget", type=int, default=0, help="tokens per step (variant)")
     c.set_defaults(func=check)
     rep = sub.add_parser("report")
     rep.set_defaults(func=report)
