@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -61,14 +62,23 @@ def residency(store: ExpertStore) -> Residency:
 def check_same_residency(store: ExpertStore, tp: TPShard) -> None:
     """RuntimeError unless every rank's store holds, hit and missed the same experts.
 
-    A collective: every rank of the group must call it at the same point.
+    A collective: every rank of the group must call it at the same point. Tensors, not pickled
+    objects, cross the group (first each rank's length, then the contents).
     """
     if tp.size == 1:
         return
-    mine = residency(store)
-    every: list[Residency | None] = [None] * tp.size
-    dist.all_gather_object(every, mine, group=tp.group)
-    differ = [r for r, other in enumerate(every) if other != mine]
+    keys, hits, misses = residency(store)
+    mine = torch.tensor(
+        [len(keys), *(n for key in keys for n in key), *hits, *misses], dtype=torch.int64
+    )
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(tp.size)]
+    dist.all_gather(sizes, torch.tensor([mine.numel()]), group=tp.group)
+    if all(int(n) == mine.numel() for n in sizes):
+        every = [torch.empty_like(mine) for _ in range(tp.size)]
+        dist.all_gather(every, mine, group=tp.group)
+        differ = [r for r, other in enumerate(every) if not torch.equal(other, mine)]
+    else:
+        differ = [r for r, n in enumerate(sizes) if int(n) != mine.numel()]
     if differ:
         raise RuntimeError(
             f"expert store: rank {tp.rank}'s residency differs from rank(s) {differ} "

@@ -123,3 +123,28 @@ def test_disk_tier_reads_only_the_rank_slice(tp_models: dict[str, Path]) -> None
         assert part.bytes_read * 2 == whole.bytes_read
         part.close()
     whole.close()
+
+
+def _disagree(rank: int, world: int, extra: int) -> str:
+    """Rank 1 holds `extra` more experts than rank 0 (0: one hit counted differently)."""
+    from types import SimpleNamespace
+
+    from batonserve.workers.expert_store.types import ExpertKey
+
+    keys = {ExpertKey(0, 1): None, **({ExpertKey(1, 2): None} if rank and extra else {})}
+    hits = [[0, 3 + (rank if not extra else 0)], [1, 0]]
+    store = SimpleNamespace(
+        fast=SimpleNamespace(entries=keys),
+        stats=SimpleNamespace(expert_hits=hits, expert_misses=[[1, 0], [0, 0]]),
+    )
+    try:
+        check_same_residency(store, TPShard(rank, world))  # type: ignore[arg-type]
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["same-size", "another-expert"])
+def test_disagreeing_ranks_are_named(tmp_path: Path, extra: int) -> None:
+    errors = run_ranks(_disagree, 2, extra, tmp_path)
+    assert "rank(s) [1]" in errors[0] and "rank(s) [0]" in errors[1], errors
