@@ -80,6 +80,39 @@ def wait_followers(refs: list[Any], what: str, error: type[Exception], label: st
         raise error(f"{label}: a rank failed ({what}): {e}") from e
 
 
+class FollowerWatch:
+    """Notices a dead follower while the group is idle: a step's collective notices at once, but
+    an idle worker would otherwise look healthy and keep being paired (its KV lanes then fail on
+    every attempt). One outstanding `ready()` call per follower, checked without waiting."""
+
+    def __init__(self, followers: list[Any], every_s: float = 1.0) -> None:
+        self.followers = followers
+        self.every_s = every_s
+        self._refs: list[Any] = [None] * len(followers)
+        self._next = 0.0
+
+    def check(self, error: type[Exception], label: str) -> None:
+        import time
+
+        import ray
+
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.every_s
+        for i, f in enumerate(self.followers):
+            ref = self._refs[i]
+            if ref is not None:
+                done, _ = ray.wait([ref], timeout=0)
+                if not done:
+                    continue  # still queued behind a forward: not a sign of death
+                try:
+                    ray.get(done[0])
+                except ray.exceptions.RayError as e:
+                    raise error(f"{label}: rank {i + 1} is gone: {e}") from e
+            self._refs[i] = f.ready.remote()
+
+
 def cpu_batch(batch: ForwardBatch) -> ForwardBatch:
     """The batch with CPU tensors (it travels to the followers through Ray)."""
     fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}

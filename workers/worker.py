@@ -373,6 +373,7 @@ class Worker:
                     self._steps += 1
                     self._events_out(self.importer.drain())  # the step may have freed blocks
                 self._backstop()
+                self._check_ranks()
                 self._publish(outputs, wake=stepped)
                 for rid in self.exporter.take_failed():  # after the step: not mid-forward
                     self.engine.abort_request(rid)
@@ -382,6 +383,13 @@ class Worker:
                 with self._cv:
                     self._cv.notify_all()
                 return
+
+    def _check_ranks(self) -> None:
+        """A TP or EP worker whose follower rank died goes down now, even when idle, so the
+        controller replaces the whole group (the error ends this loop)."""
+        check = getattr(getattr(self.engine, "runner", None), "check_followers", None)
+        if check is not None:
+            check()
 
     def _backstop(self) -> None:
         """Free handoffs whose owner never ended them (BACKSTOP_LEASES leases later)."""

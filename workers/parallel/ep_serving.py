@@ -34,6 +34,7 @@ from batonserve.workers.parallel.ep_slice import (
 )
 from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.rank_group import (
+    FollowerWatch,
     backend_for,
     cpu_batch,
     host_store,
@@ -112,6 +113,7 @@ class EPRunner:
         self.store = store  # the group's TCPStore: it must live as long as the group
         self.blocks = blocks
         self.followers = followers
+        self._watch = FollowerWatch(followers)
         self.model_config = local.model_config
         self.num_blocks = local.num_blocks
         self.block_size = local.block_size
@@ -152,6 +154,10 @@ class EPRunner:
         """A copy of the overlap tuner's choices (first MoE layer)."""
         # A deep copy: the step thread keeps tuning while the stats are pickled elsewhere.
         return copy.deepcopy(tuner_stats(self.blocks))
+
+    def check_followers(self) -> None:
+        """ExpertParallelError once a follower rank is found dead (checked between steps)."""
+        self._watch.check(ExpertParallelError, "expert parallel")
 
     def _wait(self, refs: list[Any], what: str) -> None:
         wait_followers(refs, what, ExpertParallelError, "expert parallel")

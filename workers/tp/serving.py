@@ -33,6 +33,7 @@ from batonserve.workers.kv_transfer import ChannelAddress, KVChunk, KVSpec, make
 from batonserve.workers.kv_transfer.config import KVTransferConfig
 from batonserve.workers.model_runner import ModelRunner, resolve_device
 from batonserve.workers.rank_group import (
+    FollowerWatch,
     backend_for,
     cpu_batch,
     host_store,
@@ -200,6 +201,7 @@ class TPRunner:
     ) -> None:
         self.local = local
         self.followers = followers
+        self._watch = FollowerWatch(followers)
         self.store = store  # the group's TCPStore: it must live as long as the group
         self.tp_size = 1 + len(followers)
         self.rank_bytes = [local.parameter_bytes(), *follower_bytes]  # resident, per rank
@@ -259,6 +261,10 @@ class TPRunner:
 
         for f in self.followers:
             ray.kill(f, no_restart=True)
+
+    def check_followers(self) -> None:
+        """TPError once a follower rank is found dead (checked between steps)."""
+        self._watch.check(TPError, "tensor parallel")
 
     def _get(self, refs: list[Any], what: str) -> list[Any]:
         return wait_followers(refs, what, TPError, "tensor parallel")
