@@ -9,6 +9,7 @@ dead or silent rank is an error, never a hang. Ray is imported only when a group
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -92,8 +93,6 @@ class FollowerWatch:
         self._next = 0.0
 
     def check(self, error: type[Exception], label: str) -> None:
-        import time
-
         import ray
 
         now = time.monotonic()
