@@ -4,6 +4,25 @@
 # paged cache (no gathered copy), in three passes: scores, softmax, weighted sum of values.
 # Accumulation is float32 whatever the storage dtype. Arrays are row-major and contiguous except
 # q, whose row and head strides are given (q is a slice of the fused qkv projection).
+# e^x for x <= 0 on 16 AVX-512 lanes: the polynomial of exp_nonpos; small_ops.py uses it too.
+EXP16_NONPOS = r"""
+static inline __m512 exp16_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, fi);
+    __m512 p = _mm512_set1_ps(0.000218712622881867f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.001238241558894515f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009686185978353024f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055478911846876144f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023109674453735f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693146824836731f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(fi), _mm512_set1_epi32(127));
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+}
+"""
+
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -179,22 +198,7 @@ static inline void st16_bf16(__m512 v, uint16_t* p) {  /* round to nearest even 
 static inline void st16_f16(__m512 v, _Float16* p) {
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
-/* exp_nonpos on 16 lanes (same polynomial) */
-static inline __m512 exp16_nonpos(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, fi);
-    __m512 p = _mm512_set1_ps(0.000218712622881867f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.001238241558894515f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009686185978353024f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055478911846876144f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023109674453735f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693146824836731f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(fi), _mm512_set1_epi32(127));
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
-}
+@EXP16_NONPOS@
 
 #define DEFINE_FAST_KERNEL(NAME, T, LD16, ST16)                                                  \
 void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
@@ -311,4 +315,4 @@ DEFINE_FAST_KERNEL(paged_attention_fast_f16, _Float16, ld16_f16, st16_f16)
 #define FAST_KERNELS 0
 #endif
 int64_t has_fast_kernels(void) { return FAST_KERNELS; }
-"""
+""".replace("@EXP16_NONPOS@", EXP16_NONPOS)

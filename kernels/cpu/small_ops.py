@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from batonserve.kernels.cpu.native import load
+from batonserve.kernels.cpu.paged_attention_src import EXP16_NONPOS
 
 _THREAD_ELEMS = 1 << 16  # split rows over threads from this many elements
 
@@ -94,22 +95,7 @@ void NAME(const T* x, int64_t ldt, int64_t ldh, const T* cs, const T* sn, T* out
    T(silu(g)) * u as F.silu(g) * u rounds it. AVX-512 only (a vector exp); elsewhere torch runs. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
-static inline __m512 exp16_nonpos(__m512 x) {  /* e^x, x <= 0: the polynomial of exp_nonpos in
-                                                   paged_attention_src.py, 16 lanes */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, fi);
-    __m512 p = _mm512_set1_ps(0.000218712622881867f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.001238241558894515f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009686185978353024f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055478911846876144f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24023109674453735f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693146824836731f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(fi), _mm512_set1_epi32(127));
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
-}
+@EXP16_NONPOS@
 static inline __m512 silu16(__m512 v) {  /* v * sigmoid(v), with e^-|v| so nothing overflows */
     const __m512 e = exp16_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
     const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
@@ -162,7 +148,7 @@ RMS(rms_f32, float, f_id, f_id, f_round_id, 0)
 RMS(rms_bf16, uint16_t, bf2f, f2bf, bf_round, 1)
 ROPE(rope_f32, float, f_id, f_id, f_round_id)
 ROPE(rope_bf16, uint16_t, bf2f, f2bf, bf_round)
-"""
+""".replace("@EXP16_NONPOS@", EXP16_NONPOS)
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _enabled = True
