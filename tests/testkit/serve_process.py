@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -99,3 +100,17 @@ class Server:
             raise
         finally:
             self._reader.join(10)
+
+
+@contextlib.contextmanager
+def serving(args: Sequence[str], ready_timeout: float = 300) -> Iterator[Server]:
+    """A ready server; on exit it must stop cleanly on SIGTERM (killed if it never got there)."""
+    s = Server(args)
+    try:
+        s.wait_for(r"batonserve: ready", timeout=ready_timeout)
+        yield s
+        assert s.stop() == 0, "\n".join(s.lines)
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(30)

@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from testkit.serve_process import Server, cli, serve_config
+from testkit.serve_process import Server, cli, serve_config, serving
 
 pytestmark = pytest.mark.cluster
 
@@ -27,15 +27,8 @@ pools:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The served demo at TP=2; stopped (SIGTERM) after the module's tests."""
-    s = Server(["--config", serve_config(tmp_path_factory.mktemp("serve-tp"), TP_POOLS)])
-    try:
-        s.wait_for(r"batonserve: ready", timeout=300)
+    with serving(["--config", serve_config(tmp_path_factory.mktemp("serve-tp"), TP_POOLS)]) as s:
         yield s
-        assert s.stop() == 0, "\n".join(s.lines)
-    finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait(30)
 
 
 def test_tp2_serve_matches_offline_and_reports_ranks(server: Server) -> None:

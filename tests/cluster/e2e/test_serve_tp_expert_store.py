@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from testkit.serve_process import QUIET, Server, cli
+from testkit.serve_process import QUIET, Server, cli, serving
 
 pytestmark = pytest.mark.cluster
 
@@ -31,15 +31,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The served demo-moe at TP=2 with the expert store; stopped (SIGTERM) after the tests."""
     path = tmp_path_factory.mktemp("serve-tp-store") / "config.yaml"
     path.write_text(CONFIG)
-    s = Server(["--config", str(path)])
-    try:
-        s.wait_for(r"batonserve: ready", timeout=300)
+    with serving(["--config", str(path)]) as s:
         yield s
-        assert s.stop() == 0, "\n".join(s.lines)
-    finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait(30)
 
 
 def test_tp2_expert_store_serve_matches_offline_all_resident(server: Server) -> None:
