@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ _FAST = {
 }
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _P]
-_ARGTYPES += [_I64, _I64, _I64, _I64, _I64, _F32, _I64, _I64]
+_ARGTYPES += [_I64, _I64, _I64, _I64, _I64, _F32, _I64, _I64, _I64]
 MAX_GROUP = 64  # query heads per KV head the kernel's stack arrays hold
 _enabled = True
 _fast_enabled = True
@@ -69,14 +68,6 @@ def set_fast_kernels_enabled(enabled: bool) -> None:
 def available() -> bool:
     """True when the C kernel is enabled and built on this machine."""
     return _enabled and _library() is not None
-
-
-@functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    # ctypes drops the GIL for the call, so threads run the kernel on disjoint tasks in parallel.
-    return ThreadPoolExecutor(
-        max_workers=max(2, torch.get_num_threads()), thread_name_prefix="attn"
-    )
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -131,17 +122,6 @@ def paged_attention_cpu(
     head += (row_seq.data_ptr(), row_last.data_ptr(), out.data_ptr())
     head += (lse.data_ptr() if lse is not None else None,)
     shape: tuple[Any, ...] = (num_heads, num_kv, head_dim, block_size, sliding_window or 0, scale)
-    tasks = t * num_kv
-    threads = min(torch.get_num_threads(), tasks // 4 or 1)
-    if threads <= 1:
-        fn(*head, *shape, 0, tasks)
-    else:
-        bounds = [tasks * i // threads for i in range(threads + 1)]
-        futs = [
-            _pool().submit(fn, *head, *shape, bounds[i], bounds[i + 1])  # type: ignore[call-arg]
-            for i in range(1, threads)
-        ]
-        fn(*head, *shape, bounds[0], bounds[1])  # this thread takes the first share
-        for f in futs:
-            f.result()
+    tasks = t * num_kv  # split over torch's threads in C (native.SPLIT_C), 4+ tasks each
+    fn(*head, *shape, 0, tasks, min(torch.get_num_threads(), tasks // 4 or 1))
     return out, lse

@@ -1,5 +1,7 @@
 """C source of the CPU paged attention kernel (built by kernels/cpu/native.py)."""
 
+from batonserve.kernels.cpu.native import SPLIT_C
+
 # One task = one (query row, KV head): its G query heads read the row's keys straight from the
 # paged cache (no gathered copy), in three passes: scores, softmax, weighted sum of values.
 # Accumulation is float32 whatever the storage dtype. Arrays are row-major and contiguous except
@@ -28,7 +30,7 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-
+@SPLIT@
 static inline void load_f32(const float* s, float* d, int64_t n) { memcpy(d, s, n * 4); }
 static inline void store_f32(const float* s, float* d, int64_t n) { memcpy(d, s, n * 4); }
 static inline void load_bf16(const uint16_t* s, float* d, int64_t n) {
@@ -77,7 +79,7 @@ static inline float exp_nonpos(float x) {
 }
 
 #define DEFINE_KERNEL(NAME, T, LOAD, STORE)                                                     \
-void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
+static void NAME##_part(const T* q, int64_t q_row_stride, int64_t q_head_stride,                 \
           const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
           const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
           int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
@@ -165,6 +167,15 @@ void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,              
     }                                                                                           \
     free(scores);                                                                               \
     free(qf);                                                                                   \
+}                                                                                               \
+void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
+          const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
+          const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
+          int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
+          int64_t task_begin, int64_t task_end, int64_t nth) {                                  \
+    SPLIT(task_begin, task_end, nth,                                                            \
+          NAME##_part(q, q_row_stride, q_head_stride, k, v, block_tables, bt_stride, row_seq,   \
+                      row_last, out, lse, H, Hkv, d, bs, window, scale, a, b));                 \
 }
 
 DEFINE_KERNEL(paged_attention_f32, float, load_f32, store_f32)
@@ -201,7 +212,7 @@ static inline void st16_f16(__m512 v, _Float16* p) {
 @EXP16_NONPOS@
 
 #define DEFINE_FAST_KERNEL(NAME, T, LD16, ST16)                                                  \
-void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
+static void NAME##_part(const T* q, int64_t q_row_stride, int64_t q_head_stride,                 \
           const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
           const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
           int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
@@ -306,6 +317,15 @@ void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,              
         }                                                                                       \
     }                                                                                           \
     free(qf);                                                                                   \
+}                                                                                               \
+void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
+          const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
+          const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
+          int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
+          int64_t task_begin, int64_t task_end, int64_t nth) {                                  \
+    SPLIT(task_begin, task_end, nth,                                                            \
+          NAME##_part(q, q_row_stride, q_head_stride, k, v, block_tables, bt_stride, row_seq,   \
+                      row_last, out, lse, H, Hkv, d, bs, window, scale, a, b));                 \
 }
 
 DEFINE_FAST_KERNEL(paged_attention_fast_f32, float, ld16_f32, st16_f32)
@@ -315,4 +335,4 @@ DEFINE_FAST_KERNEL(paged_attention_fast_f16, _Float16, ld16_f16, st16_f16)
 #define FAST_KERNELS 0
 #endif
 int64_t has_fast_kernels(void) { return FAST_KERNELS; }
-""".replace("@EXP16_NONPOS@", EXP16_NONPOS)
+""".replace("@EXP16_NONPOS@", EXP16_NONPOS).replace("@SPLIT@", SPLIT_C)

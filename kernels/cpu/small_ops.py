@@ -6,7 +6,7 @@ each, with the torch references' rounding order kept (half precision: every torc
 rounded to the storage dtype at the same points), so results match them to the last bit except
 where a float32 sum is taken in another order (RMSNorm's mean of squares) or exp differs in
 its last bits (SiLU: a polynomial, relative error ~1e-7). Rows split over
-threads for large inputs (ctypes drops the GIL).
+torch's OpenMP threads for large inputs (native.SPLIT_C).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from batonserve.kernels.cpu.native import load
+from batonserve.kernels.cpu.native import SPLIT_C, load
 from batonserve.kernels.cpu.paged_attention_src import EXP16_NONPOS
 
 _THREAD_ELEMS = 1 << 16  # split rows over threads from this many elements
@@ -28,7 +27,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-
+@SPLIT@
 static inline float bf2f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {  /* round to nearest even; NaN stays a (quiet) NaN */
     uint32_t u; memcpy(&u, &f, 4);
@@ -44,8 +43,8 @@ static inline float bf_round(float v) { return bf2f(f2bf(v)); }
    stored to sum_out (rounded to T). float32: x * rsqrt(mean(x^2) + eps) * w (F.rms_norm).
    Half: w * T(x_f32 * rsqrt(...)), each product rounded (the reference's two ops). */
 #define RMS(NAME, T, LOAD, STORE, ROUND, HALF)                                                  \
-void NAME(const T* x, int64_t ldx, const T* res, int64_t ldr, const T* w, T* out, T* sum_out,  \
-          int64_t n, float eps, int64_t r0, int64_t r1) {                                      \
+static void NAME##_part(const T* x, int64_t ldx, const T* res, int64_t ldr, const T* w, T* out, \
+                        T* sum_out, int64_t n, float eps, int64_t r0, int64_t r1) {            \
     float buf[n];                                                                              \
     for (int64_t r = r0; r < r1; r++) {                                                        \
         const T* xr = x + r * ldx;                                                             \
@@ -67,13 +66,17 @@ void NAME(const T* x, int64_t ldx, const T* res, int64_t ldr, const T* w, T* out
         for (int64_t i = 0; i < n; i++)                                                        \
             o[i] = HALF ? STORE(ROUND(buf[i] * inv) * LOAD(w[i])) : STORE(buf[i] * inv * LOAD(w[i])); \
     }                                                                                          \
+}                                                                                              \
+void NAME(const T* x, int64_t ldx, const T* res, int64_t ldr, const T* w, T* out, T* sum_out,  \
+          int64_t n, float eps, int64_t r0, int64_t r1, int64_t nth) {                         \
+    SPLIT(r0, r1, nth, NAME##_part(x, ldx, res, ldr, w, out, sum_out, n, eps, a, b));          \
 }
 
 /* Rotate-half RoPE on rows [r0, r1) of x [T, heads, d] (strides ldt, ldh) into out [T, heads, d]
    with cos/sin [T, d] in T: x*c + rot(x)*s, rot = cat(-x2, x1), each product and the sum rounded. */
 #define ROPE(NAME, T, LOAD, STORE, ROUND)                                                       \
-void NAME(const T* x, int64_t ldt, int64_t ldh, const T* cs, const T* sn, T* out,              \
-          int64_t heads, int64_t d, int64_t r0, int64_t r1) {                                  \
+static void NAME##_part(const T* x, int64_t ldt, int64_t ldh, const T* cs, const T* sn, T* out, \
+                        int64_t heads, int64_t d, int64_t r0, int64_t r1) {                    \
     const int64_t h2 = d / 2;                                                                  \
     for (int64_t t = r0; t < r1; t++) {                                                        \
         const T* c = cs + t * d;                                                               \
@@ -89,6 +92,10 @@ void NAME(const T* x, int64_t ldt, int64_t ldh, const T* cs, const T* sn, T* out
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
+}                                                                                              \
+void NAME(const T* x, int64_t ldt, int64_t ldh, const T* cs, const T* sn, T* out,              \
+          int64_t heads, int64_t d, int64_t r0, int64_t r1, int64_t nth) {                     \
+    SPLIT(r0, r1, nth, NAME##_part(x, ldt, ldh, cs, sn, out, heads, d, a, b));                 \
 }
 
 /* silu(gate) * up over rows [r0, r1) of gu [rows, 2n] (gate | up, row stride ld) into out [rows, n]:
@@ -116,7 +123,7 @@ static inline __m512 bf16_round16(__m512 v) {
 static inline __mmask16 tail16(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
 }
-void silu_mul_f32(const float* gu, int64_t ld, float* out, int64_t n, int64_t r0, int64_t r1) {
+static void silu_mul_f32_part(const float* gu, int64_t ld, float* out, int64_t n, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++)
         for (int64_t i = 0; i < n; i += 16) {
             const __mmask16 m = tail16(n - i);
@@ -129,7 +136,8 @@ static inline __m512 ld16_bf16(__mmask16 m, const uint16_t* p) {
     const __m256i h = _mm256_maskz_loadu_epi16(m, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-void silu_mul_bf16(const uint16_t* gu, int64_t ld, uint16_t* out, int64_t n, int64_t r0, int64_t r1) {
+static void silu_mul_bf16_part(const uint16_t* gu, int64_t ld, uint16_t* out, int64_t n, int64_t r0,
+                               int64_t r1) {
     for (int64_t r = r0; r < r1; r++)
         for (int64_t i = 0; i < n; i += 16) {
             const __mmask16 m = tail16(n - i);
@@ -138,6 +146,14 @@ void silu_mul_bf16(const uint16_t* gu, int64_t ld, uint16_t* out, int64_t n, int
             const __m512 y = _mm512_mul_ps(bf16_round16(silu16(g)), u);
             _mm256_mask_storeu_epi16(out + r * n + i, m, _mm512_cvtepi32_epi16(bf16_bits16(y)));
         }
+}
+void silu_mul_f32(const float* gu, int64_t ld, float* out, int64_t n, int64_t r0, int64_t r1,
+                  int64_t nth) {
+    SPLIT(r0, r1, nth, silu_mul_f32_part(gu, ld, out, n, a, b));
+}
+void silu_mul_bf16(const uint16_t* gu, int64_t ld, uint16_t* out, int64_t n, int64_t r0, int64_t r1,
+                   int64_t nth) {
+    SPLIT(r0, r1, nth, silu_mul_bf16_part(gu, ld, out, n, a, b));
 }
 int64_t has_silu_mul(void) { return 1; }
 #else
@@ -148,7 +164,7 @@ RMS(rms_f32, float, f_id, f_id, f_round_id, 0)
 RMS(rms_bf16, uint16_t, bf2f, f2bf, bf_round, 1)
 ROPE(rope_f32, float, f_id, f_id, f_round_id)
 ROPE(rope_bf16, uint16_t, bf2f, f2bf, bf_round)
-""".replace("@EXP16_NONPOS@", EXP16_NONPOS)
+""".replace("@EXP16_NONPOS@", EXP16_NONPOS).replace("@SPLIT@", SPLIT_C)
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _enabled = True
@@ -167,14 +183,14 @@ def _library() -> ctypes.CDLL | None:
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     for sfx in _SUFFIX.values():
-        getattr(lib, f"rms_{sfx}").argtypes = [p, i64, p, i64, p, p, p, i64, f32, i64, i64]
-        getattr(lib, f"rope_{sfx}").argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i64]
+        getattr(lib, f"rms_{sfx}").argtypes = [p, i64, p, i64, p, p, p, i64, f32, i64, i64, i64]
+        getattr(lib, f"rope_{sfx}").argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i64, i64]
         for name in ("rms", "rope"):
             getattr(lib, f"{name}_{sfx}").restype = None
     lib.has_silu_mul.restype = i64
     if lib.has_silu_mul():
         for sfx in _SUFFIX.values():
-            getattr(lib, f"silu_mul_{sfx}").argtypes = [p, i64, p, i64, i64, i64]
+            getattr(lib, f"silu_mul_{sfx}").argtypes = [p, i64, p, i64, i64, i64, i64]
             getattr(lib, f"silu_mul_{sfx}").restype = None
     return lib
 
@@ -189,22 +205,9 @@ def usable(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and _library() is not None
 
 
-@functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(2, torch.get_num_threads()), thread_name_prefix="ops")
-
-
 def _over_rows(fn: Callable[..., None], head: tuple[Any, ...], rows: int, elems: int) -> None:
-    """fn(*head, r0, r1) over [0, rows), split over torch's thread count for large inputs."""
-    threads = min(torch.get_num_threads(), rows)
-    if threads <= 1 or elems < _THREAD_ELEMS:
-        fn(*head, 0, rows)
-        return
-    bounds = [rows * i // threads for i in range(threads + 1)]
-    futs = [_pool().submit(fn, *head, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    fn(*head, bounds[0], bounds[1])
-    for f in futs:
-        f.result()
+    """fn(*head, 0, rows, threads): rows split over torch's threads (in C) for large inputs."""
+    fn(*head, 0, rows, torch.get_num_threads() if elems >= _THREAD_ELEMS else 1)
 
 
 def rms_norm(

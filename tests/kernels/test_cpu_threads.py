@@ -1,0 +1,74 @@
+"""The C kernels split work over torch's own OpenMP threads: one runtime in the process, and the
+same bits whatever the thread count (each row or task is computed whole by one thread)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from batonserve.kernels.cpu import native, paged_attention, small_ops
+
+
+def _loaded_runtimes() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split()[-1] for line in f if "libgomp" in line.split()[-1]}
+
+
+def test_kernels_share_torchs_openmp_runtime() -> None:
+    gomp = native.openmp_runtime()
+    if gomp is None:
+        pytest.skip("this torch has no GNU OpenMP runtime loaded (the kernels run single-threaded)")
+    assert small_ops._library() is not None and paged_attention._library() is not None
+    assert _loaded_runtimes() == {gomp}  # not a second libgomp beside torch's
+
+
+def _threads_agree(fn: Callable[[], tuple[torch.Tensor, ...]]) -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        two = fn()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_ops_same_bits_on_one_or_two_threads(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 512, generator=g).to(dtype)  # above the threading threshold
+    res, w = torch.randn_like(x.float()).to(dtype), torch.randn(512, generator=g).to(dtype)
+    cos, sin = torch.randn(300, 64, generator=g).to(dtype), torch.randn(300, 64).to(dtype)
+    heads = x.view(300, 8, 64)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out, summed = small_ops.rms_norm(x, w, 1e-6, res)
+        assert summed is not None
+        return out, summed, small_ops.rope(heads, cos, sin)
+
+    _threads_agree(run)
+
+
+def test_attention_same_bits_on_one_or_two_threads() -> None:
+    g = torch.Generator().manual_seed(1)
+    seqs, bs, hkv, h, d = 24, 16, 4, 8, 64
+    blocks = 8
+    k = torch.randn(seqs * blocks, bs, hkv, d, generator=g).bfloat16()
+    v = torch.randn(seqs * blocks, bs, hkv, d, generator=g).bfloat16()
+    tables = torch.arange(seqs * blocks, dtype=torch.int32).view(seqs, blocks)
+    q = torch.randn(seqs, h, d, generator=g).bfloat16()
+    row_seq = torch.arange(seqs)
+    row_last = torch.randint(0, blocks * bs, (seqs,), generator=g)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out, lse = paged_attention.paged_attention_cpu(
+            q, k, v, tables, row_seq, row_last, return_lse=True
+        )
+        assert lse is not None
+        return out, lse
+
+    _threads_agree(run)
