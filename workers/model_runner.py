@@ -190,7 +190,7 @@ class ModelRunner:
         )
         from batonserve.workers.expert_store.loader import ram_budget_bytes, warm_order
         from batonserve.workers.expert_store.moe_block import sparse_moe_layers
-        from batonserve.workers.tp.expert_store import prefetch_under_tp, rank_expert_slice
+        from batonserve.workers.tp.expert_store import rank_expert_slice
 
         cfg = self.config
         layers = sparse_moe_layers(self.model)
@@ -207,7 +207,8 @@ class ModelRunner:
         store_cfg = StoreConfig(
             fast_budget_bytes=int(cfg.expert_cache_fraction * total),
             policy=cfg.expert_cache_policy,
-            prefetch=prefetch_under_tp(self.tp, cfg.expert_prefetch and predictor is not None),
+            prefetch=cfg.expert_prefetch and predictor is not None,
+            prefetch_lockstep=self.tp.size > 1,  # ranks must hold the same experts
             ram_budget_bytes=ram_budget_bytes(cfg.expert_cache_ram_fraction, total, self.device),
             device=str(self.device),
             dtype=dtype_name,

@@ -3,7 +3,9 @@
 The compute tier (RAM on CPU, GPU memory on CUDA) holds at most `fast_budget_bytes` of experts and
 its policy decides evictions. A demand for a resident expert is a hit; otherwise the expert is read
 (from the RAM tier on CUDA, else disk) while the forward waits, and that wait is the stall. Prefetch
-(forecasts from the predictor) fills the compute tier in the background and never blocks a demand.
+(forecasts from the predictor) fills the compute tier in the background and never blocks a demand;
+with `prefetch_lockstep` (tensor parallelism) prefetches are instead planned at fixed points of the
+forward and only their reads run behind (planned_reads.py), so residency is the same on every rank.
 Whatever the tiers hold, the weights returned are the checkpoint's, so outputs never change.
 
 On CPU the compute tier's memory is one slab of `fast_budget_bytes // expert_bytes` expert slots
@@ -19,12 +21,15 @@ import copy
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from batonserve.workers.expert_store.cache import CacheTier, Slab
 from batonserve.workers.expert_store.disk import DiskTier
+from batonserve.workers.expert_store.planned_reads import PlannedReads
 from batonserve.workers.expert_store.policies import PolicyContext, make_policy
 from batonserve.workers.expert_store.policies.lru import LRUPolicy
 from batonserve.workers.expert_store.prefetch import Prefetcher
@@ -49,6 +54,7 @@ class ExpertStore:
         self.stats = ExpertStoreStats(ctx.num_layers, ctx.num_experts)
         sample = self.disk.read(ExpertKey(0, 0))  # equal-size experts
         self.expert_bytes = sample.nbytes
+        self._shapes = (tuple(sample.w_gate_up.shape), tuple(sample.w_down.shape))
         self.disk.bytes_read = self.disk.reads = 0
         self.policy = make_policy(config.policy, ctx)
         fast_name = "gpu" if self.device.type == "cuda" else "ram"
@@ -58,10 +64,7 @@ class ExpertStore:
         self._reserved = 0  # slots taken by reads in flight (not yet resident)
         if self.device.type != "cuda":
             self._slab = Slab(
-                config.fast_budget_bytes // self.expert_bytes,
-                tuple(sample.w_gate_up.shape),
-                tuple(sample.w_down.shape),
-                sample.w_gate_up.dtype,
+                config.fast_budget_bytes // self.expert_bytes, *self._shapes, sample.w_gate_up.dtype
             )
         del sample
         self.fast = CacheTier(
@@ -84,7 +87,11 @@ class ExpertStore:
         self._forward = -1
         self._protect: frozenset[ExpertKey] = frozenset()
         self.prefetcher: Prefetcher | None = None
-        if config.prefetch:
+        self.planned: PlannedReads | None = None  # lockstep prefetch: reads planned, not awaited
+        self._next_forecast: tuple[int, list[ExpertKey]] | None = None  # lockstep: to plan next
+        if config.prefetch and config.prefetch_lockstep:
+            self.planned = PlannedReads()
+        elif config.prefetch:
             self.prefetcher = Prefetcher(
                 self._prefetch_load,
                 lambda: self._tick,
@@ -111,6 +118,10 @@ class ExpertStore:
         with self._lock:
             for tick, keys in sorted(forecasts.items()):
                 self.policy.forecast(tick, keys)
+            if self.planned is not None and forecasts:
+                # lockstep: the nearest forecast layer is planned after the next demand loads
+                tick = min(forecasts)
+                self._next_forecast = (tick, sorted(forecasts[tick]))
         if self.prefetcher is None:
             return
         for tick, keys in sorted(forecasts.items()):
@@ -127,12 +138,18 @@ class ExpertStore:
         with self._lock:
             self._tick = self.tick_of(layer)
             self.policy.advance(self._tick)
-            self._protect = frozenset(keys)
+            due = self.planned.due(self._tick) if self.planned is not None else []
+            # planned reads not collected yet are being written into tier memory: never evicted
+            planned = self.planned.keys() if self.planned is not None else frozenset()
+            self._protect = frozenset(keys) | planned
             self.stats.distinct_experts += len(keys)
             for key, n in zip(keys, tokens_per_expert, strict=True):
                 self.stats.expert_load[layer][key.expert] += int(n)
+        self._collect(due)
         out = [self._demand(key) for key in keys]
         self.stats.stall_seconds += time.perf_counter() - t0
+        if self._next_forecast is not None:
+            self._plan_prefetch()
         return out
 
     def warm(self, order: Sequence[ExpertKey]) -> tuple[int, int]:
@@ -225,6 +242,14 @@ class ExpertStore:
 
     def _load(self, key: ExpertKey, blocking: bool) -> ExpertWeights:
         """Read `key` from the nearest lower tier into compute-tier tensors."""
+        host = self._read_host(key)
+        if self._uploader is not None:
+            return self._uploader.upload(host, blocking)
+        return host
+
+    def _read_host(self, key: ExpertKey) -> ExpertWeights:
+        """`key`'s weights in host memory: from the RAM tier, else disk (pinned on CUDA, and kept
+        in the RAM tier when there is one)."""
         host: ExpertWeights | None = None
         if self.ram is not None:
             with self._lock:
@@ -246,9 +271,60 @@ class ExpertStore:
                 if self.ram is not None:
                     with self._lock:
                         self.ram.insert(key, host, self._now, (), prefetch=False)
-        if self._uploader is not None:
-            return self._uploader.upload(host, blocking)
         return host
+
+    def _plan_prefetch(self) -> None:
+        """Lockstep prefetch, right after a layer's demand loads: the forecast experts the policy
+        admits become resident now (evictions included) and their reads start in the background;
+        the layer they are forecast for waits for them (`_collect`). Every decision is made here,
+        in the forward's thread, so it depends on the demand sequence only, never on timing."""
+        assert self.planned is not None and self._next_forecast is not None
+        tick, keys = self._next_forecast
+        self._next_forecast = None
+        if tick <= self._tick:  # its layer already ran
+            self.stats.prefetch_dropped += len(keys)
+            return
+        with self._lock:
+            now = self._now
+            for key in keys:
+                if key in self.fast or key in self.planned:
+                    continue
+                if self._slab is not None:
+                    slot = self._reserve(key, now, prefetch=True)
+                    if slot is None:
+                        self.stats.prefetch_dropped += 1
+                        continue
+                    weights = self._slab.weights(slot)
+                    self._reserved -= 1  # the slot is the tier's from now on
+                    self.fast.insert(key, weights, now, self._protect, prefetch=True)
+                    self._slot_of[key] = slot
+                    self.planned.submit(key, tick, partial(self._disk_read, key, weights))
+                else:  # the tensors arrive when collected; room is taken now
+                    gu, down = (
+                        torch.empty(s, dtype=self.disk.dtype, device="meta") for s in self._shapes
+                    )
+                    if not self.fast.insert(key, ExpertWeights(gu, down), now, self._protect, True):
+                        self.stats.prefetch_dropped += 1
+                        continue
+                    self.planned.submit(key, tick, partial(self._read_host, key))
+                self._protect |= {key}
+                self.stats.prefetch_issued += 1
+            self._note_resident()
+
+    def _collect(self, due: list[tuple[ExpertKey, Future[ExpertWeights]]]) -> None:
+        """Wait for the planned reads of the layer about to run (their experts are resident
+        already; without a slab the read tensors replace the placeholders now)."""
+        for key, read in due:
+            if not read.done():
+                self.stats.late_prefetch += 1
+            host = read.result()
+            if self._slab is not None:
+                continue
+            weights = self._uploader.upload(host, False) if self._uploader is not None else host
+            with self._lock:
+                entry = self.fast.get(key)
+                assert entry is not None  # planned entries are protected until collected
+                entry.weights = weights
 
     def _prefetch_load(self, key: ExpertKey, tick: int) -> None:
         """Prefetcher callback: load `key` unless resident, in flight or refused by the policy."""
@@ -369,9 +445,13 @@ class ExpertStore:
         """Wait for queued prefetches (end of a measured run)."""
         if self.prefetcher is not None:
             self.prefetcher.drain()
+        if self.planned is not None:
+            self.planned.drain()
 
     def close(self) -> None:
         """Stop the prefetch worker and close the checkpoint files."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+        if self.planned is not None:
+            self.planned.close()
         self.disk.close()

@@ -45,6 +45,9 @@ class StoreConfig:
     prefetch: bool = False  # prefetch the predictor's forecasts in the background
     prefetch_top_m: int = 2  # experts prefetched per token and forecast layer
     prefetch_bandwidth_bytes_per_s: float = 0.0  # 0 = unlimited (demand loads always preempt)
+    # prefetch planned at fixed points of the forward, only reads in the background: residency
+    # depends on the demand sequence alone (tensor-parallel ranks must agree); see planned_reads.py
+    prefetch_lockstep: bool = False
     ram_budget_bytes: int = 0  # second-level RAM tier when the compute tier is a GPU (0 = none)
     drop_page_cache: bool = False  # fadvise(DONTNEED) after each read: every disk read is cold
     disk_reader: str = "pread"  # "pread" (byte ranges) or "safe_open" (safetensors slices)
@@ -96,8 +99,10 @@ class ExpertStoreStats:
     )  # [layer][expert] routed token copies
     expert_hits: list[list[int]] = field(default_factory=list)  # [layer][expert] fast-tier hits
     expert_misses: list[list[int]] = field(default_factory=list)  # [layer][expert] fast-tier misses
-    late_prefetch: int = 0  # demand found its expert still being prefetched (counted as a miss)
-    prefetch_issued: int = 0  # prefetch loads completed into the fast tier
+    # demand found its expert still being prefetched (counted as a miss); lockstep: a layer waited
+    # for a planned read (its expert counts as resident: hit or not depends on no timing)
+    late_prefetch: int = 0
+    prefetch_issued: int = 0  # prefetch loads completed into the fast tier (lockstep: planned)
     prefetch_used: int = 0  # of those, demanded before eviction (precision numerator)
     prefetch_dropped: int = 0  # forecasts not loaded (stale, not admitted, or over budget)
     demand_accesses: int = 0  # (forward, layer, expert) demands

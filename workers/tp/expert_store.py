@@ -7,8 +7,10 @@ every rank, and the store's policies are deterministic functions of the demand s
 rank keeps, evicts and misses the same experts in the same step. A miss is a local read, never a
 collective, so a slow rank only delays the layer's all-reduce; it cannot deadlock it.
 
-Background prefetch is off under TP: when a prefetch lands depends on each rank's timing, so the
-ranks' residency would drift apart (the predictor's forecasts still steer the policy).
+Prefetch runs in lockstep under TP (StoreConfig.prefetch_lockstep, planned_reads.py): every rank
+forecasts from the same all-reduced hidden state, plans the same prefetches at the same point of the
+forward (after a layer's demand loads) and waits for those reads before the forecast layer runs, so
+only each rank's read time differs, never what it holds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
     from batonserve.workers.expert_store import ExpertStore
     from batonserve.workers.expert_store.types import ExpertKey
 
-Residency = tuple[tuple["ExpertKey", ...], tuple[int, ...], tuple[int, ...]]
+# (resident experts, per-expert hits, per-expert misses, prefetches (issued, used, dropped))
+Residency = tuple[tuple["ExpertKey", ...], tuple[int, ...], tuple[int, ...], tuple[int, int, int]]
 
 
 def rank_expert_slice(model: nn.Module, tp: TPShard) -> tuple[int, int] | None:
@@ -38,39 +41,28 @@ def rank_expert_slice(model: nn.Module, tp: TPShard) -> tuple[int, int] | None:
     return moe.i0, moe.i0 + moe.inter
 
 
-def prefetch_under_tp(tp: TPShard, wanted: bool) -> bool:
-    """Whether background prefetch runs: never under TP (it would break rank agreement)."""
-    if wanted and tp.size > 1:
-        print(
-            f"expert_prefetch: off under tensor_parallel_size {tp.size} (ranks must keep the "
-            "same experts; forecasts still steer the cache policy)",
-            flush=True,
-        )
-    return wanted and tp.size == 1
-
-
 def residency(store: ExpertStore) -> Residency:
-    """(resident experts, per-expert hits, per-expert misses) of one rank's store."""
+    """What every rank's store must agree on: resident experts, hits, misses and prefetches."""
     st = store.stats
     return (
         tuple(sorted(store.fast.entries)),
         tuple(n for row in st.expert_hits for n in row),
         tuple(n for row in st.expert_misses for n in row),
+        (st.prefetch_issued, st.prefetch_used, st.prefetch_dropped),
     )
 
 
 def check_same_residency(store: ExpertStore, tp: TPShard) -> None:
-    """RuntimeError unless every rank's store holds, hit and missed the same experts.
+    """RuntimeError unless every rank's store holds, hit, missed and prefetched the same experts.
 
     A collective: every rank of the group must call it at the same point. Tensors, not pickled
     objects, cross the group (first each rank's length, then the contents).
     """
     if tp.size == 1:
         return
-    keys, hits, misses = residency(store)
-    mine = torch.tensor(
-        [len(keys), *(n for key in keys for n in key), *hits, *misses], dtype=torch.int64
-    )
+    keys, hits, misses, prefetch = residency(store)
+    flat = [len(keys), *(n for key in keys for n in key), *hits, *misses, *prefetch]
+    mine = torch.tensor(flat, dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(tp.size)]
     dist.all_gather(sizes, torch.tensor([mine.numel()]), group=tp.group)
     if all(int(n) == mine.numel() for n in sizes):

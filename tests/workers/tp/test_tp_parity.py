@@ -27,15 +27,16 @@ def _config() -> EngineConfig:
     return EngineConfig(dtype="float32", num_kv_blocks=32, block_size=4)
 
 
-def _run(runner: ModelRunner) -> dict[str, Any]:
-    """Prefill both prompts (every row's logits), then greedy decode: logits and tokens."""
+def _run(runner: ModelRunner, steps: int = DECODE_STEPS) -> dict[str, Any]:
+    """Prefill both prompts (every row's logits), then `steps` greedy decode steps: logits and
+    tokens."""
     seqs = PagedSeqs(block_size=4, num_blocks=32, seed=1)
     ids = [seqs.add() for _ in PROMPTS]
     prefill = runner.execute(seqs.step(dict(zip(ids, PROMPTS, strict=True)), all_logits=True))
     ends = torch.tensor([len(PROMPTS[0]) - 1, len(PROMPTS[0]) + len(PROMPTS[1]) - 1])
     tokens = [prefill[ends].argmax(-1).tolist()]
     decode = []
-    for _ in range(DECODE_STEPS):
+    for _ in range(steps):
         out = runner.execute(seqs.step({s: [t] for s, t in zip(ids, tokens[-1], strict=True)}))
         decode.append(out)
         tokens.append(out.argmax(-1).tolist())
