@@ -58,8 +58,7 @@ PROBE = textwrap.dedent(
                        num_kv_blocks=4, block_size=16)
     r = ModelRunner(sys.argv[1], cfg)
     loaded = max(high[0], anon())
-    if r.expert_store is not None:  # serve: misses read, convert and evict experts
-        greedy_decode(r, [list(range(2, 34))], 16)
+    greedy_decode(r, [list(range(2, 34))], 16)  # with a store, misses read and evict experts
     done.set()
     sampler.join()
     served = max(high[0], anon())
@@ -97,14 +96,20 @@ def test_peak_host_memory_is_nonexpert_plus_fast_budget(big_model: Path) -> None
     assert m["fast_used"] > m["fast_budget"] - total // 32  # warmed: full up to one expert
     assert grew <= bound, (grew, bound)
     assert grew < 0.6 * total
-    # Serving (misses evict and read experts) stays within the same bound: the fast tier is one
-    # slab of budget // expert_bytes slots allocated at start, reads go from a reused buffer
-    # straight into a free slot and eviction frees the slot, so no expert is ever malloc'd/freed.
-    served = m["served"] - m["base"]
-    print(f"after 16 decode steps: {served / MB:.0f} MB")
-    assert served <= bound, (served, bound)
+    # Serving (misses evict and read experts) adds only what the same decode adds to the
+    # all-resident model (oneDNN's workspace and primitive cache: 18 MB here in float16): the fast
+    # tier is one slab of budget // expert_bytes slots allocated at start, reads go from a reused
+    # buffer straight into a free slot and eviction frees the slot, so no expert is ever
+    # malloc'd/freed.
     resident = _probe(big_model, "", 1.0)  # the same measure sees a full load
     assert resident["loaded"] - resident["base"] > total
+    decode = resident["served"] - resident["loaded"]
+    served = m["served"] - m["base"]
+    print(
+        f"after 16 decode steps: {served / MB:.0f} MB; all-resident decode adds {decode / MB:.0f} MB"
+    )
+    assert decode < 0.1 * total, decode
+    assert served <= bound + decode, (served, bound, decode)
 
 
 def _probe(model: Path, policy: str, fraction: float) -> dict[str, int]:
