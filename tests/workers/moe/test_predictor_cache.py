@@ -11,6 +11,7 @@ from testkit.hf_tiny import make_tiny_model
 
 from batonserve.cluster.cli import main as cli_main
 from batonserve.workers.config import EngineConfig
+from batonserve.workers.engine import Engine
 from batonserve.workers.expert_store.decode import greedy_decode
 from batonserve.workers.expert_store.predictor_cache import (
     cache_dir,
@@ -20,6 +21,7 @@ from batonserve.workers.expert_store.predictor_cache import (
 )
 from batonserve.workers.model_runner import ModelRunner
 from batonserve.workers.models.paths import resolve_model_dir
+from batonserve.workers.sampling_params import SamplingParams
 
 PROMPTS = ([5, 17, 301, 42, 9, 100, 77], [3, 5, 6, 7], [8, 222, 33, 44, 55])
 
@@ -56,7 +58,8 @@ def test_train_then_serve_predictive_with_regrouping(
     cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Missing predictor: the error names the command. After training (Qwen2-MoE), the predictive
-    policy with prefetch and token paths serves the same tokens as the all-resident model."""
+    policy with prefetch and token paths serves the same tokens as the all-resident model, and the
+    engine regroups decode tokens by the predictor's forecasts with the same tokens."""
     model = make_tiny_model("qwen2_moe", tmp_path / "m")
     cfg = dict(dtype="float32", device="cpu", num_kv_blocks=32, block_size=4)
     with pytest.raises(ValueError, match="batonserve train-predictor --model"):
@@ -87,3 +90,12 @@ def test_train_then_serve_predictive_with_regrouping(
     assert got.tokens == ref.tokens
     assert r.token_paths is not None and len(r.token_paths(PROMPTS[0][0])) > 0
     assert r.expert_store.stats.prefetch_issued > 0
+
+    # Token regrouping in the engine's scheduler (cap 2 of 3 running sequences): same tokens.
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    kw = dict(cfg, num_kv_blocks=64)
+    plain = Engine.from_model(model, **kw)  # type: ignore[arg-type]
+    grouped = Engine.from_model(model, **kw, moe_regroup_batch=2, moe_regroup_max_wait=4)  # type: ignore[arg-type]
+    want = [o.token_ids for o in plain.generate([list(p) for p in PROMPTS], greedy)]
+    assert [o.token_ids for o in grouped.generate([list(p) for p in PROMPTS], greedy)] == want
+    assert grouped.stats().regroup_deferred > 0
