@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from moe_helpers import PROMPTS, ResidentRun, runner, same_logits
 
 from batonserve.workers.expert_store import ExpertStore, RoutingPredictor, StoreConfig, attach_store
@@ -33,14 +34,17 @@ class JitteryDisk(DiskTier):
         return super().read(key, out)
 
 
-def _run(reference: ResidentRun, seed: int | None) -> tuple[Any, ExpertStore]:
+def _run(reference: ResidentRun, seed: int | None, slab: bool) -> tuple[Any, ExpertStore]:
     """Greedy decode of PROMPTS from a lockstep-prefetching LRU store holding a quarter of the
-    experts' bytes (seed: reads jittered with that seed; None: plain reads)."""
+    experts' bytes (seed: reads jittered with that seed; None: plain reads). Without `slab` the
+    tier holds tensors read per expert, as on a GPU (planned experts get them when collected)."""
     r = runner()
     cfg = StoreConfig(
         fast_budget_bytes=16 * EXPERT_BYTES, policy="lru", prefetch=True, prefetch_lockstep=True
     )
     store = ExpertStore(r.model_dir, cfg, reference.ctx)
+    if not slab:
+        store._slab = None
     if seed is not None:
         store.disk.close()
         store.disk = JitteryDisk(r.model_dir, "float16", seed=seed)
@@ -54,8 +58,9 @@ def _run(reference: ResidentRun, seed: int | None) -> tuple[Any, ExpertStore]:
     return res, store
 
 
-def test_residency_does_not_depend_on_read_timing(reference: ResidentRun) -> None:
-    runs = [_run(reference, seed) for seed in (None, 1, 2)]
+@pytest.mark.parametrize("slab", [True, False], ids=["slab", "tensors"])
+def test_residency_does_not_depend_on_read_timing(reference: ResidentRun, slab: bool) -> None:
+    runs = [_run(reference, seed, slab) for seed in (None, 1, 2)]
     for res, _ in runs:
         assert same_logits(res, reference.result)
     first = residency(runs[0][1])
