@@ -113,9 +113,51 @@ def tables(out: Path) -> str:
     return "\n".join(lines)
 
 
+def isocost_conv_plot(out: Path) -> Path | None:
+    """Iso-cost on the conversation trace: Splitwise-AA's rate against its split of 86 A100s,
+    per model, with Baseline-H100 40 and 1.4x of it (the paper's figure) as lines."""
+    runs = sorted(out.glob("isocost-conv_variants_paper_*_12000s_conv.json"))
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for path, color in zip(runs, ("C0", "C1", "C2"), strict=False):
+        res = json.loads(path.read_text())
+        model = path.stem.split("_")[3]
+        # The default variant only: 2048-token budget, A100 reference, a bisected rate.
+        pts = sorted(
+            (int(r["design"].split()[1].split("P")[0]), r["rate"])
+            for r in res["runs"]
+            if r["design"].startswith("Splitwise-AA")
+            and r.get("prompt_budget", 2048) == 2048
+            and r.get("reference", "a100-80gb") == "a100-80gb"
+            and "rate" in r
+        )
+        base = res["baseline_h100_40_rate"]
+        ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=f"Splitwise-AA, {model}")
+        ax.axhline(base, color=color, ls=":", lw=1, label=f"Baseline-H100 40, {model}")
+        ax.axhline(1.4 * base, color=color, ls="--", lw=1, label=f"1.4x Baseline-H100, {model}")
+    # SplitwiseSim's iso-cost sweep rates stop here (splitwise_aa_isocost.yaml: 50-180 req/s).
+    ax.axhline(180, color="grey", lw=2, alpha=0.3, label="top of SplitwiseSim's iso-cost rates")
+    ax.axvline(51, color="k", lw=0.8, alpha=0.5)
+    ax.text(51.3, ax.get_ylim()[0], " paper's split 51P+35T", fontsize=7, va="bottom")
+    ax.set_xlabel("prompt machines of 86 DGX-A100s (the rest token machines)")
+    ax.set_ylabel("throughput within SLO (req/s)")
+    ax.set_title("iso-cost, conversation trace, 12,000 sampled requests", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "isocost_conv_splits.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
 def plots(out: Path) -> list[Path]:
     """Throughput against split per family, and normalised bars per experiment."""
     made = []
+    conv_splits = isocost_conv_plot(out)
+    if conv_splits is not None:
+        made.append(conv_splits)
     for exp in ("isopower", "isocost"):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
         for ax, s in zip(axes, SETTINGS, strict=True):
