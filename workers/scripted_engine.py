@@ -26,6 +26,7 @@ from batonserve.workers.scheduler import (
     SampledToken,
     Scheduler,
     SchedulerStats,
+    StepPlan,
     StepResult,
 )
 
@@ -45,6 +46,9 @@ class ScriptedEngineConfig:
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
     layer_delay_s: float = 0.0  # sleep per layer and step, to make steps observable in tests
+    # Sleep per prompt token a step computes: as on a real engine, a prefill takes time in
+    # proportion to its length (decode tokens do not pay it), so a prompt backlog lasts.
+    prompt_token_delay_s: float = 0.0
 
 
 class ScriptedEngine:
@@ -142,6 +146,8 @@ class ScriptedEngine:
     def step(self, layer_hook: LayerHook | None = None) -> list[CoreOutput]:
         """Schedule, write every layer's KV (calling the layer hook), sample, update."""
         plan = self.scheduler.schedule()
+        if self.cfg.prompt_token_delay_s:
+            time.sleep(self.cfg.prompt_token_delay_s * self._prompt_tokens(plan))
         for layer in range(self.cfg.num_layers):
             for seq in plan.seqs:
                 n = len(seq.token_ids)
@@ -179,6 +185,14 @@ class ScriptedEngine:
             )
             for u in updates
         ]
+
+    def _prompt_tokens(self, plan: StepPlan) -> int:
+        """Prompt tokens among the plan's tokens (positions before each prompt's end)."""
+        n = 0
+        for seq in plan.seqs:
+            prompt_len = self.scheduler.requests[seq.request_id].num_prompt_tokens
+            n += max(0, min(seq.start_pos + len(seq.token_ids), prompt_len) - seq.start_pos)
+        return n
 
     def _next_token(
         self, slots: list[int], params: SamplingParams

@@ -5,15 +5,17 @@
 A live cluster of scripted workers (the real scheduler, block pool, handoff and transport; the
 next token is a hash of the KV the worker holds, so wrong, stale or partial KV changes tokens)
 with two prefill and two decode workers, the shipped scheduler (conditional disaggregation, the
-mixed pool with thresholds scaled to the scripted load so roles do flip) serves streams of mixed
-prompt lengths, half of them greedy and half seeded samples (temperature > 0), while a seeded
-schedule kills workers, some at random moments and some at exact ones (an import commit, a role
-flip, a first token). Some streams ask for logprobs, and some are aborted by their client
-after a random number of tokens. After each run, per stream: the tokens equal an undisturbed
-run's (none missing, none repeated: the first token exactly once), or their prefix for an
-aborted stream, or the stream ended with a clear status; a stream that asked for logprobs got
-one per token, for that token, equal to the undisturbed run's; then every block pool is back to
-its baseline and no handoff is left open.
+mixed pool with thresholds scaled to the scripted load so roles do flip: scripted prefill takes
+time per prompt token, so each run's prompt burst is a backlog the mixed pool sees over several
+of its ticks and borrows a decode worker for) serves streams of mixed prompt lengths, half of
+them greedy and half seeded samples (temperature > 0), while a seeded schedule kills workers,
+some at random moments and some at exact ones (an import commit, a role flip, a first token, a
+worker lent to the mixed pool). Some streams ask for logprobs, and some are aborted by their
+client after a random number of tokens. After each run, per stream: the tokens equal an
+undisturbed run's (none missing, none repeated: the first token exactly once), or their prefix
+for an aborted stream, or the stream ended with a clear status; a stream that asked for
+logprobs got one per token, for that token, equal to the undisturbed run's; then every block
+pool is back to its baseline, every worker in its home role, and no handoff is left open.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the t
 from testkit.cluster_checks import idle
 
 # Kinds of fault: a random worker of a pool; the sending or receiving side of a handoff in
-# flight; two workers at once. Armed ones fire at the next exact moment after their token count:
-# a decode worker right after a stream's first token; the decode side of a handoff as the
-# cluster reads its import commit; the worker whose role the mixed pool just flipped; a worker
-# while it is lent to the mixed pool.
+# flight; two workers at once. Armed ones are armed when the run starts and fire at their next
+# exact moment: a decode worker right after a stream's first token; the decode side of a handoff
+# as the cluster reads its import commit; the worker whose role the mixed pool just flipped; a
+# worker while it is lent to the mixed pool. Every run meets each kind's first moment: it has
+# first tokens, hands off prompts (HANDED_OFF) and borrows a decode worker for its prompt burst.
 KINDS = (
     "prefill",
     "decode",
@@ -73,14 +76,27 @@ RUN_S = 300.0
 SAMPLED_SHARE = 0.5  # streams with temperature > 0 and a seed (the rest greedy)
 LOGPROBS_SHARE = 0.5  # streams that ask for logprobs (checked per token against the reference)
 ABORT_SHARE = 0.25  # streams whose client aborts them after a random number of tokens
+# Prefill at 1 ms per prompt token: a prefill worker computes about one token per ms, so a run's
+# backlog (at least 300 prompt tokens per prefill worker, see prompts_for) stays above the borrow
+# threshold for 200 ms or more: two of the cluster's 0.1 s housekeeping ticks, which decide role
+# changes. Without it the whole backlog cleared in tens of ms, between ticks, and roles flipped
+# in few runs (an armed role-flip or mixed fault then had no moment to meet).
 SCRIPTED = ScriptedEngineConfig(
-    num_blocks=1024, block_size=4, max_num_batched_tokens=64, layer_delay_s=0.002
+    num_blocks=1024,
+    block_size=4,
+    max_num_batched_tokens=64,
+    layer_delay_s=0.002,
+    prompt_token_delay_s=0.001,
 )
+# The reference runs unpaced: the pace changes no token.
+REFERENCE = dataclasses.replace(SCRIPTED, layer_delay_s=0.0, prompt_token_delay_s=0.0)
 # Shipped defaults except the mixed pool's thresholds, scaled to these prompts so that decode
 # workers really are borrowed into the mixed pool (and returned) while workers die.
 SCHEDULER = SchedulerConfig(
-    mixed_pool=MixedPoolConfig(borrow_prefill_tokens=400, return_prefill_tokens=150, cooldown_s=0.2)
+    mixed_pool=MixedPoolConfig(borrow_prefill_tokens=100, return_prefill_tokens=25, cooldown_s=0.2)
 )
+LENGTHS = (3, 8, 30, 120, 300, 420)  # prompt lengths drawn
+HANDED_OFF = 2  # prompts per run at least too long to run in place (they load the prefill pool)
 
 
 @dataclass(frozen=True)
@@ -98,9 +114,10 @@ class Report:
     runs: int = 0
     streams: int = 0
     killed: int = 0  # workers killed (a two-at-once fault kills two)
-    role_changes: int = 0  # mixed-pool borrows and returns while the faults ran
+    role_changes: int = 0  # mixed-pool borrows and returns (those between runs too)
     clear_errors: int = 0
     missed: int = 0  # armed faults whose moment did not come before the run ended (not counted)
+    armed: collections.Counter[str] = field(default_factory=collections.Counter)  # drawn, by kind
     sampled: int = 0  # streams checked that were seeded samples (temperature > 0)
     with_logprobs: int = 0  # streams checked that asked for logprobs
     aborted: int = 0  # streams their client aborted (their prefix checked)
@@ -145,16 +162,18 @@ def schedule(
 ) -> list[Fault]:
     """One run's faults: one to three, at random moments of the run's token stream.
 
-    Every moment is reached (each stream makes at least max_tokens // 2 tokens); a first-token
-    fault is armed from the start and fires at the next stream's first token.
+    Every token count is reached (each stream makes at least max_tokens // 2 tokens). An armed
+    fault is armed from the start and waits for its kind's next moment (see ARMED): the run's
+    first ones come for sure, not a second borrow once the lent worker is killed, say.
     """
     reach = streams * (max_tokens // 2) * 3 // 4
     faults = []
     for _ in range(rng.choice((1, 1, 2, 3))):
         kind = rng.choice(kinds)
-        # An armed kind waits for its moment after its count: arm it early enough to meet one.
+        # Drawn for the armed kinds too, though unused: the draws that follow stay as they were.
         last = reach // 2 if kind in ARMED else reach
-        faults.append(Fault(kind, 0 if kind == "first_token" else rng.randint(1, last)))
+        at = 0 if kind == "first_token" else rng.randint(1, last)
+        faults.append(Fault(kind, 0 if kind in ARMED else at))
     return sorted(faults, key=lambda f: f.after_tokens)
 
 
@@ -186,7 +205,7 @@ Expected = tuple[list[int], list[TokenLogprobs | None]]
 
 def reference(prompt: list[int], params: SamplingParams) -> Expected:
     """One stream's tokens and logprobs, run alone on an in-process scripted engine."""
-    engine = ScriptedEngine(SCRIPTED)
+    engine = ScriptedEngine(REFERENCE)
     engine.add_request("ref", list(prompt), params)
     toks: list[int] = []
     lps: list[TokenLogprobs | None] = []
@@ -221,24 +240,32 @@ def check_stream(
 
 
 def prompts_for(rng: random.Random, streams: int) -> list[list[int]]:
-    """Mixed lengths: short ones run in place on a decode worker, long ones are handed off."""
-    lengths = [rng.choice((3, 8, 30, 120, 300, 420)) for _ in range(streams)]
+    """Mixed lengths: short ones run in place on a decode worker, long ones are handed off (at
+    least HANDED_OFF of them: every run loads the prefill pool)."""
+    lengths = [rng.choice(LENGTHS) for _ in range(streams)]
+    short = [i for i, n in enumerate(lengths) if n <= SCHEDULER.in_place_max_tokens]
+    for i in short[: max(0, min(HANDED_OFF, streams) - (streams - len(short)))]:
+        lengths[i] = max(LENGTHS)
     return [[rng.randrange(2, SCRIPTED.vocab_size) for _ in range(n)] for n in lengths]
 
 
-def pick_victims(cluster: Cluster, kind: str, rng: random.Random) -> tuple[str, list[str]]:
-    """The kind of fault really injected now and the workers it kills (healthy ones only).
+def pick_victims(
+    cluster: Cluster, kind: str, rng: random.Random, dead: Dead = frozenset()
+) -> tuple[str, list[str]]:
+    """The kind of fault really injected now and the workers it kills (healthy ones only, and
+    none already killed: the cluster may not have noticed yet).
 
     A handoff fault with no handoff in flight falls back to a random worker of that side's pool.
     """
-    ws = {n: h for n, h in cluster.controller.workers.items() if h.healthy}
+    ws = {n: h for n, h in cluster.controller.workers.items() if alive(h, dead)}
     by_pool = {
         p: sorted(n for n, h in ws.items() if h.spec.pool == p) for p in ("prefill", "decode")
     }
     if kind in ("handoff_src", "handoff_dst"):
         live = [h for h in cluster.ledger.live() if h.src in ws and h.dst in ws]
         if not live:
-            return pick_victims(cluster, "prefill" if kind == "handoff_src" else "decode", rng)
+            side = "prefill" if kind == "handoff_src" else "decode"
+            return pick_victims(cluster, side, rng, dead)
         h = rng.choice(live)
         return kind, [h.src if kind == "handoff_src" else h.dst]
     if kind in ("prefill", "decode", "first_token"):
@@ -249,6 +276,14 @@ def pick_victims(cluster: Cluster, kind: str, rng: random.Random) -> tuple[str, 
         return kind, [rng.choice(lent)] if lent else []
     pre, dec = by_pool["prefill"], by_pool["decode"]
     return kind, ([rng.choice(pre)] if pre else []) + ([rng.choice(dec)] if dec else [])
+
+
+Dead = frozenset[tuple[str, int]] | set[tuple[str, int]]  # (worker, incarnation) killed
+
+
+def alive(h: WorkerHandle, dead: Dead) -> bool:
+    """Healthy to the cluster and not killed by the harness (a replacement is a new incarnation)."""
+    return h.healthy and (h.name, h.incarnation) not in dead
 
 
 class Moments:
@@ -287,11 +322,18 @@ async def one_run(
     max_tokens: int,
     kinds: Sequence[str] = KINDS,
     extras: random.Random | None = None,
+    victims_rng: random.Random | None = None,
 ) -> None:
-    """Streams under a fault schedule; checks every stream, then the pools and the ledger."""
+    """Streams under a fault schedule; checks every stream, then the pools and the ledger.
+
+    Victims are drawn from victims_rng (default rng): apart, a seed's prompts and schedules do
+    not depend on which faults met their moments in earlier runs."""
     prompts = prompts_for(rng, streams)
     params = [params_for(rng, max_tokens) for _ in prompts]
     faults = collections.deque(schedule(rng, streams, max_tokens, kinds))
+    report.armed.update(f.kind for f in faults if f.kind in ARMED)
+    pick = victims_rng or rng
+    dead: set[tuple[str, int]] = set()
     aborts = [0] * streams
     if extras is not None:
         params, aborts = with_extras(extras, params)
@@ -306,7 +348,7 @@ async def one_run(
                 armed[f.kind] += 1  # fires at its next moment (see moments())
                 continue
             kill(f.kind)
-        if armed["mixed"] and any(h.healthy and h.role == "mixed" for h in workers()):
+        if armed["mixed"] and any(alive(h, dead) and h.role == "mixed" for h in workers()):
             armed["mixed"] -= 1
             kill("mixed")
 
@@ -315,20 +357,22 @@ async def one_run(
 
     def kill(kind: str, victims: list[str] | None = None) -> None:
         if victims is None:
-            kind, victims = pick_victims(cluster, kind, rng)
+            kind, victims = pick_victims(cluster, kind, pick, dead)
         for name in victims:
-            ray.kill(cluster.controller.workers[name].actor)
+            h = cluster.controller.workers[name]
+            ray.kill(h.actor)
+            dead.add((name, h.incarnation))
         if victims:
             report.faults[kind] += 1
             report.killed += len(victims)
 
     def on_commit(dst: str) -> None:
-        if armed["import_commit"] and cluster.controller.workers[dst].healthy:
+        if armed["import_commit"] and alive(cluster.controller.workers[dst], dead):
             armed["import_commit"] -= 1
             kill("import_commit", [dst])
 
     def on_role_change(worker: str) -> None:
-        if armed["role_flip"] and cluster.controller.workers[worker].healthy:
+        if armed["role_flip"] and alive(cluster.controller.workers[worker], dead):
             armed["role_flip"] -= 1
             kill("role_flip", [worker])
 
@@ -356,7 +400,7 @@ async def one_run(
             return f"{type(e).__name__}: {e}"
         return toks, lps
 
-    inject()  # arms a first-token fault
+    inject()  # arms the exact-moment faults
     try:
         outs = await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(streams))), RUN_S)
     except TimeoutError:
@@ -382,15 +426,18 @@ async def one_run(
 
 
 async def settle(cluster: Cluster, timeout_s: float = 60.0) -> str:
-    """Wait for every worker healthy and idle with all blocks free and no handoff; "" or why not."""
+    """Wait for every worker healthy and idle with all blocks free and no handoff, and back in its
+    home role (the mixed pool gives lent workers back once idle: the next run starts from the
+    same pools and borrows for its own prompt burst); "" or why not."""
     deadline = time.monotonic() + timeout_s
+    ws = list(cluster.controller.workers.values())
     while time.monotonic() < deadline:
-        if not cluster.requests and idle(cluster):
+        if not cluster.requests and idle(cluster) and all(w.role == w.home_role for w in ws):
             return ""
         await asyncio.sleep(0.05)
-    ws = list(cluster.controller.workers.values())
     live = [(h.handoff_id, h.state.value) for h in cluster.ledger.live()]
-    return f"not back to baseline: handoffs {live}, stats {[w.stats for w in ws]}"
+    roles = {w.name: w.role for w in ws}
+    return f"not back to baseline: handoffs {live}, roles {roles}, stats {[w.stats for w in ws]}"
 
 
 def serve_config(address: str, namespace: str, transport: TransportName) -> ServeConfig:
@@ -428,6 +475,7 @@ async def chaos(
     """Run `runs` seeded runs on one cluster (workers are replaced as they die)."""
     rng = random.Random(seed)
     extras = random.Random(seed + 1_000_003)  # logprobs and client aborts, apart from faults
+    victims = random.Random(seed + 2_000_003)  # whom a fault kills, apart from the schedule
     report = Report()
     cfg = serve_config(address, namespace, transport)
     observer = RoleChanges(report)
@@ -439,7 +487,7 @@ async def chaos(
         for run in range(runs):
             try:
                 await one_run(
-                    cluster, moments, rng, run, report, streams, max_tokens, kinds, extras
+                    cluster, moments, rng, run, report, streams, max_tokens, kinds, extras, victims
                 )
             except TimeoutError:
                 break  # recorded as a failure; the cluster is in no state for another run

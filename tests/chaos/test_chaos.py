@@ -35,7 +35,12 @@ def test_chaos_exact_moments(ray_cluster: str) -> None:
     report = asyncio.run(chaos(3, 3, ray_cluster, "chaos-3", kinds=kinds))
     print(report.line())
     assert not report.failures, report.failures
-    assert report.runs == 3 and sum(report.faults.values()) >= 1  # some moments may not come
+    assert report.runs == 3
+    # Every run's prompt burst makes the mixed pool borrow, so every kind drawn met its moment
+    # (only a second fault of a kind in one run may wait for a moment that run does not make).
+    assert report.role_changes >= report.runs, report.line()
+    missed = [k for k in report.armed if not report.faults[k]]
+    assert report.armed and not missed, f"no {missed} fault met its moment: {report.line()}"
 
 
 @pytest.mark.parametrize("mode", ["ring", "ep"])

@@ -4,6 +4,7 @@ check seeded sampling across a resume: prompt + tokens so far continue the same 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from chaos import check_stream, reference
 from testkit.scripted_reference import scripted_reference
@@ -54,3 +55,14 @@ def test_stream_check_catches_a_repeated_first_token_and_a_missing_logprob() -> 
     assert check_stream(0, (toks, [None, *lps[1:]]), (toks, lps), params, 0)
     assert check_stream(0, (toks, lps[1:]), (toks, lps), params, 0)
     assert check_stream(0, (toks[:1], lps[:1]), (toks, lps), params, 4)  # stopped short
+
+
+def test_paced_prefill_takes_time_per_prompt_token_and_changes_no_token() -> None:
+    """The chaos harness paces its workers' prefill (so a prompt backlog lasts) and runs its
+    reference unpaced: the pace must change no token."""
+    prompt = [2 + i % 90 for i in range(120)]
+    params = _params(4)
+    paced = dataclasses.replace(CFG, prompt_token_delay_s=0.001)
+    start = time.monotonic()
+    assert scripted_reference(paced, [prompt], params) == scripted_reference(CFG, [prompt], params)
+    assert time.monotonic() - start >= 0.12  # 120 prompt tokens at 1 ms (decode is not paced)
