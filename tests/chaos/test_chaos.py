@@ -32,10 +32,12 @@ def test_chaos_seed(ray_cluster: str, seed: int, transport: TransportName) -> No
 
 def test_chaos_exact_moments(ray_cluster: str) -> None:
     kinds = ("import_commit", "role_flip", "mixed")
-    report = asyncio.run(chaos(3, 3, ray_cluster, "chaos-3", kinds=kinds))
+    # Two runs (a role flip, then workers lent, as seed 3 draws them): each run now kills a
+    # worker, and a third would only add another role flip and replacement wait.
+    report = asyncio.run(chaos(3, 2, ray_cluster, "chaos-3", kinds=kinds))
     print(report.line())
     assert not report.failures, report.failures
-    assert report.runs == 3
+    assert report.runs == 2
     # Every run's prompt burst makes the mixed pool borrow, so every kind drawn met its moment
     # (only a second fault of a kind in one run may wait for a moment that run does not make).
     assert report.role_changes >= report.runs, report.line()
