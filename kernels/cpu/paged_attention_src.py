@@ -78,6 +78,19 @@ static inline float exp_nonpos(float x) {
     return p * scale;
 }
 
+/* The exported kernel: tasks [task_begin, task_end) over `nth` threads (SPLIT), each thread
+   running NAME##_part on its share. */
+#define ENTRY(NAME, T)                                                                          \
+void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
+          const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
+          const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
+          int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
+          int64_t task_begin, int64_t task_end, int64_t nth) {                                  \
+    SPLIT(task_begin, task_end, nth,                                                            \
+          NAME##_part(q, q_row_stride, q_head_stride, k, v, block_tables, bt_stride, row_seq,   \
+                      row_last, out, lse, H, Hkv, d, bs, window, scale, a, b));                 \
+}
+
 #define DEFINE_KERNEL(NAME, T, LOAD, STORE)                                                     \
 static void NAME##_part(const T* q, int64_t q_row_stride, int64_t q_head_stride,                 \
           const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
@@ -168,15 +181,7 @@ static void NAME##_part(const T* q, int64_t q_row_stride, int64_t q_head_stride,
     free(scores);                                                                               \
     free(qf);                                                                                   \
 }                                                                                               \
-void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
-          const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
-          const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
-          int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
-          int64_t task_begin, int64_t task_end, int64_t nth) {                                  \
-    SPLIT(task_begin, task_end, nth,                                                            \
-          NAME##_part(q, q_row_stride, q_head_stride, k, v, block_tables, bt_stride, row_seq,   \
-                      row_last, out, lse, H, Hkv, d, bs, window, scale, a, b));                 \
-}
+ENTRY(NAME, T)
 
 DEFINE_KERNEL(paged_attention_f32, float, load_f32, store_f32)
 DEFINE_KERNEL(paged_attention_bf16, uint16_t, load_bf16, store_bf16)
@@ -318,15 +323,7 @@ static void NAME##_part(const T* q, int64_t q_row_stride, int64_t q_head_stride,
     }                                                                                           \
     free(qf);                                                                                   \
 }                                                                                               \
-void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
-          const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
-          const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
-          int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
-          int64_t task_begin, int64_t task_end, int64_t nth) {                                  \
-    SPLIT(task_begin, task_end, nth,                                                            \
-          NAME##_part(q, q_row_stride, q_head_stride, k, v, block_tables, bt_stride, row_seq,   \
-                      row_last, out, lse, H, Hkv, d, bs, window, scale, a, b));                 \
-}
+ENTRY(NAME, T)
 
 DEFINE_FAST_KERNEL(paged_attention_fast_f32, float, ld16_f32, st16_f32)
 DEFINE_FAST_KERNEL(paged_attention_fast_bf16, uint16_t, ld16_bf16, st16_bf16)
