@@ -306,7 +306,7 @@ class Metrics:
         self._inc("batonserve_worker_restarts_total", _wl(pool, worker))
 
     def kv_handoff(self, rec: HandoffRecord) -> None:
-        """One KV handoff ended (ok, failed, or aborted by lease expiry)."""
+        """One KV handoff ended (ok, failed, aborted by lease expiry, or cancelled)."""
         hl = {"from_pool": rec.from_pool, "to_pool": rec.to_pool}
         for name in _HANDOFF_COUNTERS:
             self._series[name].labels(**hl)  # zeros, so failure ratios read 0 instead of nothing
@@ -315,6 +315,8 @@ class Metrics:
         if rec.outcome == "ok":
             # Failed handoffs stop at an arbitrary point; their duration would skew the latency.
             self._observe("batonserve_kv_handoff_seconds", hl, rec.seconds)
+            return
+        if rec.outcome == "cancelled":  # the request ended first: nothing failed
             return
         self._inc("batonserve_kv_handoff_failures_total", hl)
         if rec.outcome == "lease_expired":

@@ -13,7 +13,9 @@ from typing import Literal, get_args
 
 from batonserve.cluster.scheduling.types import RoleChangeKind
 
-HandoffOutcome = Literal["ok", "failed", "lease_expired"]
+# "cancelled": the request ended (finished on its first token, or its client left) while its
+# handoff was still open; not a failure.
+HandoffOutcome = Literal["ok", "failed", "lease_expired", "cancelled"]
 
 # gRPC status code names (grpc.StatusCode.<NAME>.name); the router passes the final code's name.
 GRPC_CODES = frozenset(

@@ -7,7 +7,12 @@ from typing import Protocol
 
 from batonserve.cluster.controller import Controller
 from batonserve.cluster.handoff import Handoff
-from batonserve.cluster.metrics_inputs import HandoffRecord, PoolChange, WorkerSnapshot
+from batonserve.cluster.metrics_inputs import (
+    HandoffOutcome,
+    HandoffRecord,
+    PoolChange,
+    WorkerSnapshot,
+)
 from batonserve.workers.expert_store.types import ExpertStoreStats
 from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.sp_serving.report import SPStepReport
@@ -84,7 +89,7 @@ class NullObserver:
         """Ignored."""
 
 
-def handoff_record(controller: Controller, h: Handoff, outcome: str) -> HandoffRecord:
+def handoff_record(controller: Controller, h: Handoff, outcome: HandoffOutcome) -> HandoffRecord:
     """The metrics record of a handoff that ended with `outcome`."""
     pools = {n: w.spec.pool for n, w in controller.workers.items()}
     end = h.committed_at if h.committed_at else time.monotonic()
@@ -93,5 +98,5 @@ def handoff_record(controller: Controller, h: Handoff, outcome: str) -> HandoffR
         to_pool=pools.get(h.dst, h.dst),
         seconds=max(0.0, end - h.opened_at),
         bytes=h.nbytes,
-        outcome=outcome,  # type: ignore[arg-type]
+        outcome=outcome,
     )

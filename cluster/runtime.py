@@ -29,6 +29,7 @@ from batonserve.cluster.config import ServeConfig
 from batonserve.cluster.controller import Controller, WorkerHandle
 from batonserve.cluster.env import keep_ray_on_loopback
 from batonserve.cluster.handoff import Handoff, HandoffLedger
+from batonserve.cluster.metrics_inputs import HandoffOutcome
 from batonserve.cluster.observer import ClusterObserver, NullObserver, handoff_record
 from batonserve.cluster.placement import StartupError, check_pools_fit, local_num_cpus
 from batonserve.cluster.reconcile import Reconciler
@@ -341,7 +342,7 @@ class Cluster:
         ring = self.controller.ring
         if st.attempt is not None and ring is not None and self.ring_routes.failed(st.attempt):
             self.spawn(ring.build())
-        self._drop_attempt(st)
+        self._drop_attempt(st, "failed")
         if st.attempts >= MAX_ATTEMPTS:
             st.fail(ClusterUnavailable(f"request failed after {st.attempts} attempts: {reason}"))
             self._finish(st)
@@ -377,8 +378,9 @@ class Cluster:
         st.fail(ClusterUnavailable(f"no worker can resume the request: {why}"))
         self._finish(st)
 
-    def _drop_attempt(self, st: RequestState) -> None:
-        """Abort the current attempt on its workers and its handoff (all idempotent)."""
+    def _drop_attempt(self, st: RequestState, outcome: HandoffOutcome) -> None:
+        """Abort the current attempt on its workers and its handoff (all idempotent); an open
+        handoff is recorded with `outcome`."""
         a = st.attempt
         if a is None:
             return
@@ -387,7 +389,7 @@ class Cluster:
         if a.handoff_id is not None:
             h = self.ledger.abort(a.handoff_id, "request moved")
             if h is not None:
-                self.observer.kv_handoff(handoff_record(self.controller, h, "failed"))
+                self.observer.kv_handoff(handoff_record(self.controller, h, outcome))
         for name in {a.prefill, a.decode}:
             self.abort_on(name, a.worker_request_id)
 
@@ -400,12 +402,12 @@ class Cluster:
 
     def _finish(self, st: RequestState) -> None:
         """Forget a request that ended (its workers are told to drop it)."""
-        self._drop_attempt(st)
+        self._drop_attempt(st, "cancelled")
         if self.requests.get(st.request_id) is st:
             self.requests.remove(st)
             self.processor.remove(st.request_id)
 
-    def abort_handoff(self, h: Handoff, outcome: str) -> None:
+    def abort_handoff(self, h: Handoff, outcome: HandoffOutcome) -> None:
         """A handoff ended unacknowledged: free both sides and resume its request."""
         self.observer.kv_handoff(handoff_record(self.controller, h, outcome))
         self.abort_on(h.src, h.request_id)

@@ -209,8 +209,10 @@ def test_kv_handoff_outcomes(scrape) -> None:
     assert scrape(m).value("batonserve_kv_handoff_lease_expiries_total", **h) == 0
     m.kv_handoff(HandoffRecord("prefill", "decode", seconds=0.02, bytes=1024, outcome="failed"))
     m.kv_handoff(HandoffRecord("prefill", "decode", seconds=5.0, bytes=0, outcome="lease_expired"))
+    # Its request ended first (finished on its first token): counted, not a failure.
+    m.kv_handoff(HandoffRecord("prefill", "decode", seconds=0.01, bytes=0, outcome="cancelled"))
     s = scrape(m)
-    assert s.value("batonserve_kv_handoffs_total", **h) == 3
+    assert s.value("batonserve_kv_handoffs_total", **h) == 4
     assert s.value("batonserve_kv_handoff_failures_total", **h) == 2
     assert s.value("batonserve_kv_handoff_lease_expiries_total", **h) == 1
     assert s.value("batonserve_kv_handoff_bytes_total", **h) == 5120

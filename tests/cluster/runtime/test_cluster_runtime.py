@@ -115,6 +115,27 @@ def test_disaggregated_gloo_32_concurrent(
     wait_idle(cluster)
 
 
+def test_request_ending_on_its_first_token_cancels_its_handoff(
+    gloo: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
+) -> None:
+    """max_tokens=1: the prefill side's first token ends the request, so the handoff opened
+    for it is recorded as cancelled, not failed, and nothing is left behind."""
+    cluster, rec = gloo
+    rec.handoffs.clear()
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    prompts = [prompt_of(50 + i, 8 + i) for i in range(4)]
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(
+            *(collect(cluster, f"one{i}", p, one) for i, p in enumerate(prompts))
+        )
+
+    assert loop_thread.run(run()) == [reference(p, one) for p in prompts]
+    wait_idle(cluster)
+    # One handoff per request, none counted as failed (before: all four were "failed").
+    assert len(rec.outcomes()) == 4 and set(rec.outcomes()) <= {"ok", "cancelled"}, rec.outcomes()
+
+
 def test_lease_expiry_frees_and_request_resumes(
     gloo: tuple[Cluster, Recorder], loop_thread: LoopThread, reference: Any
 ) -> None:
