@@ -55,11 +55,12 @@ def cli(*args: str, timeout: float = 120, cpus: int = 0) -> subprocess.Completed
 
 
 class Server:
-    """`batonserve serve` in a subprocess; its stdout lines collected by a thread."""
+    """`batonserve serve` in a subprocess; its stdout lines collected by a thread. `python` picks
+    the install (another virtualenv's interpreter serves that install's code)."""
 
-    def __init__(self, args: Sequence[str], cpus: int = 0) -> None:
+    def __init__(self, args: Sequence[str], cpus: int = 0, python: str = sys.executable) -> None:
         self.proc = subprocess.Popen(
-            [*CLI, "serve", *args],
+            [python, *CLI[1:], "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
