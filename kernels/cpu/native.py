@@ -77,11 +77,23 @@ def _commands(cc: str, src: Path, out: str, gomp: str | None) -> list[list[str]]
 
 
 def build(name: str, source: str) -> Path | None:
-    """Compile `source` into a shared library (cached by content); None without a working compiler."""
+    """Compile `source` into a shared library (cached by content); None without a working compiler.
+
+    With OpenMP where torch has loaded a runtime; if that build fails (no omp.h, say), without:
+    the kernels then run on one thread, still far ahead of the torch reference.
+    """
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
     gomp = openmp_runtime()
+    if gomp is not None:
+        out = _build(name, source, cc, gomp)
+        if out is not None:
+            return out
+    return _build(name, source, cc, None)
+
+
+def _build(name: str, source: str, cc: str, gomp: str | None) -> Path | None:
     parts = [source, *CFLAGS, platform.machine(), cc, gomp or "no openmp"]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{name}-{key}.so"
@@ -98,7 +110,10 @@ def build(name: str, source: str) -> Path | None:
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(tmp_name, out)
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("CPU kernel %s not built (%s); using the torch reference", name, e)
+        if gomp:
+            log.warning("CPU kernel %s not built with OpenMP (%s); trying without", name, e)
+        else:
+            log.warning("CPU kernel %s not built (%s); using the torch reference", name, e)
         Path(tmp_name).unlink(missing_ok=True)
         return None
     finally:

@@ -3,7 +3,9 @@ same bits whatever the thread count (each row or task is computed whole by one t
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,28 @@ def test_kernels_share_torchs_openmp_runtime() -> None:
         pytest.skip("this torch has no GNU OpenMP runtime loaded (the kernels run single-threaded)")
     assert small_ops._library() is not None and paged_attention._library() is not None
     assert _loaded_runtimes() == {gomp}  # not a second libgomp beside torch's
+
+
+def test_failed_openmp_build_falls_back_to_one_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An OpenMP build that fails (here: a runtime path that does not exist) still gives a
+    working library, single-threaded, rather than the torch reference."""
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(native, "openmp_runtime", lambda: "/nonexistent/libgomp.so.1")
+    src = (
+        "#include <stdint.h>\n"
+        + native.SPLIT_C
+        + (
+            "int64_t total(int64_t n, int64_t nth) {"
+            " int64_t s = 0; SPLIT(0, n, nth, s += b - a); return s; }"
+        )
+    )
+    path = native.build("split_fallback", src)
+    assert path is not None
+    lib = ctypes.CDLL(str(path))
+    lib.total.restype = ctypes.c_int64
+    assert lib.total(ctypes.c_int64(10), ctypes.c_int64(2)) == 10
 
 
 def _threads_agree(fn: Callable[[], tuple[torch.Tensor, ...]]) -> None:
