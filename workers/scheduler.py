@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # annotation only: the scheduler itself stays torch-free
     from batonserve.workers.expert_store.types import ExpertStoreStats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per token per step: no __dict__
 class ScheduledSeq:
     """One request's share of a step: new tokens at positions [start_pos, start_pos + len)."""
 
@@ -49,7 +49,7 @@ class StepPlan:
         return not self.seqs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per token per step: no __dict__
 class SampledToken:
     """The token sampled for one request in a step."""
 
@@ -64,7 +64,7 @@ class StepResult:
     sampled: tuple[SampledToken, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per token per step: no __dict__
 class RequestUpdate:
     """One request's progress after a step (new token, end, or prefill done)."""
 
@@ -130,6 +130,9 @@ class Scheduler:
         self._step = 0
         self._regroup_deferred = 0
         self.regroup_waits: Counter[int] = Counter()  # steps a decode token waited -> tokens
+        # Each running request's block table as last planned, kept while the list is the same
+        # object and length (tables only grow in place): no copy at every decode step.
+        self._tables: dict[str, tuple[list[int], tuple[int, ...]]] = {}
 
     # ---- requests in and out ---------------------------------------------------------------
 
@@ -249,13 +252,15 @@ class Scheduler:
         """Advance computed counts, cache full blocks, append sampled tokens, end finished ones."""
         sampled = {s.request_id: s.token_id for s in result.sampled}
         updates, self._pending = self._pending, []
+        caching = self.pool.enable_caching  # checked once: this loop runs for every token
         for seq in plan.seqs:
             req = self.requests.get(seq.request_id)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             before = req.num_computed_tokens
             req.num_computed_tokens = seq.start_pos + len(seq.token_ids)
-            self._cache_new_blocks(req, before)
+            if caching:
+                self._cache_new_blocks(req, before)
             if not seq.sample:
                 continue
             token = sampled[seq.request_id]
@@ -376,13 +381,20 @@ class Scheduler:
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         start = req.num_computed_tokens
-        return ScheduledSeq(
-            request_id=req.request_id,
-            token_ids=tuple(req.tokens_between(start, start + n)),
-            start_pos=start,
-            block_ids=tuple(req.block_ids),
-            sample=start + n == req.num_tokens,
-        )
+        p = len(req.prompt_token_ids)
+        out = req.output_token_ids
+        if n == 1 and start >= p:  # a decode, the common case: skip the general slicing
+            tokens: tuple[int, ...] = (out[start - p],)
+        else:
+            tokens = tuple(req.tokens_between(start, start + n))
+        ids = req.block_ids
+        known = self._tables.get(req.request_id)
+        if known is not None and known[0] is ids and len(known[1]) == len(ids):
+            table = known[1]
+        else:
+            table = tuple(ids)
+            self._tables[req.request_id] = (ids, table)
+        return ScheduledSeq(req.request_id, tokens, start, table, start + n == p + len(out))
 
     def _ensure_hashes(self, req: Request, num_tokens: int) -> None:
         full = num_tokens // self.block_size
@@ -410,16 +422,20 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
+        self._tables.pop(req.request_id, None)
 
     @staticmethod
     def _update(req: Request, new: tuple[int, ...]) -> RequestUpdate:
+        # Positional and without the properties: it runs for every token of every request.
+        status = req.status
+        cached = req.num_cached_tokens
         return RequestUpdate(
-            request_id=req.request_id,
-            new_token_ids=new,
-            finished=req.is_finished,
-            finish_reason=req.finish_reason,
-            prefilled=req.status is RequestStatus.PREFILLED,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=len(req.output_token_ids),
-            num_cached_tokens=max(req.num_cached_tokens, 0),
+            req.request_id,
+            new,
+            status is RequestStatus.FINISHED,
+            req.finish_reason,
+            status is RequestStatus.PREFILLED,
+            len(req.prompt_token_ids),
+            len(req.output_token_ids),
+            cached if cached > 0 else 0,
         )

@@ -49,14 +49,19 @@ class SplitwiseBatching(Scheduler):
             seqs.append(self._seq(req, n))
             taken.add(req.request_id)
             used += n
+        bs = self.block_size
         for req in list(self.running):
             if len(seqs) >= self.max_num_seqs or used >= budget:
                 break
             if req.request_id in taken or req.status is not RequestStatus.RUNNING:
                 continue  # just admitted, or pre-empted below to make room
-            if not self._grow_or_preempt(req, taken, preempted):
+            target = len(req.prompt_token_ids) + len(req.output_token_ids)
+            # Most decode steps stay inside the last block: no need to grow (or pre-empt).
+            if len(req.block_ids) * bs < target and not self._grow_or_preempt(
+                req, taken, preempted
+            ):
                 continue
-            n = req.num_tokens - req.num_computed_tokens
+            n = target - req.num_computed_tokens
             seqs.append(self._seq(req, n))
             taken.add(req.request_id)
             used += n

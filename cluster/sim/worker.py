@@ -115,6 +115,7 @@ class SimWorker:
         self.link_free_at = 0.0  # outgoing KV link busy until then
         self.busy_s = 0.0
         self.num_steps = 0
+        self._tokens: dict[str, SampledToken] = {}  # each request's sampled token, reused
 
     # ---- state the snapshot shows: every change clears the cached view ---------------------
 
@@ -235,7 +236,7 @@ class SimWorker:
         for s in plan.seqs:
             # One new token past the prompt is a decode; anything else (prompt chunks, the
             # recompute after a preemption) is prefill work.
-            if len(s.token_ids) == 1 and s.start_pos >= reqs[s.request_id].num_prompt_tokens:
+            if len(s.token_ids) == 1 and s.start_pos >= len(reqs[s.request_id].prompt_token_ids):
                 decodes += 1
             else:
                 prefill_tokens += len(s.token_ids)
@@ -251,8 +252,17 @@ class SimWorker:
         assert plan is not None
         self.plan = None
         self._view = None
-        sampled = tuple(SampledToken(s.request_id, SIM_TOKEN) for s in plan.seqs if s.sample)
-        return self.sched.update(plan, StepResult(sampled))
+        # Every token is SIM_TOKEN, so a request's SampledToken is the same object at every step
+        # (building one per token was a twentieth of a conversation-trace run).
+        tokens = self._tokens
+        sampled = []
+        for s in plan.seqs:
+            if s.sample:
+                tok = tokens.get(s.request_id)
+                if tok is None:
+                    tok = tokens[s.request_id] = SampledToken(s.request_id, SIM_TOKEN)
+                sampled.append(tok)
+        return self.sched.update(plan, StepResult(tuple(sampled)))
 
     def flush(self) -> list[RequestUpdate]:
         """Updates the engine produced outside a step (e.g. a request that can never fit)."""
