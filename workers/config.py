@@ -36,6 +36,11 @@ class EngineConfig:
     # Batch sizes captured (ascending); () = 1, 2, 4, ... up to max_num_seqs. Fewer buckets, less
     # warm-up; a batch pads to the next bucket, or runs eager above the largest.
     compile_decode_buckets: tuple[int, ...] = ()
+    # bf16 on CPU: batches of 16+ rows multiply through float32 copies of the dense weights
+    # (kernels/linear.py), which costs 2x the bf16 weights' memory. "auto" keeps the copies on an
+    # Intel CPU without AMX (there fp32 GEMMs run ~1.9x bf16 ones) when they fit in a quarter of
+    # available memory; "on" / "off" force it.
+    cpu_fp32_gemm: str = field(default="auto", metadata=choices(("auto", "on", "off")))
     num_kv_blocks: int = 0  # 0 sizes the cache from kv_cache_bytes
     kv_cache_bytes: int = 256 * 1024 * 1024
     max_num_batched_tokens: int = 2048  # Splitwise's prefill batch cap
@@ -66,6 +71,10 @@ class EngineConfig:
         nt = self.num_threads
         if isinstance(nt, bool) or not isinstance(nt, int) or nt < 0:
             raise ValueError(f"num_threads: must be an integer >= 0 (0 = default), got {nt!r}")
+        if self.cpu_fp32_gemm not in ("auto", "on", "off"):
+            raise ValueError(
+                f"cpu_fp32_gemm: must be 'auto', 'on' or 'off', got {self.cpu_fp32_gemm!r}"
+            )
         if self.expert_cache_policy not in ("", *EXPERT_CACHE_POLICIES):
             raise ValueError(
                 f"expert_cache_policy: unknown policy {self.expert_cache_policy!r}; use one of "

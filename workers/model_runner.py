@@ -43,6 +43,20 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_fp32_gemm_is_faster() -> bool:
+    """True on an Intel CPU with AVX-512-BF16 but no AMX: there oneDNN's fp32 GEMM runs ~1.9x its
+    bf16 GEMM at 16+ rows (measured: docs/benchmarks.md). With AMX, bf16 is 3-6x fp32; on AMD
+    Zen 4, whose vdpbf16ps does twice the work of an FMA, bf16 wins too."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx is not None and amx():
+        return False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "GenuineIntel" in info and "avx512_bf16" in info and "amx_tile" not in info
+
+
 def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
     """The serving dtype: `dtype` as given, or for "auto" bf16 on a CPU with native bf16 matmul,
     fp32 on other CPUs (fp16 has no fast CPU path), and the checkpoint's dtype on accelerators."""
@@ -104,7 +118,7 @@ class ModelRunner:
             else:
                 self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device, tp)
                 load_weights(self.model_dir, self.model.weight_specs())
-            self.model.prepack()
+            self.model.prepack(self._fp32_gemm(config.cpu_fp32_gemm))
         self.model.eval()
         self.expert_store: ExpertStore | None = None
         self.moe_controller: MoEController | None = None
@@ -145,6 +159,34 @@ class ModelRunner:
                 buckets=tuple(config.compile_decode_buckets),
             )
             self.decode_graphs.warm_up()
+
+    def _fp32_gemm(self, mode: str) -> bool:
+        """Whether bf16 weights keep float32 copies for large batches (kernels/linear.py), with a
+        line saying why when "auto" turns them on or finds they do not fit."""
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu" or mode == "off":
+            return False
+        if mode == "on":
+            return True
+        if not cpu_fp32_gemm_is_faster():
+            return False
+        from batonserve.workers.expert_store.loader import available_host_bytes
+
+        extra = 2 * sum(  # float32 copies of the 2-D weights the GEMMs use
+            p.numel() * p.element_size() for p in self.model.parameters() if p.dim() == 2
+        )
+        room = available_host_bytes() // 4
+        fits = extra <= room
+        print(
+            "cpu_fp32_gemm: this CPU's fp32 GEMM outruns its bf16 GEMM (no AMX); "
+            + (
+                f"batches of 16+ rows use float32 weight copies (at most +{extra / 2**20:.0f} MiB)"
+                if fits
+                else f"float32 copies (+{extra / 2**20:.0f} MiB) exceed a quarter of available "
+                f"memory ({room / 2**20:.0f} MiB): bf16 GEMMs only"
+            ),
+            flush=True,
+        )
+        return fits
 
     def _attach_moe(self, dtype_name: str) -> None:
         """Load the routing predictor; set up the tiered store and token paths as configured."""

@@ -152,3 +152,41 @@ def test_num_threads_knob(model_dir: Path) -> None:
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="num_threads"):
         EngineConfig(num_threads=-1)
+
+
+def _has_fp32_copies(runner: ModelRunner) -> bool:
+    packed = runner.model.lm_head_packed
+    return packed is not None and packed.fp32 is not None
+
+
+def test_cpu_fp32_gemm_copies_match_bf16(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bf16 weights with float32 copies: the same logits within bf16 rounding, at a prefill big
+    enough (16+ rows) to take the copies; "auto" keeps them only on a CPU where they pay and
+    only when they fit."""
+    from batonserve.workers import model_runner as mr
+    from batonserve.workers.expert_store import loader
+
+    def build(mode: str) -> ModelRunner:
+        cfg = EngineConfig(dtype="bfloat16", cpu_fp32_gemm=mode, num_kv_blocks=8, block_size=4)
+        return ModelRunner(model_dir, cfg)
+
+    def prefill(runner: ModelRunner) -> torch.Tensor:
+        seqs = PagedSeqs(block_size=4, num_blocks=8)
+        ids = list(range(3, 23))  # 20 rows
+        return runner.execute(seqs.step({seqs.add(): ids}, all_logits=True))
+
+    on, off = build("on"), build("off")
+    assert _has_fp32_copies(on) and not _has_fp32_copies(off)
+    torch.testing.assert_close(prefill(on), prefill(off), atol=0.05, rtol=0.05)
+    monkeypatch.setattr(mr, "cpu_fp32_gemm_is_faster", lambda: False)
+    assert not _has_fp32_copies(build("auto"))
+    monkeypatch.setattr(mr, "cpu_fp32_gemm_is_faster", lambda: True)
+    assert _has_fp32_copies(build("auto"))
+    assert "float32 weight copies" in capsys.readouterr().out
+    monkeypatch.setattr(loader, "available_host_bytes", lambda: 1024)
+    assert not _has_fp32_copies(build("auto"))
+    assert "exceed a quarter of available memory" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="cpu_fp32_gemm"):
+        EngineConfig(cpu_fp32_gemm="yes")

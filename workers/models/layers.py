@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batonserve.kernels.activation import silu_and_mul
-from batonserve.kernels.linear import linear, pack_weight
+from batonserve.kernels.linear import PackedWeight, linear, pack_weight
 from batonserve.kernels.moe import moe_swiglu
 from batonserve.kernels.norm import fused_add_rms_norm, rms_norm
 from batonserve.kernels.rope import apply_rope
@@ -83,13 +83,13 @@ class Attention(nn.Module):
         self.qkv_weight = new_param(qkv, cfg.hidden_size, dtype=dtype, device=device)
         self.qkv_bias = new_param(qkv, dtype=dtype, device=device) if cfg.attention_bias else None
         self.o_weight = new_param(cfg.hidden_size, self.q_size, dtype=dtype, device=device)
-        self.qkv_packed: torch.Tensor | None = None  # set by prepack() once weights are loaded
-        self.o_packed: torch.Tensor | None = None
+        self.qkv_packed: PackedWeight | None = None  # set by prepack() once weights are loaded
+        self.o_packed: PackedWeight | None = None
 
-    def prepack(self) -> None:
+    def prepack(self, fp32_copies: bool = False) -> None:
         """Pack the loaded projection weights for the CPU GEMM (kernels/linear.py)."""
-        self.qkv_packed = pack_weight(self.qkv_weight)
-        self.o_packed = pack_weight(self.o_weight)
+        self.qkv_packed = pack_weight(self.qkv_weight, fp32_copies)
+        self.o_packed = pack_weight(self.o_weight, fp32_copies)
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names q/k/v/o_proj under `prefix` (e.g. 'model.layers.0.self_attn.')."""
@@ -180,13 +180,13 @@ class SwiGLU(nn.Module):
         self.inter = i1 - self.i0  # this rank's slice of the intermediate width
         self.gate_up = new_param(2 * self.inter, cfg.hidden_size, dtype=dtype, device=device)
         self.down = new_param(cfg.hidden_size, self.inter, dtype=dtype, device=device)
-        self.gate_up_packed: torch.Tensor | None = None  # set by prepack()
-        self.down_packed: torch.Tensor | None = None
+        self.gate_up_packed: PackedWeight | None = None  # set by prepack()
+        self.down_packed: PackedWeight | None = None
 
-    def prepack(self) -> None:
+    def prepack(self, fp32_copies: bool = False) -> None:
         """Pack the loaded weights for the CPU GEMM (kernels/linear.py)."""
-        self.gate_up_packed = pack_weight(self.gate_up)
-        self.down_packed = pack_weight(self.down)
+        self.gate_up_packed = pack_weight(self.gate_up, fp32_copies)
+        self.down_packed = pack_weight(self.down, fp32_copies)
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names gate/up/down_proj under `prefix` (e.g. 'model.layers.0.mlp.')."""

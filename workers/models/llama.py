@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batonserve.kernels.linear import linear, pack_weight
+from batonserve.kernels.linear import PackedWeight, linear, pack_weight
 from batonserve.kernels.rope import rope_cos_sin, rope_inv_freq
 from batonserve.workers.forward_context import get_forward_context
 from batonserve.workers.models.config import ModelConfig
@@ -111,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
             if cfg.tie_word_embeddings
             else new_param(rows, cfg.hidden_size, dtype=dtype, device=device)
         )
-        self.lm_head_packed: torch.Tensor | None = None  # set by prepack()
+        self.lm_head_packed: PackedWeight | None = None  # set by prepack()
         inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
         self.register_buffer("inv_freq", inv, persistent=False)  # [head_dim / 2] float32
 
@@ -128,13 +128,14 @@ class LlamaForCausalLM(nn.Module):
             specs += layer.weight_specs(f"model.layers.{i}.")  # type: ignore[operator]
         return specs
 
-    def prepack(self) -> None:
-        """Pack loaded dense weights for the CPU GEMM (kernels/linear.py): call after loading."""
+    def prepack(self, fp32_copies: bool = False) -> None:
+        """Pack loaded dense weights for the CPU GEMM (kernels/linear.py): call after loading.
+        fp32_copies: bf16 weights also keep a float32 copy for large batches."""
         for module in self.modules():
             pack = getattr(module, "prepack", None) if module is not self else None
             if pack is not None:
-                pack()
-        self.lm_head_packed = pack_weight(self.lm_head)
+                pack(fp32_copies)
+        self.lm_head_packed = pack_weight(self.lm_head, fp32_copies)
 
     def supports_decode_graph(self) -> bool:
         """True when forward_decode covers this model (dense SwiGLU MLPs; MoE and TP stay eager)."""
@@ -183,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Normed hidden rows [R, D] -> float32 logits [R, vocab] (rank slices gathered, unpadded)."""
-        out = linear(h, self.lm_head, None, self.lm_head_packed)  # [R, rows]
+        out = linear(h, self.lm_head, None, self.lm_head_packed, fp32_out=True)  # [R, rows]
         return self.tp.all_gather_last(out)[:, : self.cfg.vocab_size].float()
 
     def forward(
