@@ -41,6 +41,11 @@ class EngineConfig:
     # Intel CPU without AMX (there fp32 GEMMs run ~1.9x bf16 ones) when they fit in a quarter of
     # available memory; "on" / "off" force it.
     cpu_fp32_gemm: str = field(default="auto", metadata=choices(("auto", "on", "off")))
+    # Plan and settle steps while the model runs the next one (vLLM's async scheduling): the
+    # scheduler, its update and output processing leave the forward's critical path. Steps with
+    # a layer hook (a served worker streaming KV layer by layer) and token regrouping run in
+    # lockstep whatever this says.
+    async_scheduling: bool = False
     num_kv_blocks: int = 0  # 0 sizes the cache from kv_cache_bytes
     kv_cache_bytes: int = 256 * 1024 * 1024
     max_num_batched_tokens: int = 2048  # Splitwise's prefill batch cap

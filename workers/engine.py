@@ -67,6 +67,7 @@ def build_core(
         expert_path=paths if regroup else None,
         max_model_len=config.max_model_len,
         model_name=model_name,
+        async_scheduling=config.async_scheduling,
     )
 
 

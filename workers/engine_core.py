@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -20,9 +22,10 @@ from batonserve.workers.outputs import CoreOutput, TokenLogprobs
 from batonserve.workers.parallel.ep_tuner import EPTunerStats
 from batonserve.workers.regroup import ExpertPath, RegroupConfig
 from batonserve.workers.request import Request, RequestStatus
-from batonserve.workers.sampler import Sampler
+from batonserve.workers.sampler import Sampler, SamplerOutput
 from batonserve.workers.sampling_params import SamplingParams
 from batonserve.workers.scheduler import (
+    PENDING_TOKEN,
     RequestUpdate,
     SampledToken,
     Scheduler,
@@ -34,6 +37,26 @@ from batonserve.workers.scheduler import (
 if TYPE_CHECKING:
     from batonserve.workers.parallel import AttentionDims
     from batonserve.workers.sp_serving.forward import SPForward
+
+
+EMPTY_PLAN = StepPlan((), (), 0)
+
+
+def fill_rows(plan: StepPlan, last: _Step | None) -> tuple[list[int], list[int]] | None:
+    """Where `plan` decodes a token the running step `last` samples: (input rows, indices in
+    last's sampled rows), or None when it has none."""
+    if last is None:
+        return None
+    index = {r: i for i, r in enumerate(last.sampled_ids)}
+    rows: list[int] = []
+    picks: list[int] = []
+    row = 0
+    for s in plan.seqs:
+        if s.token_ids[0] == PENDING_TOKEN:  # a pending token is a decode's only input
+            rows.append(row)
+            picks.append(index[s.request_id])
+        row += len(s.token_ids)
+    return (rows, picks) if rows else None
 
 
 class Runner(Protocol):
@@ -61,7 +84,8 @@ class Runner(Protocol):
 
 
 def build_forward_batch(plan: StepPlan, block_size: int, device: torch.device) -> ForwardBatch:
-    """Flatten a plan into the runner's variable-length batch layout (built on CPU, then moved)."""
+    """Flatten a plan into the runner's variable-length batch layout (built on CPU, then moved).
+    A PENDING_TOKEN input (async scheduling) stays -1 here; `fill_pending` replaces it."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -99,8 +123,23 @@ def build_forward_batch(plan: StepPlan, block_size: int, device: torch.device) -
     )
 
 
+@dataclass
+class _Step:
+    """A plan the model is running on the step thread (async scheduling)."""
+
+    plan: StepPlan
+    sampled_ids: list[str]  # the requests it samples, in its logits' row order
+    done: Future[SamplerOutput]
+
+
 class EngineCore:
-    """Steps the scheduler, runs the model and samples; owns the block pool (a `WorkerEngine`)."""
+    """Steps the scheduler, runs the model and samples; owns the block pool (a `WorkerEngine`).
+
+    With `async_scheduling`, `step()` starts the model on the next plan (one step thread) before
+    it settles the previous one: scheduling, the scheduler's update and the caller's output
+    processing overlap the forward. Each call returns the previous step's outputs. A step with a
+    layer hook, and anything else that runs the model, first waits for the running step.
+    """
 
     def __init__(
         self,
@@ -113,6 +152,7 @@ class EngineCore:
         expert_path: Callable[[int], ExpertPath] | None = None,
         max_model_len: int = 0,
         model_name: str = "",
+        async_scheduling: bool = False,
     ) -> None:
         self.runner = runner
         self.device = runner.device
@@ -127,6 +167,14 @@ class EngineCore:
             self.pool, max_num_batched_tokens, max_num_seqs, regroup, expert_path
         )
         self.sampler = Sampler(runner.device, seed)
+        # Token regrouping forecasts experts from each decode's input token: it needs them known.
+        self._thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+            if async_scheduling and regroup is None
+            else None
+        )
+        self._running: _Step | None = None
+        self._settled: list[CoreOutput] = []  # outputs of a step settled outside step()
 
     @property
     def kv_spec(self) -> KVSpec:
@@ -176,6 +224,7 @@ class EngineCore:
         """Check and queue a request; prefill_only pins its KV after the first token."""
         ids = [int(t) for t in prompt_token_ids]
         self.check(request_id, ids, params)
+        self._settle_if_running(request_id)
         req = self._request(request_id, ids, params)
         req.prefill_only = prefill_only
         self.scheduler.add(req)
@@ -202,7 +251,28 @@ class EngineCore:
         return stats() if stats is not None else None  # type: ignore[no-any-return]
 
     def step(self, layer_hook: LayerHook | None = None) -> list[CoreOutput]:
-        """Schedule, run one forward pass, sample; returns each touched request's progress."""
+        """Schedule, run one forward pass, sample; returns each touched request's progress
+        (with async scheduling: the previous step's, while this one runs)."""
+        if self._thread is None or layer_hook is not None:
+            self.settle()
+            return self._take_settled() + self._step_now(layer_hook)
+        last, self._running = self._running, None
+        plan = self.scheduler.schedule()
+        if not plan.is_empty:
+            batch = build_forward_batch(plan, self.block_size, self.runner.device)
+            sampled_ids, params, positions = self._sampling_rows(plan)
+            pending = fill_rows(plan, last)
+            done = self._thread.submit(self._run, batch, params, positions, pending, last)
+            self.scheduler.advance(plan)
+            self._running = _Step(plan, sampled_ids, done)
+        if last is None:  # only the ends noticed while scheduling
+            return self._take_settled() + self._outputs(
+                self.scheduler.update(EMPTY_PLAN, StepResult(())), {}
+            )
+        return self._take_settled() + self._settle(last)
+
+    def _step_now(self, layer_hook: LayerHook | None) -> list[CoreOutput]:
+        """One step in lockstep: schedule, run, sample, update."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return self._outputs(self.scheduler.update(plan, StepResult(())), {})
@@ -213,17 +283,70 @@ class EngineCore:
             def hook(layer: int) -> None:
                 layer_hook(layer, plan)
 
+        sampled_ids, params, positions = self._sampling_rows(plan)
+        out = self._run(batch, params, positions, None, None, hook)
+        return self._outputs(*self._result(plan, sampled_ids, out, advanced=False))
+
+    def _sampling_rows(self, plan: StepPlan) -> tuple[list[str], list[SamplingParams], list[int]]:
+        """The plan's sampled requests in logits-row order, their params, and the position of
+        the token each draws: a seeded draw is keyed by it, so a request resumed elsewhere from
+        prompt + tokens sent draws exactly the same."""
+        ids = [s.request_id for s in plan.seqs if s.sample]
+        reqs = self.scheduler.requests
+        params = [reqs[r].params for r in ids]
+        positions = [s.start_pos + len(s.token_ids) for s in plan.seqs if s.sample]
+        return ids, params, positions
+
+    def _run(
+        self,
+        batch: ForwardBatch,
+        params: list[SamplingParams],
+        positions: list[int],
+        pending: tuple[list[int], list[int]] | None,
+        last: _Step | None,
+        hook: Callable[[int], None] | None = None,
+    ) -> SamplerOutput:
+        """Forward and sample (on the step thread with async scheduling). `pending`: input rows
+        whose token the previous step (`last`, finished by now: one step thread) sampled."""
+        if pending is not None and last is not None:
+            rows, picks = pending
+            tokens = last.done.result().token_ids
+            batch.input_ids[torch.tensor(rows)] = torch.tensor(
+                [tokens[i] for i in picks], dtype=batch.input_ids.dtype
+            ).to(batch.input_ids.device)
         logits = self.runner.execute(batch, layer_hook=hook)  # [num_sampled, vocab] float32
-        sampled_ids = [s.request_id for s in plan.seqs if s.sample]
-        reqs = [self.scheduler.requests[r] for r in sampled_ids]
-        # A seeded draw is keyed by the position of the token it makes (prompt + output so far),
-        # so a request resumed elsewhere from prompt + tokens sent draws exactly the same.
-        out = self.sampler.sample(logits, [r.params for r in reqs], [r.num_tokens for r in reqs])
+        return self.sampler.sample(logits, params, positions)
+
+    def _result(
+        self, plan: StepPlan, sampled_ids: list[str], out: SamplerOutput, advanced: bool
+    ) -> tuple[list[RequestUpdate], dict[str, TokenLogprobs | None]]:
         result = StepResult(
             tuple(SampledToken(r, t) for r, t in zip(sampled_ids, out.token_ids, strict=True))
         )
         logprobs = dict(zip(sampled_ids, out.logprobs, strict=True))
-        return self._outputs(self.scheduler.update(plan, result), logprobs)
+        return self.scheduler.update(plan, result, advanced=advanced), logprobs
+
+    def _settle(self, step: _Step) -> list[CoreOutput]:
+        """Wait for a running step's tokens and apply them (async scheduling)."""
+        return self._outputs(*self._result(step.plan, step.sampled_ids, step.done.result(), True))
+
+    def settle(self) -> None:
+        """Wait for the running step (async scheduling) and apply its tokens; its outputs come
+        with the next `step()`. Call before running the model or reading its KV outside a step."""
+        step, self._running = self._running, None
+        if step is not None:
+            self._settled += self._settle(step)
+
+    def _settle_if_running(self, request_id: str) -> None:
+        """A new request reusing the id of one in the running step: settle that step first, so
+        its token does not land on the newcomer."""
+        step = self._running
+        if step is not None and any(s.request_id == request_id for s in step.plan.seqs):
+            self.settle()
+
+    def _take_settled(self) -> list[CoreOutput]:
+        out, self._settled = self._settled, []
+        return out
 
     def _outputs(
         self, updates: list[RequestUpdate], logprobs: dict[str, TokenLogprobs | None]
@@ -296,6 +419,7 @@ class EngineCore:
             raise ValueError(
                 f"first token id {first_token_id} is outside the vocabulary [0, {self.vocab_size})"
             )
+        self._settle_if_running(request_id)
         req = self._request(request_id, ids, params)
         req.output_token_ids.append(int(first_token_id))  # context here, not output
         self.scheduler.import_request(req)
@@ -330,6 +454,7 @@ class EngineCore:
         """Reserve blocks, through the scheduler, for KV rows computed outside a step (a ring
         shard); int64 [len(token_ids)] slots, or None when no blocks are free. Freed by
         `abort_request(hold_id)`; counted as pinned in the stats meanwhile."""
+        self._settle_if_running(hold_id)
         req = self._request(hold_id, [int(t) for t in token_ids], SamplingParams())
         try:
             self.scheduler.import_request(req)
@@ -349,6 +474,7 @@ class EngineCore:
         """This rank's rows of a ring prefill through the model; float32 [len(logits_rows), V]."""
         from batonserve.workers.sp_serving.forward import sp_prefill_forward
 
+        self.settle()  # one forward at a time
         return sp_prefill_forward(
             self.runner, token_ids, positions, slots, sp, logits_rows, layer_hook
         )
@@ -363,6 +489,7 @@ class EngineCore:
         """A ring prefill's first token (with its logprobs) from the last row's logits [1, vocab];
         finished when it already ends the request (stop token, EOS, max_tokens)."""
         n = len(prompt_token_ids)
+        self.settle()  # the sampler's generator is the step thread's meanwhile
         out = self.sampler.sample(logits, [params], [n])
         tok, lp = int(out.token_ids[0]), out.logprobs[0]
         req = self._request(request_id, [int(t) for t in prompt_token_ids], params)

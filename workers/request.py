@@ -34,6 +34,9 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of full blocks, in order
     num_computed_tokens: int = 0  # tokens whose KV is written in block_ids
+    # Tokens sampled in steps whose results are not back yet (async scheduling; always 0 in
+    # lockstep): the scheduler may already run the next one, its input filled in at run time.
+    num_pending: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first schedule; -1 until then
     num_preemptions: int = 0
     ready_step: int = 0  # scheduler step its next token became ready (token regrouping)

@@ -7,6 +7,11 @@ than the bound allows.
 Plain Python, no torch and no model details: the cluster simulator drives this very code. Each
 step, `schedule()` returns a `StepPlan` (which requests run, how many new tokens each, their block
 tables); the engine runs it and hands back a `StepResult` (the sampled tokens) to `update()`.
+
+Async scheduling (vLLM's): the engine calls `advance(plan)` as soon as it has started a plan, then
+schedules the next step before the last one's tokens are back. A request whose token is pending
+decodes it in the next step as PENDING_TOKEN, which the engine replaces with the sampled token when
+that step runs; `update(plan, result, advanced=True)` later appends the tokens and ends requests.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from batonserve.workers.request import Request, RequestStatus
 
 if TYPE_CHECKING:  # annotation only: the scheduler itself stays torch-free
     from batonserve.workers.expert_store.types import ExpertStoreStats
+
+
+PENDING_TOKEN = -1  # a token id not known when the step was planned (async scheduling)
 
 
 @dataclass(frozen=True, slots=True)  # one per token per step: no __dict__
@@ -200,7 +208,7 @@ class Scheduler:
         if req is None or req.status is not RequestStatus.IMPORTING:
             raise ValueError(f"request_id {request_id!r} is not being imported")
         req.num_computed_tokens = req.num_prompt_tokens
-        self._cache_new_blocks(req, 0)
+        self._cache_new_blocks(req, 0, req.num_prompt_tokens)
         reason = req.check_stop()
         if reason is not None:
             self._finish(req, reason)
@@ -224,7 +232,10 @@ class Scheduler:
             if req.request_id in held:
                 i += 1
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            if req.num_pending and not self._may_run_ahead(req):
+                i += 1  # its pending token may end it: wait for the token first
+                continue
             assert n > 0, "a running request always has a token to compute"
             if self._blocks_for(req.num_computed_tokens + n) > self.pool.num_blocks:
                 # Even alone it cannot grow: stop it rather than preempt forever.
@@ -248,21 +259,34 @@ class Scheduler:
         self._step += 1
         return StepPlan(tuple(seqs), tuple(preempted), self._last_batched)
 
-    def update(self, plan: StepPlan, result: StepResult) -> list[RequestUpdate]:
-        """Advance computed counts, cache full blocks, append sampled tokens, end finished ones."""
+    def advance(self, plan: StepPlan) -> None:
+        """A plan has started (async scheduling): count its tokens as computed and its sampled
+        tokens as pending, so the next `schedule()` can plan past them."""
+        for seq in plan.seqs:
+            req = self.requests[seq.request_id]
+            req.num_computed_tokens = seq.start_pos + len(seq.token_ids)
+            req.num_pending += seq.sample
+
+    def update(
+        self, plan: StepPlan, result: StepResult, advanced: bool = False
+    ) -> list[RequestUpdate]:
+        """Advance computed counts (unless `advance` did), cache full blocks, append sampled
+        tokens, end finished ones."""
         sampled = {s.request_id: s.token_id for s in result.sampled}
         updates, self._pending = self._pending, []
         caching = self.pool.enable_caching  # checked once: this loop runs for every token
         for seq in plan.seqs:
             req = self.requests.get(seq.request_id)
             if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            before = req.num_computed_tokens
-            req.num_computed_tokens = seq.start_pos + len(seq.token_ids)
+                continue  # aborted (or preempted, dropping its pending token) while it ran
+            end = seq.start_pos + len(seq.token_ids)
+            if not advanced:
+                req.num_computed_tokens = end
             if caching:
-                self._cache_new_blocks(req, before)
+                self._cache_new_blocks(req, seq.start_pos, end)
             if not seq.sample:
                 continue
+            req.num_pending -= advanced
             token = sampled[seq.request_id]
             req.output_token_ids.append(token)
             reason = req.check_stop()
@@ -323,6 +347,16 @@ class Scheduler:
         self._regroup_deferred += len(held)
         return held
 
+    def _may_run_ahead(self, req: Request) -> bool:
+        """Whether to plan past a request's pending tokens: not when one of them may end it by
+        length (a wasted step), nor for a prefill-only request (it stops at its first token)."""
+        if req.prefill_only or self.regroup is not None:
+            return False
+        grown = len(req.output_token_ids) + req.num_pending
+        if grown >= req.params.max_tokens:
+            return False
+        return not req.max_model_len or req.num_prompt_tokens + grown < req.max_model_len
+
     def _admit(self, budget: int, seqs: list[ScheduledSeq]) -> int:
         """Move waiting requests into the batch while budget, seats and blocks allow (FCFS)."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -374,6 +408,7 @@ class Scheduler:
         self.pool.free(req.block_ids)
         req.block_ids = []
         req.num_computed_tokens = 0
+        req.num_pending = 0  # a token still being sampled is dropped: recomputed on readmission
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self._preemptions += 1
@@ -383,8 +418,11 @@ class Scheduler:
         start = req.num_computed_tokens
         p = len(req.prompt_token_ids)
         out = req.output_token_ids
-        if n == 1 and start >= p:  # a decode, the common case: skip the general slicing
-            tokens: tuple[int, ...] = (out[start - p],)
+        if req.num_pending:  # decodes the token a running step is sampling
+            assert n == 1, "a request with a pending token decodes one token"
+            tokens: tuple[int, ...] = (PENDING_TOKEN,)
+        elif n == 1 and start >= p:  # a decode, the common case: skip the general slicing
+            tokens = (out[start - p],)
         else:
             tokens = tuple(req.tokens_between(start, start + n))
         ids = req.block_ids
@@ -394,7 +432,8 @@ class Scheduler:
         else:
             table = tuple(ids)
             self._tables[req.request_id] = (ids, table)
-        return ScheduledSeq(req.request_id, tokens, start, table, start + n == p + len(out))
+        last = p + len(out) + req.num_pending  # tokens known or being sampled
+        return ScheduledSeq(req.request_id, tokens, start, table, start + n == last)
 
     def _ensure_hashes(self, req: Request, num_tokens: int) -> None:
         full = num_tokens // self.block_size
@@ -404,14 +443,14 @@ class Scheduler:
             toks = req.tokens_between(0, full * self.block_size)
             req.block_hashes.extend(hash_blocks(toks, self.block_size, have, parent))
 
-    def _cache_new_blocks(self, req: Request, before: int) -> None:
-        """Name the blocks that became full and computed since `before` tokens."""
+    def _cache_new_blocks(self, req: Request, before: int, after: int) -> None:
+        """Name the blocks that became full and computed between `before` and `after` tokens."""
         if not self.pool.enable_caching:
             return
-        lo, hi = before // self.block_size, req.num_computed_tokens // self.block_size
+        lo, hi = before // self.block_size, after // self.block_size
         if hi <= lo:
             return
-        self._ensure_hashes(req, req.num_computed_tokens)
+        self._ensure_hashes(req, after)
         for b in range(lo, hi):
             self.pool.cache_block(req.block_ids[b], req.block_hashes[b])
 

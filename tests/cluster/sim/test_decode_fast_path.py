@@ -62,7 +62,7 @@ def _slow_update(self: Scheduler, plan: StepPlan, result: StepResult) -> list[Re
             continue
         before = req.num_computed_tokens
         req.num_computed_tokens = seq.start_pos + len(seq.token_ids)
-        self._cache_new_blocks(req, before)
+        self._cache_new_blocks(req, before, req.num_computed_tokens)
         if not seq.sample:
             continue
         token = sampled[seq.request_id]
