@@ -9,8 +9,8 @@ can run at half the speed of its fp32 GEMM once a batch has a dozen rows, while 
 bound by reading the weight, where bf16 reads half the bytes. So batches of FP32_MIN_ROWS rows or
 more go through the fp32 copy (inputs widened exactly, fp32 accumulation as in the bf16 GEMM,
 output rounded back to bf16) and smaller ones through the bf16 copy. The model runner decides
-which weights keep the copy (EngineConfig.cpu_fp32_gemm). A one-row bf16 batch goes through a
-C matrix-vector kernel instead (kernels/cpu/gemv.py): it streams the weight faster.
+which weights keep the copy (EngineConfig.cpu_fp32_gemm). A bf16 batch of 1-8 rows goes through
+a C kernel instead (kernels/cpu/gemv.py): it streams the weight faster.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def linear(
     ):
         if packed.fp32 is not None and x.numel() >= FP32_MIN_ROWS * x.shape[-1]:
             return _run_fp32(x, packed, bias, fp32_out)
-        if gemv.applies(x, weight, bias):  # one row: stream the plain weight
+        if gemv.applies(x, weight, bias):  # a few rows: stream the plain weight
             return gemv.gemv(x, weight, bias, fp32_out)
         return _run_native(x, packed, bias)
     return F.linear(x, weight, bias)

@@ -1,12 +1,12 @@
-"""One-row bf16 linears: the C matrix-vector kernel against oneDNN's packed linear, side by side.
+"""bf16 linears of 1-8 rows: the C kernel (kernels/cpu/gemv.py) against oneDNN's packed linear.
 
-    python3 tests/bench/bench_gemv.py [--threads 1,2] [--rounds 5]
+    python3 tests/bench/bench_gemv.py [--rows 1,2,4,8] [--threads 1,2] [--rounds 5]
 
 The weights of the engine bench's model (tests/bench/bench_engine.py: 8 layers of qkv 1024x512,
 o 512x512, gate_up 2816x512, down 512x1408, and a 32000x512 lm_head; 76 MiB in bf16), each used
-once per pass as in a batch-1 decode step, so they stream from memory (or the last-level cache
+once per pass as in a small-batch decode step, so they stream from memory (or the last-level cache
 where it holds them) rather than sit in L1/L2. Prints the median pass time and weight bytes per
-second of each, and their ratio, per thread count; rounds alternate the two.
+second of each, and their ratio, per row count and thread count; rounds alternate the two.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ def timed(fn: Callable[[], None], reps: int = 10) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="1,2,4,8")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, k, generator=gen).to(torch.bfloat16) for n, k in SHAPES]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
-    xs = {k: torch.randn(1, k, generator=gen).to(torch.bfloat16) for k in {k for _, k in SHAPES}}
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     if gemv._library() is None:
         print(
@@ -47,6 +47,8 @@ def main() -> None:
         )
         return
     print(f"torch {torch.__version__}; {len(weights)} weights, {nbytes / 2**20:.0f} MiB bf16")
+
+    xs: dict[int, torch.Tensor] = {}  # the input rows of each width, for the current row count
 
     def onednn() -> None:
         for w, p in zip(weights, packed, strict=True):
@@ -56,11 +58,14 @@ def main() -> None:
         for w in weights:
             gemv.gemv(xs[w.shape[1]], w, None, fp32_out=False)
 
-    for threads in (int(t) for t in args.threads.split(",")):
+    for rows, threads in (
+        (int(r), int(t)) for r in args.rows.split(",") for t in args.threads.split(",")
+    ):
+        xs.update({k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for _, k in SHAPES})
         torch.set_num_threads(threads)
         times: dict[str, list[float]] = {"oneDNN": [], "gemv": []}
         for r in range(args.rounds):
-            print(f"  {threads} thread(s), round {r + 1}/{args.rounds}", flush=True)
+            print(f"  {rows} row(s), {threads} thread(s), round {r + 1}/{args.rounds}", flush=True)
             times["oneDNN"].append(timed(onednn))
             times["gemv"].append(timed(kernel))
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -70,7 +75,7 @@ def main() -> None:
         ratios = sorted(a / b for a, b in zip(times["oneDNN"], times["gemv"], strict=True))
         spread = f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
         print(
-            f"{threads} thread(s): {cells}  gemv speedup {med['oneDNN'] / med['gemv']:.2f}x "
+            f"{rows} row(s), {threads} thread(s): {cells}  gemv speedup {med['oneDNN'] / med['gemv']:.2f}x "
             f"[{spread}]",
             flush=True,
         )

@@ -1,4 +1,4 @@
-"""kernels/cpu/gemv.py: the one-row bf16 matrix-vector kernel, against a float32 reference."""
+"""kernels/cpu/gemv.py: the bf16 kernel for 1-8 rows, against a float32 reference."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("shape", [(1024, 512), (7, 33), (5, 100), (13, 1408), (1, 31), (4, 64)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matches_a_float32_product_of_the_bf16_values(shape: tuple[int, int], threads: int) -> None:
+def test_matches_a_float32_product_of_the_bf16_values(
+    shape: tuple[int, int], rows: int, threads: int
+) -> None:
     n, k = shape
     gen = torch.Generator().manual_seed(n * 1000 + k)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
-    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
     b = torch.randn(n, generator=gen).to(torch.bfloat16)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -38,17 +41,18 @@ def test_matches_a_float32_product_of_the_bf16_values(shape: tuple[int, int], th
         torch.set_num_threads(before)
 
 
-def test_applies_only_to_one_contiguous_bf16_row() -> None:
+def test_applies_only_to_a_few_contiguous_bf16_rows() -> None:
     w = torch.randn(8, 16).to(torch.bfloat16)
     x = torch.randn(1, 16).to(torch.bfloat16)
     assert gemv.applies(x, w, None)
-    assert not gemv.applies(torch.randn(2, 16).to(torch.bfloat16), w, None)
+    assert gemv.applies(torch.randn(gemv.MAX_ROWS, 16).to(torch.bfloat16), w, None)
+    assert not gemv.applies(torch.randn(gemv.MAX_ROWS + 1, 16).to(torch.bfloat16), w, None)
     assert not gemv.applies(x.float(), w.float(), None)
     assert not gemv.applies(x, w.t().contiguous().t(), None)
     assert not gemv.applies(x, w, torch.zeros(8))  # a float32 bias
 
 
-def test_linear_takes_it_for_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_takes_it_for_a_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = gemv.gemv
 
@@ -61,11 +65,13 @@ def test_linear_takes_it_for_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
     packed = lin.pack_weight(w)
     one = lin.linear(torch.randn(1, 64).to(torch.bfloat16), w, None, packed)
     assert calls == [1] and one.shape == (1, 32)
-    lin.linear(torch.randn(3, 64).to(torch.bfloat16), w, None, packed)  # oneDNN's
-    assert calls == [1]
+    lin.linear(torch.randn(3, 64).to(torch.bfloat16), w, None, packed)
+    assert calls == [1, 1]
+    lin.linear(torch.randn(gemv.MAX_ROWS + 1, 64).to(torch.bfloat16), w, None, packed)  # oneDNN
+    assert calls == [1, 1]
     gemv.set_enabled(False)
     try:
         lin.linear(torch.randn(1, 64).to(torch.bfloat16), w, None, packed)
     finally:
         gemv.set_enabled(True)
-    assert calls == [1]
+    assert calls == [1, 1]
