@@ -4,13 +4,11 @@
 load time skips that (1.2-2.9x faster at batch 1-128 for this repo's bench model). The packed copy
 is an opaque oneDNN tensor, used only by `linear`; the plain weight stays the reference.
 
-A bf16 weight may also keep a float32 packed copy. Without AMX, oneDNN's bf16 GEMM (AVX-512-BF16)
-can run at half the speed of its fp32 GEMM once a batch has a dozen rows, while a few rows are
-bound by reading the weight, where bf16 reads half the bytes. So batches of FP32_MIN_ROWS rows or
-more go through the fp32 copy (inputs widened exactly, fp32 accumulation as in the bf16 GEMM,
-output rounded back to bf16) and smaller ones through the bf16 copy. The model runner decides
-which weights keep the copy (EngineConfig.cpu_fp32_gemm). A bf16 batch of 1-8 rows goes through
-a C kernel instead (kernels/cpu/gemv.py): it streams the weight faster.
+bf16 on CPU has two more paths. A batch of 1-8 rows goes through a C kernel that streams the
+plain weight faster than oneDNN (kernels/cpu/gemv.py). And on a CPU without AMX, where oneDNN's
+AVX-512-BF16 GEMM runs at half the speed of fp32 FMAs, a weight can be packed into panels
+instead (kernels/cpu/panel_gemm.py: bf16 in memory, float32 arithmetic) for every larger batch;
+the model runner decides (EngineConfig.cpu_fp32_gemm).
 """
 
 from __future__ import annotations
@@ -20,22 +18,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from batonserve.kernels.cpu import gemv
+from batonserve.kernels.cpu import gemv, panel_gemm
 
 _PACKABLE = (torch.float32, torch.bfloat16)
-FP32_MIN_ROWS = 16  # measured crossover on a Xeon without AMX: ~12 rows
 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """One weight packed for oneDNN: in its own dtype, and optionally as float32 (bf16 only)."""
+    """One weight laid out for the CPU GEMM: oneDNN's packing, or (bf16) panel_gemm's panels."""
 
-    native: torch.Tensor
-    fp32: torch.Tensor | None = None
-
-    def extra_bytes(self) -> int:
-        """Bytes the float32 copy adds (packed layouts may pad: an estimate from the shape)."""
-        return 0 if self.fp32 is None else self.fp32.numel() * 4
+    native: torch.Tensor | None
+    panels: torch.Tensor | None = None
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -48,34 +41,18 @@ def can_pack(weight: torch.Tensor) -> bool:
     )
 
 
-def pack_weight(weight: torch.Tensor, fp32_copy: bool = False) -> PackedWeight | None:
-    """The oneDNN-packed copy of `weight` [out, in] (with a float32 one too when `fp32_copy` and
-    the weight is bf16), or None where it cannot be packed."""
+def pack_weight(weight: torch.Tensor, fp32_gemm: bool = False) -> PackedWeight | None:
+    """`weight` [out, in] packed for oneDNN, or with `fp32_gemm` (bf16 only, where the panel
+    kernel is built) into panels instead; None where it cannot be packed."""
     if not can_pack(weight):
         return None
-    reorder = torch.ops.mkldnn._reorder_linear_weight
+    if fp32_gemm and weight.dtype == torch.bfloat16 and panel_gemm.available():
+        return PackedWeight(None, panel_gemm.to_panels(weight.detach()))
     try:
-        native = reorder(weight.detach())
-        widen = fp32_copy and weight.dtype == torch.bfloat16
-        wide = reorder(weight.detach().float()) if widen else None
+        native = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
     except (RuntimeError, AttributeError):  # an op missing from this torch build
         return None
-    return PackedWeight(native, wide)
-
-
-def _run_native(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed.native, bias, "none", [], "")
-    return out
-
-
-def _run_fp32(
-    x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, fp32_out: bool
-) -> torch.Tensor:
-    b = bias.float() if bias is not None else None
-    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
-        x.float(), packed.fp32, b, "none", [], ""
-    )
-    return out if fp32_out else out.to(x.dtype)
+    return PackedWeight(native)
 
 
 def linear(
@@ -87,7 +64,7 @@ def linear(
 ) -> torch.Tensor:
     """x [..., in] @ weight.T + bias -> [..., out], through `packed` when given (x on CPU).
 
-    `fp32_out`: the caller wants float32 anyway (logits); the fp32 GEMM then skips rounding."""
+    `fp32_out`: the caller wants float32 anyway (logits); the C kernels then skip rounding."""
     # Under torch.compile the plain weight goes in: inductor (freezing) packs it for its own GEMM.
     if (
         packed is not None
@@ -95,9 +72,14 @@ def linear(
         and x.device.type == "cpu"
         and not torch.compiler.is_compiling()
     ):
-        if packed.fp32 is not None and x.numel() >= FP32_MIN_ROWS * x.shape[-1]:
-            return _run_fp32(x, packed, bias, fp32_out)
         if gemv.applies(x, weight, bias):  # a few rows: stream the plain weight
             return gemv.gemv(x, weight, bias, fp32_out)
-        return _run_native(x, packed, bias)
+        if packed.panels is not None:
+            rows = x.reshape(-1, x.shape[-1])
+            out = panel_gemm.panel_gemm(rows, packed.panels, weight.shape[0], bias, fp32_out)
+            return out.view(*x.shape[:-1], weight.shape[0])
+        native: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            x, packed.native, bias, "none", [], ""
+        )
+        return native
     return F.linear(x, weight, bias)

@@ -36,10 +36,10 @@ class EngineConfig:
     # Batch sizes captured (ascending); () = 1, 2, 4, ... up to max_num_seqs. Fewer buckets, less
     # warm-up; a batch pads to the next bucket, or runs eager above the largest.
     compile_decode_buckets: tuple[int, ...] = ()
-    # bf16 on CPU: batches of 16+ rows multiply through float32 copies of the dense weights
-    # (kernels/linear.py), which costs 2x the bf16 weights' memory. "auto" keeps the copies on an
-    # Intel CPU without AMX (there fp32 GEMMs run ~1.9x bf16 ones) when they fit in a quarter of
-    # available memory; "on" / "off" force it.
+    # bf16 on CPU: batches of 9+ rows multiply the bf16 weights with float32 FMAs
+    # (kernels/cpu/panel_gemm.py; the weights are packed in its panels instead of oneDNN's
+    # layout: no extra memory). "auto": on an Intel CPU without AMX, where fp32 FMAs run ~1.9x
+    # its bf16 dot products; "on" / "off" force it.
     cpu_fp32_gemm: str = field(default="auto", metadata=choices(("auto", "on", "off")))
     # Plan and settle steps while the model runs the next one (vLLM's async scheduling): the
     # scheduler, its update and output processing leave the forward's critical path. Steps with

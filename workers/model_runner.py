@@ -44,9 +44,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_fp32_gemm_is_faster() -> bool:
-    """True on an Intel CPU with AVX-512-BF16 but no AMX: there oneDNN's fp32 GEMM runs ~1.9x its
-    bf16 GEMM at 16+ rows (measured: docs/benchmarks.md). With AMX, bf16 is 3-6x fp32; on AMD
-    Zen 4, whose vdpbf16ps does twice the work of an FMA, bf16 wins too."""
+    """True on an Intel CPU with AVX-512-BF16 but no AMX: there fp32 FMAs run ~1.9x oneDNN's bf16
+    GEMM (measured: docs/benchmarks.md). With AMX, bf16 is 3-6x fp32; on AMD Zen 4, whose
+    vdpbf16ps does twice the work of an FMA, bf16 wins too."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if amx is not None and amx():
         return False
@@ -161,32 +161,20 @@ class ModelRunner:
             self.decode_graphs.warm_up()
 
     def _fp32_gemm(self, mode: str) -> bool:
-        """Whether bf16 weights keep float32 copies for large batches (kernels/linear.py), with a
-        line saying why when "auto" turns them on or finds they do not fit."""
+        """Whether bf16 weights are packed for float32 arithmetic (kernels/cpu/panel_gemm.py);
+        a line says so when "auto" picks it."""
         if self.dtype != torch.bfloat16 or self.device.type != "cpu" or mode == "off":
             return False
         if mode == "on":
             return True
         if not cpu_fp32_gemm_is_faster():
             return False
-        from batonserve.workers.expert_store.loader import available_host_bytes
-
-        extra = 2 * sum(  # float32 copies of the 2-D weights the GEMMs use
-            p.numel() * p.element_size() for p in self.model.parameters() if p.dim() == 2
-        )
-        room = available_host_bytes() // 4
-        fits = extra <= room
         print(
-            "cpu_fp32_gemm: this CPU's fp32 GEMM outruns its bf16 GEMM (no AMX); "
-            + (
-                f"batches of 16+ rows use float32 weight copies (at most +{extra / 2**20:.0f} MiB)"
-                if fits
-                else f"float32 copies (+{extra / 2**20:.0f} MiB) exceed a quarter of available "
-                f"memory ({room / 2**20:.0f} MiB): bf16 GEMMs only"
-            ),
+            "cpu_fp32_gemm: this CPU's fp32 FMAs outrun its bf16 dot products (no AMX); bf16 "
+            "weights are packed for float32 arithmetic in batches of 9+ rows",
             flush=True,
         )
-        return fits
+        return True
 
     def _attach_moe(self, dtype_name: str) -> None:
         """Load the routing predictor; set up the tiered store and token paths as configured."""

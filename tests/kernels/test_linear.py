@@ -1,4 +1,4 @@
-"""kernels/linear.py: oneDNN-packed weights, and the float32 copies bf16 weights may keep."""
+"""kernels/linear.py and kernels/cpu/panel_gemm.py: bf16 weights in panels, float32 arithmetic."""
 
 from __future__ import annotations
 
@@ -7,37 +7,50 @@ import torch
 import torch.nn.functional as F
 
 from batonserve.kernels import linear as lin
-from batonserve.kernels.cpu import gemv
+from batonserve.kernels.cpu import panel_gemm
+
+needs_kernel = pytest.mark.skipif(
+    not panel_gemm.available(), reason="needs a C compiler and AVX-512 (the kernel's build)"
+)
 
 
-@pytest.mark.parametrize("rows", [1, lin.FP32_MIN_ROWS - 1, lin.FP32_MIN_ROWS, 40])
-@pytest.mark.parametrize("bias", [False, True])
-def test_fp32_copy_matches_a_float32_linear_on_the_bf16_values(
-    rows: int, bias: bool, monkeypatch: pytest.MonkeyPatch
+@needs_kernel
+@pytest.mark.parametrize("shape", [(96, 64), (7, 33), (32, 1408), (100, 5), (33, 512)])
+@pytest.mark.parametrize("rows", [9, 12, 13, 40, 130])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_panels_match_a_float32_product_of_the_bf16_values(
+    shape: tuple[int, int], rows: int, threads: int
 ) -> None:
-    monkeypatch.setattr(gemv, "_enabled", False)  # one row: oneDNN's bf16 path, not the kernel
-    gen = torch.Generator().manual_seed(rows)
-    w = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
-    b = torch.randn(96, generator=gen).to(torch.bfloat16) if bias else None
-    x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
-    packed = lin.pack_weight(w, fp32_copy=True)
-    assert packed is not None and packed.fp32 is not None
-    assert packed.extra_bytes() == 96 * 64 * 4
-    out = lin.linear(x, w, b, packed)
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
-    exact = F.linear(x.float(), w.float(), b.float() if b is not None else None)
-    torch.testing.assert_close(out.float(), exact, atol=2e-2, rtol=1e-2)  # bf16 output rounding
-    wide = lin.linear(x, w, b, packed, fp32_out=True)
-    if rows >= lin.FP32_MIN_ROWS:  # the fp32 GEMM: float32 out, no rounding to bf16
-        assert wide.dtype == torch.float32
-        torch.testing.assert_close(wide, exact, atol=1e-4, rtol=1e-4)
-    else:  # few rows: the bf16 copy, bf16 out
-        assert wide.dtype == torch.bfloat16
+    n, k = shape
+    gen = torch.Generator().manual_seed(rows * 7 + n)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    packed = lin.pack_weight(w, fp32_gemm=True)
+    assert packed is not None and packed.panels is not None and packed.native is None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (None, b):
+            exact = F.linear(x.float(), w.float(), bias.float() if bias is not None else None)
+            wide = lin.linear(x, w, bias, packed, fp32_out=True)  # float32: only order differs
+            assert wide.dtype == torch.float32 and wide.shape == (rows, n)
+            torch.testing.assert_close(wide, exact, atol=1e-4, rtol=1e-5)
+            out = lin.linear(x, w, bias, packed)  # rounded to nearest even
+            assert out.dtype == torch.bfloat16
+            assert torch.equal(out, wide.to(torch.bfloat16))
+    finally:
+        torch.set_num_threads(before)
 
 
-def test_no_fp32_copy_for_float32_weights_or_when_not_asked() -> None:
-    w = torch.randn(8, 8)
-    packed = lin.pack_weight(w, fp32_copy=True)
-    assert packed is not None and packed.fp32 is None  # already float32
-    packed = lin.pack_weight(w.bfloat16())
-    assert packed is not None and packed.fp32 is None and packed.extra_bytes() == 0
+@needs_kernel
+def test_panels_take_leading_dimensions_and_leave_float32_weights_to_onednn() -> None:
+    w = torch.randn(40, 24).to(torch.bfloat16)
+    packed = lin.pack_weight(w, fp32_gemm=True)
+    x = torch.randn(2, 10, 24).to(torch.bfloat16)
+    out = lin.linear(x, w, None, packed, fp32_out=True)
+    torch.testing.assert_close(out, F.linear(x.float(), w.float()), atol=1e-4, rtol=1e-5)
+    packed = lin.pack_weight(w.float(), fp32_gemm=True)
+    assert packed is not None and packed.panels is None and packed.native is not None
+    packed = lin.pack_weight(w)
+    assert packed is not None and packed.panels is None
