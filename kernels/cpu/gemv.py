@@ -5,9 +5,9 @@ A decode step of 1-8 sequences reads every weight once for little arithmetic, so
 speed weights stream from memory. oneDNN's packed bf16 linear streams them at 10-27 GB/s on this
 repo's CI VM (a Xeon without AMX); this kernel reads the plain row-major weight once, a few rows
 at a time with AVX-512-BF16 dot products for every row of x and a software prefetch ahead, at
-1.3-1.7x that (tests/bench/bench_gemv.py). Above 8 rows each weight chunk feeds enough dot
-products for oneDNN's blocked GEMM. fp32 accumulation; the output rounded to nearest even, as
-oneDNN rounds it.
+1.3-2.0x that (tests/bench/bench_gemv.py). Above 8 rows each weight chunk feeds enough products
+for a blocked GEMM (oneDNN's, or kernels/cpu/panel_gemm.py). fp32 accumulation; the output
+rounded to nearest even, as oneDNN rounds it.
 """
 
 from __future__ import annotations
