@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -172,6 +173,7 @@ class ModelRunner:
         print(
             "cpu_fp32_gemm: this CPU's fp32 FMAs outrun its bf16 dot products (no AMX); bf16 "
             "weights are packed for float32 arithmetic in batches of 9+ rows",
+            file=sys.stderr,  # stdout may be a command's JSON output
             flush=True,
         )
         return True

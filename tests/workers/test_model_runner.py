@@ -186,6 +186,6 @@ def test_cpu_fp32_gemm_panels_match_bf16(
     assert not _has_panels(build("auto"))
     monkeypatch.setattr(mr, "cpu_fp32_gemm_is_faster", lambda: True)
     assert _has_panels(build("auto"))
-    assert "packed for float32 arithmetic" in capsys.readouterr().out
+    assert "packed for float32 arithmetic" in capsys.readouterr().err
     with pytest.raises(ValueError, match="cpu_fp32_gemm"):
         EngineConfig(cpu_fp32_gemm="yes")
