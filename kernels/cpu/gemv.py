@@ -140,7 +140,7 @@ void gemv_bf16(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N, int64
 #endif
 """.replace("@SPLIT@", SPLIT_C)
 
-MAX_ROWS = 8  # more rows: each weight chunk feeds enough dot products for oneDNN's GEMM
+MAX_ROWS = 8  # more rows: each weight chunk feeds enough products for a blocked GEMM
 _enabled = True
 
 

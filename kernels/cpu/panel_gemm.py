@@ -30,6 +30,9 @@ SOURCE = r"""
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define MR 12  /* rows of x per block: 24 accumulators, 2 weight halves, a broadcast */
+#ifndef LINES_AHEAD
+#define LINES_AHEAD 64  /* prefetch distance in panel lines (k steps), into the next panel too */
+#endif
 #ifndef MC_BYTES
 #define MC_BYTES (768 * 1024)  /* float32 rows of x per pass over the weight: within L2 */
 #endif
@@ -64,6 +67,7 @@ static void block##R(const float* x, int64_t K, const uint32_t* panel, const flo
     for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_ps();                            \
     const __m512i mask = _mm512_set1_epi32((int)0xFFFF0000u);                                   \
     for (int64_t k = 0; k < K; k++) {                                                           \
+        _mm_prefetch((const char*)(panel + (k + LINES_AHEAD) * 16), _MM_HINT_T0);               \
         const __m512i line = _mm512_loadu_si512((const void*)(panel + k * 16));                 \
         const __m512 wlo = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));                    \
         const __m512 whi = _mm512_castsi512_ps(_mm512_and_si512(line, mask));                   \
