@@ -85,7 +85,8 @@ class Runner(Protocol):
 
 def build_forward_batch(plan: StepPlan, block_size: int, device: torch.device) -> ForwardBatch:
     """Flatten a plan into the runner's variable-length batch layout (built on CPU, then moved).
-    A PENDING_TOKEN input (async scheduling) stays -1 here; `fill_pending` replaces it."""
+    A PENDING_TOKEN input (async scheduling) stays -1 here: `fill_rows` says where, and the step
+    thread fills in the sampled token."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
