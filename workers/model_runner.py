@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,17 +31,26 @@ if TYPE_CHECKING:
 _DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
+@functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo (its vendor and flags), or "" where it cannot be read."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _torch_has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return probe is not None and bool(probe())
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (AVX-512-BF16 or AMX), so bf16 beats fp32."""
-    cpu = torch.cpu
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(cpu, probe, None)
-        if fn is not None and fn():
-            return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if (probe is not None and probe()) or _torch_has_amx():
+        return True
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -48,14 +58,13 @@ def cpu_fp32_gemm_is_faster() -> bool:
     """True on an Intel CPU with AVX-512-BF16 but no AMX: there fp32 FMAs run ~1.9x oneDNN's bf16
     GEMM (measured: docs/benchmarks.md). With AMX, bf16 is 3-6x fp32; on AMD Zen 4, whose
     vdpbf16ps does twice the work of an FMA, bf16 wins too."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if amx is not None and amx():
-        return False
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "GenuineIntel" in info and "avx512_bf16" in info and "amx_tile" not in info
+    info = _cpuinfo()
+    return (
+        not _torch_has_amx()
+        and "GenuineIntel" in info
+        and "avx512_bf16" in info
+        and "amx_tile" not in info
+    )
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
