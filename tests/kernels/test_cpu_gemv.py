@@ -1,4 +1,4 @@
-"""kernels/cpu/gemv.py: the bf16 kernel for 1-8 rows, against a float32 reference."""
+"""kernels/cpu/gemv.py: the bf16 kernel for 1-3 rows, against a float32 reference."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("shape", [(1024, 512), (7, 33), (5, 100), (13, 1408), (1, 31), (4, 64)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_a_float32_product_of_the_bf16_values(
     shape: tuple[int, int], rows: int, threads: int
