@@ -4,11 +4,11 @@
 load time skips that (1.2-2.9x faster at batch 1-128 for this repo's bench model). The packed copy
 is an opaque oneDNN tensor, used only by `linear`; the plain weight stays the reference.
 
-bf16 on CPU has two more paths. A batch of 1-8 rows goes through a C kernel that streams the
-plain weight faster than oneDNN (kernels/cpu/gemv.py). And on a CPU without AMX, where oneDNN's
-AVX-512-BF16 GEMM runs at half the speed of fp32 FMAs, a weight can be packed into panels
-instead (kernels/cpu/panel_gemm.py: bf16 in memory, float32 arithmetic) for every larger batch;
-the model runner decides (EngineConfig.cpu_fp32_gemm).
+bf16 on CPU has two more paths. A batch of 1-3 rows goes through a C kernel that streams the
+plain weight faster than oneDNN (kernels/cpu/gemv.py). And on an Intel CPU without AMX, where
+oneDNN's AVX-512-BF16 GEMM runs at half the speed of fp32 FMAs, a weight can be packed into
+panels instead (kernels/cpu/panel_gemm.py: bf16 in memory, float32 arithmetic) for every larger
+batch; the model runner decides (EngineConfig.cpu_fp32_gemm).
 """
 
 from __future__ import annotations
