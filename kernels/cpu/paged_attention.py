@@ -30,7 +30,7 @@ _FAST = {
 }
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _P]
-_ARGTYPES += [_I64, _I64, _I64, _I64, _I64, _F32, _I64, _I64, _I64]
+_ARGTYPES += [_I64, _I64, _I64, _I64, _I64, _F32, _I64, _I64, _I64, _I64]
 MAX_GROUP = 64  # query heads per KV head the kernel's stack arrays hold
 _enabled = True
 _fast_enabled = True
@@ -122,6 +122,10 @@ def paged_attention_cpu(
     head += (row_seq.data_ptr(), row_last.data_ptr(), out.data_ptr())
     head += (lse.data_ptr() if lse is not None else None,)
     shape: tuple[Any, ...] = (num_heads, num_kv, head_dim, block_size, sliding_window or 0, scale)
-    tasks = t * num_kv  # split over torch's threads in C (native.SPLIT_C), 4+ tasks each
-    fn(*head, *shape, 0, tasks, min(torch.get_num_threads(), tasks // 4 or 1))
+    # A task is a row and `hs` KV heads: all of them (whole contiguous key rows) where the rows
+    # alone give every thread 4+ tasks, else one. Split over torch's threads (native.SPLIT_C).
+    threads = torch.get_num_threads()
+    hs = num_kv if t >= 4 * threads else 1
+    tasks = t * (num_kv // hs)
+    fn(*head, *shape, hs, 0, tasks, min(threads, tasks // 4 or 1))
     return out, lse

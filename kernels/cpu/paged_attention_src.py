@@ -79,16 +79,18 @@ static inline float exp_nonpos(float x) {
 }
 
 /* The exported kernel: tasks [task_begin, task_end) over `nth` threads (SPLIT), each thread
-   running NAME##_part on its share. */
+   running NAME##_part on its share. A task is one query row and `hs` of its KV heads (task t:
+   row t / (Hkv / hs), heads from (t % (Hkv / hs)) * hs): all of them when there are rows enough
+   to share out, so a task reads whole contiguous key rows. */
 #define ENTRY(NAME, T)                                                                          \
 void NAME(const T* q, int64_t q_row_stride, int64_t q_head_stride,                              \
           const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
           const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
           int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
-          int64_t task_begin, int64_t task_end, int64_t nth) {                                  \
+          int64_t hs, int64_t task_begin, int64_t task_end, int64_t nth) {                      \
     SPLIT(task_begin, task_end, nth,                                                            \
           NAME##_part(q, q_row_stride, q_head_stride, k, v, block_tables, bt_stride, row_seq,   \
-                      row_last, out, lse, H, Hkv, d, bs, window, scale, a, b));                 \
+                      row_last, out, lse, H, Hkv, d, bs, window, scale, hs, a, b));             \
 }
 
 #define DEFINE_KERNEL(NAME, T, LOAD, STORE)                                                     \
@@ -96,7 +98,7 @@ static void NAME##_part(const T* q, int64_t q_row_stride, int64_t q_head_stride,
           const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
           const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
           int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
-          int64_t task_begin, int64_t task_end) {                                               \
+          int64_t hs, int64_t task_begin, int64_t task_end) {                                   \
     const int64_t G = H / Hkv;                                                                  \
     float* qf = (float*)malloc(sizeof(float) * (G * d + 2 * d + G * d));                        \
     float* kf = qf + G * d;                                                                     \
@@ -104,7 +106,7 @@ static void NAME##_part(const T* q, int64_t q_row_stride, int64_t q_head_stride,
     float* tmp = acc + G * d;                                                                   \
     float* scores = NULL;                                                                       \
     int64_t cap = 0;                                                                            \
-    for (int64_t t = task_begin; t < task_end; t++) {                                           \
+    for (int64_t t = task_begin * hs; t < task_end * hs; t++) { /* (row, KV head) pairs */      \
         const int64_t r = t / Hkv, h = t % Hkv;                                                 \
         const int64_t hi = row_last[r];                                                         \
         int64_t lo = 0;                                                                         \
@@ -196,6 +198,7 @@ int64_t max_group_size(void) { return 64; }
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define FAST_KERNELS 1
+#define PF_AHEAD 16  /* keys; 16 against 32-128 and no prefetch: docs/benchmarks.md, sixth round */
 static inline __m512 ld16_f32(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 ld16_bf16(const uint16_t* p) {
     __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
@@ -221,104 +224,122 @@ static void NAME##_part(const T* q, int64_t q_row_stride, int64_t q_head_stride,
           const T* k, const T* v, const int32_t* block_tables, int64_t bt_stride,               \
           const int64_t* row_seq, const int64_t* row_last, T* out, float* lse,                  \
           int64_t H, int64_t Hkv, int64_t d, int64_t bs, int64_t window, float scale,           \
-          int64_t task_begin, int64_t task_end) {                                               \
-    const int64_t G = H / Hkv, nv = d / 16, key_stride = Hkv * d;                               \
-    float* qf = (float*)aligned_alloc(64, sizeof(float) * (2 * G * d + 2 * G * 16 + 64));       \
-    float* acc = qf + G * d;                                                                    \
-    float* sc = acc + G * d;    /* [G][16] scores, then probabilities, of one tile */           \
-    float m[64], l[64];                                                                         \
+          int64_t hs, int64_t task_begin, int64_t task_end) {                                   \
+    const int64_t G = H / Hkv, hq = hs * G, nv = d / 16, key_stride = Hkv * d;                  \
+    float* qf = (float*)aligned_alloc(64, sizeof(float) * (2 * hq * d + G * 16 + 2 * hq + 64)); \
+    float* acc = qf + hq * d;                                                                   \
+    float* sc = acc + hq * d;   /* [G][16] probabilities of one tile and KV head */             \
+    float* m = sc + G * 16;     /* running max and sum of each of the task's query heads */     \
+    float* l = m + hq;                                                                          \
+    const __m512 sv = _mm512_set1_ps(scale);                                                    \
     for (int64_t t = task_begin; t < task_end; t++) {                                           \
-        const int64_t r = t / Hkv, h = t % Hkv;                                                 \
+        const int64_t r = t / (Hkv / hs), h0 = (t % (Hkv / hs)) * hs;                           \
         const int64_t hi = row_last[r];                                                         \
         int64_t lo = 0;                                                                         \
         if (window > 0 && hi - window + 1 > 0) lo = hi - window + 1;                            \
-        T* o = out + (r * H + h * G) * d;                                                       \
-        const __m512 sv = _mm512_set1_ps(scale);                                                \
-        for (int64_t g = 0; g < G; g++) {                                                       \
-            const T* qg = q + r * q_row_stride + (h * G + g) * q_head_stride;                   \
+        T* o = out + (r * H + h0 * G) * d;                                                      \
+        for (int64_t g = 0; g < hq; g++) {                                                      \
+            const T* qg = q + r * q_row_stride + (h0 * G + g) * q_head_stride;                  \
             for (int64_t i = 0; i < nv; i++)                                                    \
                 _mm512_storeu_ps(qf + g * d + 16 * i, _mm512_mul_ps(LD16(qg + 16 * i), sv));     \
             m[g] = -INFINITY; l[g] = 0.f;                                                       \
         }                                                                                       \
-        memset(acc, 0, sizeof(float) * G * d);                                                  \
+        memset(acc, 0, sizeof(float) * hq * d);                                                 \
         const int32_t* table = block_tables + row_seq[r] * bt_stride;                           \
         for (int64_t j = lo; j <= hi;) {                                                        \
             const int64_t off = j % bs;                                                         \
             int64_t cnt = (bs - off < hi - j + 1) ? bs - off : hi - j + 1;                      \
             if (cnt > 16) cnt = 16;                                                             \
-            const int64_t base = ((int64_t)table[j / bs] * bs + off) * key_stride + h * d;      \
-            const T* kp = k + base;                                                             \
-            const T* vp = v + base;                                                             \
-            if (j + cnt <= hi) {  /* the next tile is usually in another block: fetch it now */ \
-                const int64_t jn = j + cnt, offn = jn % bs;                                     \
-                const int64_t nn = (bs - offn < 16) ? bs - offn : 16;                           \
-                const int64_t bn = ((int64_t)table[jn / bs] * bs + offn) * key_stride + h * d;  \
-                for (int64_t c = 0; c < nn && jn + c <= hi; c++)                                \
-                    for (int64_t b = 0; b < d * (int64_t)sizeof(T); b += 64) {                  \
-                        _mm_prefetch((const char*)(k + bn + c * key_stride) + b, _MM_HINT_T0);  \
-                        _mm_prefetch((const char*)(v + bn + c * key_stride) + b, _MM_HINT_T1);  \
-                    }                                                                           \
-            }                                                                                   \
-            for (int64_t c = 0; c < cnt; c++, kp += key_stride) {                               \
-                for (int64_t g = 0; g < G; g++) {                                               \
-                    const float* qg = qf + g * d;                                               \
-                    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), LD16(kp));                    \
-                    for (int64_t i = 1; i < nv; i++)                                            \
-                        a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), LD16(kp + 16 * i), a); \
-                    sc[g * 16 + c] = _mm512_reduce_add_ps(a);                                   \
-                }                                                                               \
+            const int64_t base = ((int64_t)table[j / bs] * bs + off) * key_stride + h0 * d;     \
+            /* The keys PF_AHEAD on (usually another block) are fetched into L2 now, a KV head's \
+               slice at a time below, so memory reads stay in flight while this tile is worked  \
+               on (into L1, 256 lines a tile crowded out the lines in use: 1.5-2x slower). */   \
+            const int64_t jp = j + PF_AHEAD;                                                    \
+            const T* kpf = NULL;                                                                \
+            const T* vpf = NULL;                                                                \
+            int64_t npf = 0;                                                                    \
+            if (jp <= hi) {                                                                     \
+                const int64_t offp = jp % bs;                                                   \
+                npf = bs - offp < 16 ? bs - offp : 16;                                          \
+                if (npf > hi - jp + 1) npf = hi - jp + 1;                                       \
+                const int64_t bp = ((int64_t)table[jp / bs] * bs + offp) * key_stride + h0 * d; \
+                kpf = k + bp;                                                                   \
+                vpf = v + bp;                                                                   \
             }                                                                                   \
             const __mmask16 live = (__mmask16)((1u << cnt) - 1u);                               \
-            for (int64_t g = 0; g < G; g++) {                                                   \
-                __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc + g * 16);  \
-                const float mx = _mm512_reduce_max_ps(s);                                       \
-                const float mn = mx > m[g] ? mx : m[g];                                         \
-                __m512 p = _mm512_maskz_mov_ps(live, exp16_nonpos(                              \
-                    _mm512_sub_ps(s, _mm512_set1_ps(mn))));                                     \
-                _mm512_storeu_ps(sc + g * 16, p);                                               \
-                if (mn > m[g]) {  /* rescale what was summed under the old max */               \
-                    const float alpha = m[g] == -INFINITY ? 0.f : expf(m[g] - mn);              \
-                    const __m512 av = _mm512_set1_ps(alpha);                                    \
-                    for (int64_t i = 0; i < nv; i++) {                                          \
-                        float* ap = acc + g * d + 16 * i;                                       \
-                        _mm512_storeu_ps(ap, _mm512_mul_ps(_mm512_loadu_ps(ap), av));           \
+            for (int64_t hh = 0; hh < hs; hh++) {                                               \
+                for (int64_t c = 0; c < npf; c++)                                               \
+                    for (int64_t b = 0; b < d * (int64_t)sizeof(T); b += 64) {                  \
+                        _mm_prefetch((const char*)(kpf + c * key_stride + hh * d) + b, _MM_HINT_T1); \
+                        _mm_prefetch((const char*)(vpf + c * key_stride + hh * d) + b, _MM_HINT_T1); \
                     }                                                                           \
-                    l[g] *= alpha;                                                              \
-                    m[g] = mn;                                                                  \
+                const T* kp = k + base + hh * d;                                                \
+                const T* vp = v + base + hh * d;                                                \
+                float* qh = qf + hh * G * d;                                                    \
+                float* ah = acc + hh * G * d;                                                   \
+                for (int64_t c = 0; c < cnt; c++) {                                             \
+                    const T* kc = kp + c * key_stride;                                          \
+                    for (int64_t g = 0; g < G; g++) {                                           \
+                        const float* qg = qh + g * d;                                           \
+                        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), LD16(kc));                \
+                        for (int64_t i = 1; i < nv; i++)                                        \
+                            a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), LD16(kc + 16 * i), a); \
+                        sc[g * 16 + c] = _mm512_reduce_add_ps(a);                               \
+                    }                                                                           \
                 }                                                                               \
-                l[g] += _mm512_reduce_add_ps(p);                                                \
-            }                                                                                   \
-            for (int64_t i = 0; i < nv; i++) {  /* 16 dims at a time: acc stays in registers */ \
-                __m512 a0 = _mm512_loadu_ps(acc + 16 * i);                                      \
-                __m512 a1 = G > 1 ? _mm512_loadu_ps(acc + d + 16 * i) : a0;                     \
-                const T* vq = vp + 16 * i;                                                      \
-                if (G == 2) {                                                                   \
+                for (int64_t g = 0; g < G; g++) {                                               \
+                    float* mg = m + hh * G + g;                                                 \
+                    float* lg = l + hh * G + g;                                                 \
+                    __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc + g * 16); \
+                    const float mx = _mm512_reduce_max_ps(s);                                   \
+                    const float mn = mx > *mg ? mx : *mg;                                       \
+                    __m512 p = _mm512_maskz_mov_ps(live, exp16_nonpos(                          \
+                        _mm512_sub_ps(s, _mm512_set1_ps(mn))));                                 \
+                    _mm512_storeu_ps(sc + g * 16, p);                                           \
+                    if (mn > *mg) {  /* rescale what was summed under the old max */            \
+                        const float alpha = *mg == -INFINITY ? 0.f : expf(*mg - mn);            \
+                        const __m512 av = _mm512_set1_ps(alpha);                                \
+                        for (int64_t i = 0; i < nv; i++) {                                      \
+                            float* ap = ah + g * d + 16 * i;                                    \
+                            _mm512_storeu_ps(ap, _mm512_mul_ps(_mm512_loadu_ps(ap), av));       \
+                        }                                                                       \
+                        *lg *= alpha;                                                           \
+                        *mg = mn;                                                               \
+                    }                                                                           \
+                    *lg += _mm512_reduce_add_ps(p);                                             \
+                }                                                                               \
+                for (int64_t i = 0; i < nv; i++) { /* 16 dims at a time: acc stays in registers */ \
+                    __m512 a0 = _mm512_loadu_ps(ah + 16 * i);                                   \
+                    __m512 a1 = G > 1 ? _mm512_loadu_ps(ah + d + 16 * i) : a0;                  \
+                    const T* vq = vp + 16 * i;                                                  \
+                    if (G == 2) {                                                               \
+                        for (int64_t c = 0; c < cnt; c++, vq += key_stride) {                   \
+                            const __m512 x = LD16(vq);                                          \
+                            a0 = _mm512_fmadd_ps(_mm512_set1_ps(sc[c]), x, a0);                 \
+                            a1 = _mm512_fmadd_ps(_mm512_set1_ps(sc[16 + c]), x, a1);            \
+                        }                                                                       \
+                        _mm512_storeu_ps(ah + 16 * i, a0);                                      \
+                        _mm512_storeu_ps(ah + d + 16 * i, a1);                                  \
+                        continue;                                                               \
+                    }                                                                           \
                     for (int64_t c = 0; c < cnt; c++, vq += key_stride) {                       \
                         const __m512 x = LD16(vq);                                              \
-                        a0 = _mm512_fmadd_ps(_mm512_set1_ps(sc[c]), x, a0);                     \
-                        a1 = _mm512_fmadd_ps(_mm512_set1_ps(sc[16 + c]), x, a1);                \
-                    }                                                                           \
-                    _mm512_storeu_ps(acc + 16 * i, a0);                                         \
-                    _mm512_storeu_ps(acc + d + 16 * i, a1);                                     \
-                    continue;                                                                   \
-                }                                                                               \
-                for (int64_t c = 0; c < cnt; c++, vq += key_stride) {                           \
-                    const __m512 x = LD16(vq);                                                  \
-                    for (int64_t g = 0; g < G; g++) {                                           \
-                        float* ap = acc + g * d + 16 * i;                                       \
-                        _mm512_storeu_ps(ap, _mm512_fmadd_ps(_mm512_set1_ps(sc[g * 16 + c]), x, \
-                                                             _mm512_loadu_ps(ap)));             \
+                        for (int64_t g = 0; g < G; g++) {                                       \
+                            float* ap = ah + g * d + 16 * i;                                    \
+                            _mm512_storeu_ps(ap, _mm512_fmadd_ps(_mm512_set1_ps(sc[g * 16 + c]), \
+                                                                 x, _mm512_loadu_ps(ap)));      \
+                        }                                                                       \
                     }                                                                           \
                 }                                                                               \
             }                                                                                   \
             j += cnt;                                                                           \
         }                                                                                       \
-        for (int64_t g = 0; g < G; g++) {                                                       \
+        for (int64_t g = 0; g < hq; g++) {                                                      \
             const int empty = !(l[g] > 0.f);                                                    \
             const __m512 inv = _mm512_set1_ps(empty ? 0.f : 1.f / l[g]);                        \
             for (int64_t i = 0; i < nv; i++)                                                    \
                 ST16(_mm512_mul_ps(_mm512_loadu_ps(acc + g * d + 16 * i), inv), o + g * d + 16 * i); \
-            if (lse) lse[r * H + h * G + g] = empty ? -INFINITY : m[g] + logf(l[g]);            \
+            if (lse) lse[r * H + h0 * G + g] = empty ? -INFINITY : m[g] + logf(l[g]);           \
         }                                                                                       \
     }                                                                                           \
     free(qf);                                                                                   \

@@ -139,12 +139,13 @@ def test_no_compiler_means_no_library(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(("h", "hkv", "d", "bs"), [(8, 4, 64, 16), (4, 4, 32, 32), (12, 2, 16, 8)])
 def test_fast_kernel_matches_generic(dtype: torch.dtype, h: int, hkv: int, d: int, bs: int) -> None:
     """The AVX-512 kernel (group of 2 has its own loop; tiles of 16 split blocks of 32) equals
-    the generic C kernel to float rounding, LSE included, with a window and an empty row."""
+    the generic C kernel to float rounding, LSE included, with a window and an empty row; with
+    rows enough for a task per row (all KV heads) and with few rows (a task per KV head)."""
     lens = [0, 1, 15, 16, 17, 40, 70, 33]
     k, v, tables = _paged([max(n, 1) for n in lens], bs, hkv, d, dtype)
     q = torch.randn(len(lens), h, d).to(dtype)
-    for window in (None, 20):
-        args = (q, k, v, tables, torch.arange(len(lens)), torch.tensor(lens) - 1)
+    for window, rows in ((None, 8), (20, 8), (None, 3), (20, 2)):
+        args = (q[-rows:], k, v, tables, torch.arange(8)[-rows:], torch.tensor(lens[-rows:]) - 1)
         fast = cpa.paged_attention_cpu(*args, sliding_window=window, return_lse=True)
         cpa.set_fast_kernels_enabled(False)
         try:
