@@ -4,9 +4,9 @@
 
 Reads one JSON request per line ({"prompts": [[ids...]...], "new_tokens": N}), answers one JSON
 line ({"seconds": wall time of LLM.generate, "tokens": [[ids...]...]}). Prints {"ready": true}
-once the engine is up. Offline `LLM.generate` on token ids, greedy, no tokenizer. "cpu_seconds":
-user + system CPU time of this process and its children (vLLM's engine core and worker) over
-the call.
+once the engine is up. Offline `LLM.generate` on token ids, greedy, no tokenizer, the prefix cache
+emptied before each call (as batonserve's is). "cpu_seconds": user + system CPU time of this
+process and its children (vLLM's engine core and worker) over the call.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def main() -> None:
             max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False
         )
         prompts = [{"prompt_token_ids": p} for p in req["prompts"]]
+        # Every round sends the same prompts: without this, vLLM's prefix cache (on by default)
+        # skips their prefill from the second round on. batonserve's side resets its cache too.
+        if not llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache: rounds would not compare")
         t0, c0 = time.perf_counter(), cpu_seconds()
         res = llm.generate(prompts, params, use_tqdm=False)
         dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
