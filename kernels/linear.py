@@ -4,11 +4,12 @@
 load time skips that (1.2-2.9x faster at batch 1-128 for this repo's bench model). The packed copy
 is an opaque oneDNN tensor, used only by `linear`; the plain weight stays the reference.
 
-bf16 on CPU has two more paths. A batch of 1-3 rows goes through a C kernel that streams the
-plain weight faster than oneDNN (kernels/cpu/gemv.py). And on an Intel CPU without AMX, where
-oneDNN's AVX-512-BF16 GEMM runs at half the speed of fp32 FMAs, a weight can be packed into
-panels instead (kernels/cpu/panel_gemm.py: bf16 in memory, float32 arithmetic) for every larger
-batch; the model runner decides (EngineConfig.cpu_fp32_gemm).
+bf16 on CPU has more paths. A batch of 1-3 rows goes through a C kernel that streams the plain
+weight faster than oneDNN (kernels/cpu/gemv.py). Larger batches can go through panels instead of
+oneDNN's packing (kernels/cpu/panel_gemm.py): widened to float32 FMAs on an Intel CPU without
+AMX, where oneDNN's AVX-512-BF16 GEMM runs at half the speed of fp32 FMAs; or as pairs of k for
+AVX-512-BF16 dot products on AMD Zen 4, where oneDNN streams small batches slowly. The model
+runner picks the layout (EngineConfig.cpu_gemm).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ _PACKABLE = (torch.float32, torch.bfloat16)
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """One weight laid out for the CPU GEMM: oneDNN's packing, or (bf16) panel_gemm's panels."""
+    """One weight laid out for the CPU GEMM: oneDNN's packing, or (bf16) panel_gemm's panels of
+    either kind (their shape tells which)."""
 
     native: torch.Tensor | None
     panels: torch.Tensor | None = None
@@ -41,13 +43,15 @@ def can_pack(weight: torch.Tensor) -> bool:
     )
 
 
-def pack_weight(weight: torch.Tensor, fp32_gemm: bool = False) -> PackedWeight | None:
-    """`weight` [out, in] packed for oneDNN, or with `fp32_gemm` (bf16 only, where the panel
-    kernel is built) into panels instead; None where it cannot be packed."""
+def pack_weight(weight: torch.Tensor, layout: str = "onednn") -> PackedWeight | None:
+    """`weight` [out, in] packed in `layout`: "onednn", or for a bf16 weight where the kernel is
+    built, "fp32_panels" / "dot_panels" (kernels/cpu/panel_gemm.py); None where it cannot be
+    packed. A panel layout that is not built here falls back to oneDNN's."""
     if not can_pack(weight):
         return None
-    if fp32_gemm and weight.dtype == torch.bfloat16 and panel_gemm.available():
-        return PackedWeight(None, panel_gemm.to_panels(weight.detach()))
+    dot = layout == "dot_panels"
+    if layout != "onednn" and weight.dtype == torch.bfloat16 and panel_gemm.available(dot):
+        return PackedWeight(None, panel_gemm.to_panels(weight.detach(), dot))
     try:
         native = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
     except (RuntimeError, AttributeError):  # an op missing from this torch build

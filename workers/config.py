@@ -15,6 +15,8 @@ Role = Literal["prefill", "decode", "mixed"]
 
 # The cache policies a serving engine may use (the registry's, less the offline-only ones).
 EXPERT_CACHE_POLICIES = SERVING_POLICIES
+# EngineConfig.cpu_gemm; the last three are the weight layouts of kernels/linear.py's pack_weight.
+CPU_GEMMS = ("auto", "onednn", "fp32_panels", "dot_panels")
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,13 @@ class EngineConfig:
     # Batch sizes captured (ascending); () = 1, 2, 4, ... up to max_num_seqs. Fewer buckets, less
     # warm-up; a batch pads to the next bucket, or runs eager above the largest.
     compile_decode_buckets: tuple[int, ...] = ()
-    # bf16 on CPU: batches of 9+ rows multiply the bf16 weights with float32 FMAs
-    # (kernels/cpu/panel_gemm.py; the weights are packed in its panels instead of oneDNN's
-    # layout: no extra memory). "auto": on an Intel CPU without AMX, where fp32 FMAs run ~1.9x
-    # its bf16 dot products; "on" / "off" force it.
-    cpu_fp32_gemm: str = field(default="auto", metadata=choices(("auto", "on", "off")))
+    # bf16 on CPU, batches of 4+ rows: the GEMM and the packed layout of the weights (one copy
+    # either way). "onednn": oneDNN's packing. "fp32_panels": bf16 panels widened to float32
+    # FMAs (kernels/cpu/panel_gemm.py), for an Intel CPU without AMX, whose fp32 FMAs run ~1.9x
+    # its bf16 dot products. "dot_panels": bf16 panels of k pairs for AVX-512-BF16 dot products,
+    # for AMD Zen 4, where they stream small batches ~1.3-2x faster than oneDNN. "auto" picks
+    # by the CPU's flags: those two, else (AMX, no AVX-512-BF16) oneDNN.
+    cpu_gemm: str = field(default="auto", metadata=choices(CPU_GEMMS))
     # Plan and settle steps while the model runs the next one (vLLM's async scheduling): the
     # scheduler, its update and output processing leave the forward's critical path. Steps with
     # a layer hook (a served worker streaming KV layer by layer) and token regrouping run in
@@ -76,9 +80,9 @@ class EngineConfig:
         nt = self.num_threads
         if isinstance(nt, bool) or not isinstance(nt, int) or nt < 0:
             raise ValueError(f"num_threads: must be an integer >= 0 (0 = default), got {nt!r}")
-        if self.cpu_fp32_gemm not in ("auto", "on", "off"):
+        if self.cpu_gemm not in CPU_GEMMS:
             raise ValueError(
-                f"cpu_fp32_gemm: must be 'auto', 'on' or 'off', got {self.cpu_fp32_gemm!r}"
+                f"cpu_gemm: must be one of {', '.join(CPU_GEMMS)}; got {self.cpu_gemm!r}"
             )
         if self.expert_cache_policy not in ("", *EXPERT_CACHE_POLICIES):
             raise ValueError(

@@ -54,17 +54,18 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def cpu_fp32_gemm_is_faster() -> bool:
-    """True on an Intel CPU with AVX-512-BF16 but no AMX: there fp32 FMAs run ~1.9x oneDNN's bf16
-    GEMM (measured: docs/benchmarks.md). With AMX, bf16 is 3-6x fp32; on AMD Zen 4, whose
-    vdpbf16ps does twice the work of an FMA, bf16 wins too."""
+def default_cpu_gemm() -> str:
+    """The bf16 GEMM for batches of 4+ rows on this CPU (EngineConfig.cpu_gemm "auto"), by its
+    flags (measured: docs/benchmarks.md, fifth and sixth rounds). With AMX, oneDNN's bf16 GEMM
+    runs 3-6x fp32. On an Intel CPU with AVX-512-BF16 and no AMX, fp32 FMAs run ~1.9x its bf16
+    dot products: "fp32_panels". On AMD Zen 4, dot products over panels stream 4-16 rows 1.3-2x
+    faster than oneDNN and match it above: "dot_panels"."""
     info = _cpuinfo()
-    return (
-        not _torch_has_amx()
-        and "GenuineIntel" in info
-        and "avx512_bf16" in info
-        and "amx_tile" not in info
-    )
+    if _torch_has_amx() or "amx_tile" in info or "avx512_bf16" not in info:
+        return "onednn"
+    if "GenuineIntel" in info:
+        return "fp32_panels"
+    return "dot_panels" if "AuthenticAMD" in info else "onednn"
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
@@ -128,7 +129,7 @@ class ModelRunner:
             else:
                 self.model = get_model_class(mc.architecture)(mc, self.dtype, self.device, tp)
                 load_weights(self.model_dir, self.model.weight_specs())
-            self.model.prepack(self._fp32_gemm(config.cpu_fp32_gemm))
+            self.model.prepack(self._cpu_gemm(config.cpu_gemm))
         self.model.eval()
         self.expert_store: ExpertStore | None = None
         self.moe_controller: MoEController | None = None
@@ -170,22 +171,22 @@ class ModelRunner:
             )
             self.decode_graphs.warm_up()
 
-    def _fp32_gemm(self, mode: str) -> bool:
-        """Whether bf16 weights are packed for float32 arithmetic (kernels/cpu/panel_gemm.py);
-        a line says so when "auto" picks it."""
-        if self.dtype != torch.bfloat16 or self.device.type != "cpu" or mode == "off":
-            return False
-        if mode == "on":
-            return True
-        if not cpu_fp32_gemm_is_faster():
-            return False
-        print(
-            "cpu_fp32_gemm: this CPU's fp32 FMAs outrun its bf16 dot products (no AMX); bf16 "
-            "weights are packed for float32 arithmetic in batches of 9+ rows",
-            file=sys.stderr,  # stdout may be a command's JSON output
-            flush=True,
-        )
-        return True
+    def _cpu_gemm(self, mode: str) -> str:
+        """The packed layout of bf16 weights (kernels/linear.py); a line says so when "auto" picks
+        panels."""
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            return "onednn"
+        if mode != "auto":
+            return mode
+        layout = default_cpu_gemm()
+        if layout != "onednn":
+            print(
+                f"cpu_gemm: {layout} for bf16 batches of 4+ rows on this CPU "
+                "(EngineConfig.cpu_gemm: docs/operations.md)",
+                file=sys.stderr,  # stdout may be a command's JSON output
+                flush=True,
+            )
+        return layout
 
     def _attach_moe(self, dtype_name: str) -> None:
         """Load the routing predictor; set up the tiered store and token paths as configured."""

@@ -1,14 +1,20 @@
-"""bf16 weights, float32 arithmetic: a GEMM for batches of 16+ rows on CPUs without AMX (C, built
-at first use by native.py).
+"""bf16 weights in panels of 32 output columns: GEMMs for batches of 4+ rows on CPUs without AMX
+(C, built at first use by native.py), in place of oneDNN's packing (EngineConfig.cpu_gemm).
 
-On a Xeon without AMX, AVX-512-BF16 dot products run at half the rate of fp32 FMAs, so oneDNN's
-bf16 GEMM reaches ~97 GFLOP/s per core against ~190 for fp32; but an fp32 copy of the weights
-doubles the bytes a decode step streams from memory. This kernel keeps the weights in bf16, laid
-out in panels of 32 output columns ([N/32][K][32]: one 64-byte line per k), widens each line to
-float32 in registers (a shift and a mask: the line pairs column j with column j + 16) and
-multiplies with FMAs, 12 rows of x at a time against a panel that stays in L1 while every row
-block passes over it. Products and sums are float32, as in oneDNN's bf16 GEMM (summation order
-differs); outputs are rounded to bf16 (nearest even) or kept float32 (logits).
+Two layouts, two kernels, one driver: 12 rows of x at a time against a panel, every row block
+passing over it while it is in cache, the panels split over threads.
+
+- fp32 panels ([N/32][K][16] int32, a k's 32 columns in one 64-byte line, column j paired with
+  j + 16): each line is widened to float32 in registers (a shift and a mask) and multiplied with
+  FMAs. For an Intel CPU without AMX, where AVX-512-BF16 dot products run at half the rate of
+  fp32 FMAs (oneDNN bf16 ~97 GFLOP/s a core, these panels 127-163) and an fp32 copy of the
+  weights would double the bytes a decode step streams.
+- dot panels ([N/32][K/2][32] int32, the pair (k = 2i, 2i + 1) of one column): x stays bf16, a
+  pair of its values is broadcast and one `vdpbf16ps` does two products per lane. For AMD Zen 4,
+  where oneDNN's bf16 GEMM streams the weights of 4-16 rows slowly.
+
+Products and sums are float32 in both (summation order differs from oneDNN's); outputs are
+rounded to bf16 (nearest even) or kept float32 (logits).
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ SOURCE = r"""
 @SPLIT@
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#define MR 12  /* rows of x per block: 24 accumulators, 2 weight halves, a broadcast */
+#define MR 12  /* rows of x per block: 24 accumulators, 2 weight vectors, a broadcast */
 #ifndef LINES_AHEAD
 #define LINES_AHEAD 64  /* prefetch distance in panel lines (k steps), into the next panel too */
 #endif
 #ifndef MC_BYTES
-#define MC_BYTES (768 * 1024)  /* float32 rows of x per pass over the weight: within L2 */
+#define MC_BYTES (768 * 1024)  /* rows of x per pass over the weight: within L2 */
 #endif
 
 static inline void store_row(__m512 lo, __m512 hi, const float* bias, int64_t n0, int64_t cols,
@@ -82,41 +88,80 @@ static void block##R(const float* x, int64_t K, const uint32_t* panel, const flo
 DEFINE_BLOCK(1) DEFINE_BLOCK(2) DEFINE_BLOCK(3) DEFINE_BLOCK(4) DEFINE_BLOCK(5) DEFINE_BLOCK(6)
 DEFINE_BLOCK(7) DEFINE_BLOCK(8) DEFINE_BLOCK(9) DEFINE_BLOCK(10) DEFINE_BLOCK(11) DEFINE_BLOCK(12)
 
-typedef void (*block_fn)(const float*, int64_t, const uint32_t*, const float*, int64_t, int64_t,
-                         int64_t, uint16_t*, float*, int64_t);
-static const block_fn BLOCKS[MR + 1] = {0, block1, block2, block3, block4, block5, block6,
-                                        block7, block8, block9, block10, block11, block12};
-
-/* Panels [p0, p1): each panel once from memory, every row block of x over it. */
-static void panels_part(const float* x, int64_t M, int64_t K, const uint32_t* w, int64_t N,
-                        const float* bias, uint16_t* yb, float* yf, int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; p++) {
-        const uint32_t* panel = w + p * K * 16;
-        const int64_t n0 = p * 32, cols = N - n0 < 32 ? N - n0 : 32;
-        for (int64_t m = 0; m < M; m += MR) {
-            const int64_t r = M - m < MR ? M - m : MR;
-            BLOCKS[r](x + m * K, K, panel, bias, n0, cols, N, yb, yf, m);
-        }
-    }
+/* Dot panels (CPUs whose bf16 dot products outrun fp32 FMAs: AMD Zen 4): [N/32][K2][32] int32,
+   K2 = ceil(K / 2), each int32 the pair (k = 2i, k = 2i + 1) of one column (low half 2i); x stays
+   bf16, a pair of its values broadcast per int32, and one vdpbf16ps does both products. */
+#if defined(__AVX512BF16__)
+#define DOT_KERNELS 1
+#define DEFINE_DOT_BLOCK(R)                                                                     \
+static void dot_block##R(const uint32_t* x, int64_t K2, const uint32_t* panel, const float* bias, \
+                         int64_t n0, int64_t cols, int64_t N, uint16_t* yb, float* yf,          \
+                         int64_t m0) {                                                          \
+    __m512 lo[R], hi[R];                                                                        \
+    for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_ps();                            \
+    for (int64_t k = 0; k < K2; k++) {                                                          \
+        _mm_prefetch((const char*)(panel + (k + LINES_AHEAD / 2) * 32), _MM_HINT_T0);           \
+        _mm_prefetch((const char*)(panel + (k + LINES_AHEAD / 2) * 32 + 16), _MM_HINT_T0);      \
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void*)(panel + k * 32));        \
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void*)(panel + k * 32 + 16));   \
+        for (int r = 0; r < R; r++) {                                                           \
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)x[r * K2 + k]);                \
+            lo[r] = _mm512_dpbf16_ps(lo[r], w0, xv);                                            \
+            hi[r] = _mm512_dpbf16_ps(hi[r], w1, xv);                                            \
+        }                                                                                       \
+    }                                                                                           \
+    for (int r = 0; r < R; r++) store_row(lo[r], hi[r], bias, n0, cols, N, yb, yf, m0 + r);     \
 }
+DEFINE_DOT_BLOCK(1) DEFINE_DOT_BLOCK(2) DEFINE_DOT_BLOCK(3) DEFINE_DOT_BLOCK(4)
+DEFINE_DOT_BLOCK(5) DEFINE_DOT_BLOCK(6) DEFINE_DOT_BLOCK(7) DEFINE_DOT_BLOCK(8)
+DEFINE_DOT_BLOCK(9) DEFINE_DOT_BLOCK(10) DEFINE_DOT_BLOCK(11) DEFINE_DOT_BLOCK(12)
+#else
+#define DOT_KERNELS 0
+#endif
+
+/* The two GEMMs share one driver. XT: x's element type (float, or uint32 bf16 pairs); XK: x's
+   row length in XT; LINE: a panel's int32s per step of XK (16, or 32 for a pair of k). */
+#define DEFINE_GEMM(NAME, XT, BLOCK, LINE)                                                      \
+typedef void (*NAME##_fn)(const XT*, int64_t, const uint32_t*, const float*, int64_t, int64_t,  \
+                          int64_t, uint16_t*, float*, int64_t);                                 \
+static const NAME##_fn NAME##_blocks[MR + 1] = {0, BLOCK##1, BLOCK##2, BLOCK##3, BLOCK##4,       \
+    BLOCK##5, BLOCK##6, BLOCK##7, BLOCK##8, BLOCK##9, BLOCK##10, BLOCK##11, BLOCK##12};          \
+/* Panels [p0, p1): each panel once from memory, every row block of x over it. */              \
+static void NAME##_part(const XT* x, int64_t M, int64_t XK, const uint32_t* w, int64_t N,        \
+                        const float* bias, uint16_t* yb, float* yf, int64_t p0, int64_t p1) {   \
+    for (int64_t p = p0; p < p1; p++) {                                                         \
+        const uint32_t* panel = w + p * XK * LINE;                                              \
+        const int64_t n0 = p * 32, cols = N - n0 < 32 ? N - n0 : 32;                            \
+        for (int64_t m = 0; m < M; m += MR) {                                                   \
+            const int64_t r = M - m < MR ? M - m : MR;                                          \
+            NAME##_blocks[r](x + m * XK, XK, panel, bias, n0, cols, N, yb, yf, m);              \
+        }                                                                                       \
+    }                                                                                           \
+}                                                                                               \
+/* y [M, N] = x [M, XK] @ the paneled weight (+ bias, float32 [N]), MC rows of x at a time so   \
+   they stay in L2 while the panels stream past (the weight is read ceil(M / MC) times). */     \
+void NAME(const XT* x, int64_t M, int64_t XK, const uint32_t* w, int64_t N, const float* bias,  \
+          uint16_t* yb, float* yf, int64_t nth) {                                               \
+    const int64_t per = MC_BYTES / (XK * (int64_t)sizeof(XT)) / MR * MR;                        \
+    const int64_t mc = per > MR ? per : MR;                                                     \
+    for (int64_t m0 = 0; m0 < M; m0 += mc) {                                                    \
+        const int64_t rows = M - m0 < mc ? M - m0 : mc;                                         \
+        uint16_t* ybm = yb ? yb + m0 * N : 0;                                                   \
+        float* yfm = yf ? yf + m0 * N : 0;                                                      \
+        SPLIT(0, (N + 31) / 32, nth,                                                            \
+              NAME##_part(x + m0 * XK, rows, XK, w, N, bias, ybm, yfm, a, b));                  \
+    }                                                                                           \
+}
+DEFINE_GEMM(panel_gemm, float, block, 16)
+#if DOT_KERNELS
+DEFINE_GEMM(dot_panel_gemm, uint32_t, dot_block, 32)
+#endif
 
 int64_t panel_gemm_available(void) { return 1; }
-
-/* y [M, N] = x [M, K] (float32) @ the paneled weight (+ bias, float32 [N]), MC rows of x at a
-   time so they stay in L2 while the panels stream past (the weight is read ceil(M / MC) times). */
-void panel_gemm(const float* x, int64_t M, int64_t K, const uint32_t* w, int64_t N,
-                const float* bias, uint16_t* yb, float* yf, int64_t nth) {
-    const int64_t mc = MC_BYTES / (K * 4) / MR * MR > MR ? MC_BYTES / (K * 4) / MR * MR : MR;
-    for (int64_t m0 = 0; m0 < M; m0 += mc) {
-        const int64_t rows = M - m0 < mc ? M - m0 : mc;
-        uint16_t* ybm = yb ? yb + m0 * N : 0;
-        float* yfm = yf ? yf + m0 * N : 0;
-        SPLIT(0, (N + 31) / 32, nth,
-              panels_part(x + m0 * K, rows, K, w, N, bias, ybm, yfm, a, b));
-    }
-}
+int64_t dot_panel_gemm_available(void) { return DOT_KERNELS; }
 #else
 int64_t panel_gemm_available(void) { return 0; }
+int64_t dot_panel_gemm_available(void) { return 0; }
 void panel_gemm(const float* x, int64_t M, int64_t K, const uint32_t* w, int64_t N,
                 const float* bias, uint16_t* yb, float* yf, int64_t nth) {}
 #endif
@@ -129,28 +174,40 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.panel_gemm_available.restype = ctypes.c_int64
+    lib.dot_panel_gemm_available.restype = ctypes.c_int64
     if not lib.panel_gemm_available():
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.panel_gemm.argtypes = [p, i64, i64, p, i64, p, p, p, i64]
-    lib.panel_gemm.restype = None
+    for name in (
+        ("panel_gemm", "dot_panel_gemm") if lib.dot_panel_gemm_available() else ("panel_gemm",)
+    ):
+        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, p, p, i64]
+        getattr(lib, name).restype = None
     return lib
 
 
-def available() -> bool:
-    """True when the kernel is built on this machine (a C compiler and AVX-512)."""
-    return _library() is not None
+def available(dot: bool = False) -> bool:
+    """True when the kernel is built on this machine (a C compiler and AVX-512; with `dot`, the
+    dot-product kernel: AVX-512-BF16)."""
+    lib = _library()
+    return lib is not None and (not dot or bool(lib.dot_panel_gemm_available()))
 
 
-def to_panels(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 weight [N, K] laid out for `panel_gemm`: int32 [ceil(N/32), K, 16], each int32 the
-    pair (column j, column j + 16) of one k (low half j), zero columns padding the last panel."""
+def to_panels(weight: torch.Tensor, dot: bool = False) -> torch.Tensor:
+    """A bf16 weight [N, K] laid out for `panel_gemm`, zero columns padding the last panel:
+    int32 [ceil(N/32), K, 16], each int32 the pair (column j, column j + 16) of one k (low half
+    j); or with `dot`, int32 [ceil(N/32), ceil(K/2), 32], each the pair (k = 2i, 2i + 1) of one
+    column (low half 2i)."""
     n, k = weight.shape
     panels = -(-n // PANEL)
-    w = torch.zeros(panels * PANEL, k, dtype=torch.bfloat16)
-    w[:n] = weight
+    k_pad = k + (k % 2 if dot else 0)
+    w = torch.zeros(panels * PANEL, k_pad, dtype=torch.bfloat16)
+    w[:n, :k] = weight
     bits = w.view(torch.int16).to(torch.int32) & 0xFFFF  # [panels * 32, K]
-    bits = bits.view(panels, 2, 16, k).permute(0, 3, 2, 1)  # [panels, K, 16, (j, j + 16)]
+    if dot:
+        bits = bits.view(panels, PANEL, k_pad // 2, 2).permute(0, 2, 1, 3)  # [p, K/2, 32, 2]
+    else:
+        bits = bits.view(panels, 2, 16, k).permute(0, 3, 2, 1)  # [panels, K, 16, (j, j + 16)]
     return (bits[..., 0] | (bits[..., 1] << 16)).contiguous()
 
 
@@ -162,19 +219,25 @@ def panel_gemm(
     fp32_out: bool,
 ) -> torch.Tensor:
     """x [M, K] (bf16) @ the weight `panels` came from (.T, N = n columns) + bias -> [M, n], bf16
-    (float32 with fp32_out)."""
+    (float32 with fp32_out). The panels' last dimension tells their layout (see to_panels)."""
     lib = _library()
     assert lib is not None
-    xf = x.float().contiguous()
-    m, k = xf.shape
+    m, k = x.shape
+    if panels.shape[-1] == PANEL:  # dot panels: x stays bf16, read as int32 pairs of k
+        xin = x.contiguous()
+        if k % 2:
+            xin = torch.nn.functional.pad(xin, (0, 1))
+        xin, xk, fn = xin.view(torch.int32), (k + 1) // 2, lib.dot_panel_gemm
+    else:
+        xin, xk, fn = x.float().contiguous(), k, lib.panel_gemm
     out = torch.empty(m, n, dtype=torch.float32 if fp32_out else torch.bfloat16)
     b = bias.float().contiguous() if bias is not None else None
     if b is not None and n % PANEL:  # the last panel's store reads 32 bias values
         b = torch.cat([b, b.new_zeros(PANEL - n % PANEL)])
-    lib.panel_gemm(
-        xf.data_ptr(),
+    fn(
+        xin.data_ptr(),
         m,
-        k,
+        xk,
         panels.data_ptr(),
         n,
         b.data_ptr() if b is not None else None,

@@ -1,4 +1,5 @@
-"""kernels/linear.py and kernels/cpu/panel_gemm.py: bf16 weights in panels, float32 arithmetic."""
+"""kernels/linear.py and kernels/cpu/panel_gemm.py: bf16 weights in panels, float32 FMAs or bf16
+dot products, against a float32 product of the same bf16 values."""
 
 from __future__ import annotations
 
@@ -15,18 +16,21 @@ needs_kernel = pytest.mark.skipif(
 
 
 @needs_kernel
+@pytest.mark.parametrize("layout", ["fp32_panels", "dot_panels"])
 @pytest.mark.parametrize("shape", [(96, 64), (7, 33), (32, 1408), (100, 5), (33, 512)])
-@pytest.mark.parametrize("rows", [9, 12, 13, 40, 130])
+@pytest.mark.parametrize("rows", [4, 9, 12, 13, 40, 130])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_panels_match_a_float32_product_of_the_bf16_values(
-    shape: tuple[int, int], rows: int, threads: int
+    layout: str, shape: tuple[int, int], rows: int, threads: int
 ) -> None:
+    if not panel_gemm.available(layout == "dot_panels"):
+        pytest.skip("the dot-product kernel needs AVX-512-BF16")
     n, k = shape
     gen = torch.Generator().manual_seed(rows * 7 + n)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     b = torch.randn(n, generator=gen).to(torch.bfloat16)
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
-    packed = lin.pack_weight(w, fp32_gemm=True)
+    packed = lin.pack_weight(w, layout)
     assert packed is not None and packed.panels is not None and packed.native is None
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -46,11 +50,11 @@ def test_panels_match_a_float32_product_of_the_bf16_values(
 @needs_kernel
 def test_panels_take_leading_dimensions_and_leave_float32_weights_to_onednn() -> None:
     w = torch.randn(40, 24).to(torch.bfloat16)
-    packed = lin.pack_weight(w, fp32_gemm=True)
+    packed = lin.pack_weight(w, "fp32_panels")
     x = torch.randn(2, 10, 24).to(torch.bfloat16)
     out = lin.linear(x, w, None, packed, fp32_out=True)
     torch.testing.assert_close(out, F.linear(x.float(), w.float()), atol=1e-4, rtol=1e-5)
-    packed = lin.pack_weight(w.float(), fp32_gemm=True)
+    packed = lin.pack_weight(w.float(), "dot_panels")
     assert packed is not None and packed.panels is None and packed.native is not None
     packed = lin.pack_weight(w)
     assert packed is not None and packed.panels is None

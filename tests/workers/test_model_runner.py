@@ -159,11 +159,11 @@ def _has_panels(runner: ModelRunner) -> bool:
     return packed is not None and packed.panels is not None
 
 
-def test_cpu_fp32_gemm_panels_match_bf16(
+def test_cpu_gemm_panels_match_onednn(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """bf16 weights packed for float32 arithmetic: the same logits within bf16 rounding, at a
-    prefill big enough (9+ rows) to take them; "auto" packs them only where they pay."""
+    """bf16 weights in either kind of panel: the same logits as oneDNN's within bf16 rounding, at
+    a prefill big enough (4+ rows) to take them; "auto" follows the CPU rule and says so."""
     from batonserve.kernels.cpu import panel_gemm
     from batonserve.workers import model_runner as mr
 
@@ -171,7 +171,7 @@ def test_cpu_fp32_gemm_panels_match_bf16(
         pytest.skip("needs a C compiler and AVX-512 (the panel kernel's build)")
 
     def build(mode: str) -> ModelRunner:
-        cfg = EngineConfig(dtype="bfloat16", cpu_fp32_gemm=mode, num_kv_blocks=8, block_size=4)
+        cfg = EngineConfig(dtype="bfloat16", cpu_gemm=mode, num_kv_blocks=8, block_size=4)
         return ModelRunner(model_dir, cfg)
 
     def prefill(runner: ModelRunner) -> torch.Tensor:
@@ -179,13 +179,39 @@ def test_cpu_fp32_gemm_panels_match_bf16(
         ids = list(range(3, 23))  # 20 rows
         return runner.execute(seqs.step({seqs.add(): ids}, all_logits=True))
 
-    on, off = build("on"), build("off")
-    assert _has_panels(on) and not _has_panels(off)
-    torch.testing.assert_close(prefill(on), prefill(off), atol=0.05, rtol=0.05)
-    monkeypatch.setattr(mr, "cpu_fp32_gemm_is_faster", lambda: False)
+    onednn = build("onednn")
+    assert not _has_panels(onednn)
+    layouts = ["fp32_panels"] + (["dot_panels"] if panel_gemm.available(dot=True) else [])
+    for layout in layouts:
+        runner = build(layout)
+        assert _has_panels(runner)
+        torch.testing.assert_close(prefill(runner), prefill(onednn), atol=0.05, rtol=0.05)
+    monkeypatch.setattr(mr, "default_cpu_gemm", lambda: "onednn")
     assert not _has_panels(build("auto"))
-    monkeypatch.setattr(mr, "cpu_fp32_gemm_is_faster", lambda: True)
+    assert "cpu_gemm" not in capsys.readouterr().err
+    monkeypatch.setattr(mr, "default_cpu_gemm", lambda: "fp32_panels")
     assert _has_panels(build("auto"))
-    assert "packed for float32 arithmetic" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="cpu_fp32_gemm"):
-        EngineConfig(cpu_fp32_gemm="yes")
+    assert "cpu_gemm: fp32_panels" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cpu_gemm"):
+        EngineConfig(cpu_gemm="on")
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "amx", "layout"),
+    [
+        ("GenuineIntel avx512_bf16 amx_tile amx_bf16", False, "onednn"),
+        ("GenuineIntel avx512_bf16", True, "onednn"),
+        ("GenuineIntel avx512_bf16", False, "fp32_panels"),
+        ("AuthenticAMD avx512_bf16", False, "dot_panels"),
+        ("AuthenticAMD avx2", False, "onednn"),
+        ("", False, "onednn"),
+    ],
+)
+def test_default_cpu_gemm_by_cpu_flags(
+    monkeypatch: pytest.MonkeyPatch, cpuinfo: str, amx: bool, layout: str
+) -> None:
+    from batonserve.workers import model_runner as mr
+
+    monkeypatch.setattr(mr, "_cpuinfo", lambda: cpuinfo)
+    monkeypatch.setattr(mr, "_torch_has_amx", lambda: amx)
+    assert mr.default_cpu_gemm() == layout

@@ -86,10 +86,10 @@ class Attention(nn.Module):
         self.qkv_packed: PackedWeight | None = None  # set by prepack() once weights are loaded
         self.o_packed: PackedWeight | None = None
 
-    def prepack(self, fp32_gemm: bool = False) -> None:
+    def prepack(self, layout: str = "onednn") -> None:
         """Pack the loaded projection weights for the CPU GEMM (kernels/linear.py)."""
-        self.qkv_packed = pack_weight(self.qkv_weight, fp32_gemm)
-        self.o_packed = pack_weight(self.o_weight, fp32_gemm)
+        self.qkv_packed = pack_weight(self.qkv_weight, layout)
+        self.o_packed = pack_weight(self.o_weight, layout)
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names q/k/v/o_proj under `prefix` (e.g. 'model.layers.0.self_attn.')."""
@@ -183,10 +183,10 @@ class SwiGLU(nn.Module):
         self.gate_up_packed: PackedWeight | None = None  # set by prepack()
         self.down_packed: PackedWeight | None = None
 
-    def prepack(self, fp32_gemm: bool = False) -> None:
+    def prepack(self, layout: str = "onednn") -> None:
         """Pack the loaded weights for the CPU GEMM (kernels/linear.py)."""
-        self.gate_up_packed = pack_weight(self.gate_up, fp32_gemm)
-        self.down_packed = pack_weight(self.down, fp32_gemm)
+        self.gate_up_packed = pack_weight(self.gate_up, layout)
+        self.down_packed = pack_weight(self.down, layout)
 
     def weight_specs(self, prefix: str) -> WeightSpecs:
         """HF names gate/up/down_proj under `prefix` (e.g. 'model.layers.0.mlp.')."""

@@ -128,14 +128,14 @@ class LlamaForCausalLM(nn.Module):
             specs += layer.weight_specs(f"model.layers.{i}.")  # type: ignore[operator]
         return specs
 
-    def prepack(self, fp32_gemm: bool = False) -> None:
+    def prepack(self, layout: str = "onednn") -> None:
         """Pack loaded dense weights for the CPU GEMM (kernels/linear.py): call after loading.
-        fp32_gemm: bf16 weights packed for float32 arithmetic (kernels/cpu/panel_gemm.py)."""
+        layout: the packing of bf16 weights (kernels/linear.py, EngineConfig.cpu_gemm)."""
         for module in self.modules():
             pack = getattr(module, "prepack", None) if module is not self else None
             if pack is not None:
-                pack(fp32_gemm)
-        self.lm_head_packed = pack_weight(self.lm_head, fp32_gemm)
+                pack(layout)
+        self.lm_head_packed = pack_weight(self.lm_head, layout)
 
     def supports_decode_graph(self) -> bool:
         """True when forward_decode covers this model (dense SwiGLU MLPs; MoE and TP stay eager)."""

@@ -25,7 +25,7 @@ def serve(
     engine = Engine.from_model(
         "demo-moe",
         device="cpu",
-        dtype="float32",  # bf16 GEMMs round differently by batch size (cpu_fp32_gemm, gemv)
+        dtype="float32",  # bf16 GEMMs round differently by batch size (cpu_gemm, gemv)
         num_kv_blocks=128,
         moe_regroup_batch=BATCH if on else 0,
         moe_regroup_max_wait=WAIT,
@@ -67,7 +67,7 @@ def test_regrouping_with_the_tiered_store_keeps_tokens(prompts: list[list[int]])
     engine = Engine.from_model(
         "demo-moe",
         device="cpu",
-        dtype="float32",  # bf16 GEMMs round differently by batch size (cpu_fp32_gemm, gemv)
+        dtype="float32",  # bf16 GEMMs round differently by batch size (cpu_gemm, gemv)
         num_kv_blocks=128,
         moe_regroup_batch=2,
         expert_cache_policy="lru",
