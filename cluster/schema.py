@@ -27,7 +27,11 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = path or "config"
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+        renamed = getattr(cls, "RENAMED", {})  # old key -> what replaced it, for the message
+        hints_for_old = "".join(f"; {k} is now {renamed[k]}" for k in unknown if k in renamed)
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}{hints_for_old}; allowed: {sorted(fields)}"
+        )
     kwargs = {}
     for name, value in data.items():
         where = f"{path}.{name}" if path else name

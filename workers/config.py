@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from batonserve.workers.expert_store.policies import SERVING_POLICIES
 from batonserve.workers.models.config import DTYPES
@@ -45,6 +45,10 @@ class EngineConfig:
     # for AMD Zen 4, where they stream small batches ~1.3-2x faster than oneDNN. "auto" picks
     # by the CPU's flags: those two, else (AMX, no AVX-512-BF16) oneDNN.
     cpu_gemm: str = field(default="auto", metadata=choices(CPU_GEMMS))
+    # Keys of earlier releases, named in the error a config that still uses them gets.
+    RENAMED: ClassVar[dict[str, str]] = {
+        "cpu_fp32_gemm": "cpu_gemm (on: fp32_panels, off: onednn, auto: auto)"
+    }
     # Plan and settle steps while the model runs the next one (vLLM's async scheduling): the
     # scheduler, its update and output processing leave the forward's critical path. Steps with
     # a layer hook (a served worker streaming KV layer by layer) and token regrouping run in

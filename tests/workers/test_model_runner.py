@@ -215,3 +215,11 @@ def test_default_cpu_gemm_by_cpu_flags(
     monkeypatch.setattr(mr, "_cpuinfo", lambda: cpuinfo)
     monkeypatch.setattr(mr, "_torch_has_amx", lambda: amx)
     assert mr.default_cpu_gemm() == layout
+
+
+def test_a_config_with_the_old_gemm_key_is_told_its_new_name() -> None:
+    from batonserve.cluster.schema import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"cpu_fp32_gemm is now cpu_gemm \(on: fp32_panels"):
+        from_dict(EngineConfig, {"cpu_fp32_gemm": "on"}, "engine")
+    assert from_dict(EngineConfig, {"cpu_gemm": "dot_panels"}).cpu_gemm == "dot_panels"
