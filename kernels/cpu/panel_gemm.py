@@ -225,8 +225,8 @@ def panel_gemm(
     m, k = x.shape
     if panels.shape[-1] == PANEL:  # dot panels: x stays bf16, read as int32 pairs of k
         xin = x.contiguous()
-        if k % 2:
-            xin = torch.nn.functional.pad(xin, (0, 1))
+        if k % 2 or xin.storage_offset() % 2:  # int32 pairs: an even row, an aligned start
+            xin = torch.nn.functional.pad(xin, (0, k % 2))
         xin, xk, fn = xin.view(torch.int32), (k + 1) // 2, lib.dot_panel_gemm
     else:
         xin, xk, fn = x.float().contiguous(), k, lib.panel_gemm

@@ -58,3 +58,16 @@ def test_panels_take_leading_dimensions_and_leave_float32_weights_to_onednn() ->
     assert packed is not None and packed.panels is None and packed.native is not None
     packed = lin.pack_weight(w)
     assert packed is not None and packed.panels is None
+
+
+@needs_kernel
+def test_dot_panels_take_rows_at_an_odd_offset() -> None:
+    """x read as int32 pairs: a view starting at an odd element is copied, not misread."""
+    if not panel_gemm.available(dot=True):
+        pytest.skip("the dot-product kernel needs AVX-512-BF16")
+    w = torch.randn(40, 64).to(torch.bfloat16)
+    x = torch.randn(1 + 5 * 64).to(torch.bfloat16)[1:].view(5, 64)
+    assert x.storage_offset() % 2 == 1
+    packed = lin.pack_weight(w, "dot_panels")
+    out = lin.linear(x, w, None, packed, fp32_out=True)
+    torch.testing.assert_close(out, F.linear(x.float(), w.float()), atol=1e-4, rtol=1e-5)
