@@ -58,7 +58,7 @@ def default_cpu_gemm() -> str:
     """The bf16 GEMM for batches of 4+ rows on this CPU (EngineConfig.cpu_gemm "auto"), by its
     flags (measured: docs/benchmarks.md, fifth and sixth rounds). With AMX, oneDNN's bf16 GEMM
     runs 3-6x fp32. On an Intel CPU with AVX-512-BF16 and no AMX, fp32 FMAs run ~1.9x its bf16
-    dot products: "fp32_panels". On AMD Zen 4, dot products over panels stream 4-16 rows 1.3-2x
+    dot products: "fp32_panels". On AMD Zen 4, dot products over panels run 4-32 rows 1.1-1.5x
     faster than oneDNN and match it above: "dot_panels"."""
     info = _cpuinfo()
     if _torch_has_amx() or "amx_tile" in info or "avx512_bf16" not in info:
